@@ -1,0 +1,204 @@
+"""`DistributedModelForCausalLM`: a Hugging Face causal LM whose transformer layers live in the swarm.
+
+The client holds only the local modules (embeddings, final norm, LM head) read from the checkpoint;
+`forward` embeds, sends hidden states through a chain of peers, and applies the head. Because it is a
+`PreTrainedModel` with `GenerationMixin`, Hugging Face's own `generate()` (greedy, sampling, logits
+processors, stopping criteria) runs unchanged on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from client.chain import ChainPlanner
+from client.loop import EventLoopThread
+from client.remote_cache import RemoteSessionCache
+from client.session import ChainSession, forward_chain
+from swarm.checkpoint import CheckpointIndex, checkpoint_dir, load_config, model_name_from_path
+from swarm.errors import SwarmError
+from swarm.models import ModelAdapter, adapter_for
+from swarm.models.loading import load_modules
+from swarm.settings import parse_registries
+
+log = logging.getLogger("swarm.client")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as `generate()` derives them: count real tokens, padding sits at 0."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """Run a causal LM whose layers are served by swarm nodes; use it like any `transformers` model."""
+
+    base_model_prefix = "swarm"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        adapter: ModelAdapter,
+        local: nn.ModuleDict,
+        planner: ChainPlanner,
+        token: str | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.adapter = adapter
+        self.local = local
+        self.planner = planner
+        self.token = token
+        self.runner = EventLoopThread()
+        self._generate_caches = threading.local()
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        model: str | Path,
+        registry: str | list[str] | None = None,
+        *,
+        model_name: str | None = None,
+        token: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> DistributedModelForCausalLM:
+        """Load the local modules of checkpoint `model` and route its layers through `registry`."""
+        config = load_config(model)
+        adapter = adapter_for(config)
+        skeleton = adapter.skeleton()
+        index = CheckpointIndex.open(model)
+        paths = adapter.local_module_paths()
+        wanted = {role: (skeleton.get_submodule(path), f"{path}.") for role, path in paths.items()}
+        aliases = {}
+        head_weight = f"{paths['lm_head']}.weight"
+        if head_weight not in index and getattr(config, "tie_word_embeddings", False):
+            aliases[head_weight] = f"{paths['embed']}.weight"
+        modules = load_modules(index, wanted, torch.device("cpu"), dtype, aliases=aliases)
+        planner = ChainPlanner(
+            parse_registries(registry), model_name_from_path(model, model_name), adapter.num_layers, token
+        )
+        instance = cls(config, adapter, nn.ModuleDict(modules), planner, token)
+        generation_file = checkpoint_dir(model) / "generation_config.json"
+        if generation_file.is_file():
+            instance.generation_config = GenerationConfig.from_pretrained(checkpoint_dir(model))
+        return instance.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.local["embed"]
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.local["lm_head"]
+
+    @contextmanager
+    def inference_session(self, max_length: int) -> Iterator[RemoteSessionCache]:
+        """A cache to pass as `past_key_values` to several `generate()` calls (multi-turn chat):
+        each call then sends only the tokens the swarm has not seen yet."""
+        cache = RemoteSessionCache(max_length)
+        try:
+            yield cache
+        finally:
+            self.close_cache(cache)
+
+    def close_cache(self, cache: RemoteSessionCache) -> None:
+        if cache.session is not None and not cache.closed:
+            self.runner.run(cache.session.close())
+        cache.closed = True
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args: Any, **kwargs: Any) -> None:
+        """Give `generate()` a remote cache sized to its `max_length`; close it when `generate()` ends."""
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = RemoteSessionCache(generation_config.max_length)
+        model_kwargs["past_key_values"] = cache
+        self._owned_caches().append(cache)
+
+    def _owned_caches(self) -> list[RemoteSessionCache]:
+        if not hasattr(self._generate_caches, "stack"):
+            self._generate_caches.stack = []
+        return self._generate_caches.stack
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        owned = self._owned_caches()
+        depth = len(owned)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            while len(owned) > depth:
+                self.close_cache(owned.pop())
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: RemoteSessionCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        with torch.inference_mode():
+            hidden = inputs_embeds if inputs_embeds is not None else self.adapter.embed(self.local, input_ids)
+            hidden = hidden.to(self.dtype)
+            batch, new_tokens = hidden.shape[:2]
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
+            if isinstance(past_key_values, RemoteSessionCache):
+                hidden = self.runner.run(
+                    self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])
+                )
+            else:
+                chain = self.runner.run(self.planner.plan())
+                hidden = self.runner.run(forward_chain(chain, hidden, position_ids, attention_mask, self.token))
+            hidden = hidden.to(self.dtype)
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep]
+            logits = self.adapter.logits(self.local, hidden).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    async def _session_step(
+        self,
+        cache: RemoteSessionCache,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        new_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        if cache.closed:
+            raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
+        if cache.session is None:
+            max_length = cache.max_length or self.config.max_position_embeddings
+            chain = await self.planner.plan(cache_tokens_needed=hidden.shape[0] * max_length)
+            cache.session = await ChainSession.open(chain, max_length, hidden.shape[0], self.token)
+        out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
+        cache.seen_tokens += hidden.shape[1]
+        return out
+
+    def close(self) -> None:
+        """Stop the client's network thread; sessions still open are dropped by their peers."""
+        self.runner.close()

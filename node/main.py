@@ -1,0 +1,186 @@
+"""`swarm-node`: load a span of layers, serve it, and keep the registries informed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import signal
+import socket
+import sys
+
+import torch
+import websockets
+
+from node.announcer import Announcer
+from node.server import NodeIdentity, NodeServer
+from node.settings import NodeSettings
+from node.span import LoadedSpan
+from swarm.checkpoint import load_config, model_name_from_path
+from swarm.errors import SwarmError, format_layer_range
+from swarm.models import adapter_for
+from swarm.protocol import WIRE_DTYPES
+from swarm.runtime import run, setup_logging
+from swarm.settings import parse_layer_range
+
+log = logging.getLogger("swarm.node")
+
+EXAMPLES = """examples:
+  swarm-node --layers 0-3                                  # the embedded demo model, first half
+  swarm-node --model ./models/tiny-llama --layers 4-7 --registry ws://127.0.0.1:7000 --device cpu
+  swarm-node --model ./models/llama-70b --layers 0-9 --gpu 0 --dtype bfloat16 --port 8100
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-node",
+        description="Host a contiguous span of a model's transformer layers for the swarm.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--model", help="Hugging Face checkpoint folder (env SWARM_MODEL; default: the embedded demo model)")
+    add("--model-name", help="name in the swarm (default: last component of --model)")
+    add("--layers", required=True, help="inclusive layer range to host, e.g. 0-9")
+    add("--registry", help="registry URL(s), comma-separated (env SWARM_REGISTRY; default ws://127.0.0.1:7000)")
+    add("--host", help="address to bind (default 127.0.0.1)")
+    add("--port", type=int, help="port to listen on; 0 picks a free one (default 0)")
+    add("--public-address", help="ws:// URL clients should use, when it differs from host:port")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default cpu)")
+    device.add_argument("--gpu", type=int, metavar="N", help="shortcut for --device cuda:N")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32 on CPU, "
+        "the checkpoint's dtype on GPU)")
+    add("--max-sessions", type=int, help="concurrent sessions (default 64)")
+    add("--cache-tokens", type=int, help="KV cache budget in tokens, summed over sessions (default 65536)")
+    add("--max-batch-size", type=int, help="largest batch a session may use (default 64)")
+    add("--max-length", type=int, help="longest sequence a session may hold (default 8192)")
+    add("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
+    add("--announce-interval", type=float, help="seconds between heartbeats (default 5)")
+    add("--session-idle-timeout", type=float, help="seconds before an idle session is freed (default 300)")
+    add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar while loading")
+    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> NodeSettings:
+    values = {key: value for key, value in vars(args).items() if value is not None and key not in ("gpu", "log_level")}
+    if args.gpu is not None:
+        values["device"] = f"cuda:{args.gpu}"
+    return NodeSettings(**values)
+
+
+def resolve_device_and_dtype(settings: NodeSettings, checkpoint_dtype: object) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SwarmError(f"--device {settings.device}: no CUDA GPU is visible to torch; use --device cpu")
+    if settings.dtype is not None:
+        dtype = WIRE_DTYPES[settings.dtype]
+    elif device.type == "cpu":
+        dtype = torch.float32
+    else:
+        dtype = checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise SwarmError("float16 is not supported on CPU (too slow and inexact there); use bfloat16 or float32")
+    return device, dtype
+
+
+def default_address(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"ws://{host}:{port}"
+
+
+async def serve(settings: NodeSettings) -> None:
+    model = settings.model or str(_default_model())
+    config = load_config(model)
+    adapter = adapter_for(config)
+    start, end = parse_layer_range(settings.layers)
+    if end > adapter.num_layers:
+        raise SwarmError(
+            f"--layers {format_layer_range(start, end)} is outside the model's {adapter.num_layers} layers "
+            f"(0-{adapter.num_layers - 1})"
+        )
+    device, dtype = resolve_device_and_dtype(settings, getattr(config, "dtype", None))
+    identity = NodeIdentity(
+        peer_id=secrets.token_hex(8),
+        model_name=model_name_from_path(model, settings.model_name),
+        num_layers=adapter.num_layers,
+        start=start,
+        end=end,
+        dtype=dtype,
+        hidden_size=adapter.hidden_size,
+    )
+    node = NodeServer(settings, identity)
+    server = await websockets.serve(
+        node.handle, settings.host, settings.port, max_size=settings.max_message_bytes * 2, compression=None,
+        ping_interval=20, ping_timeout=60,
+    )
+    port = server.sockets[0].getsockname()[1]
+    identity.address = settings.public_address or default_address(settings.host, port)
+    announcer = Announcer(settings.registry, node.peer_info, settings.announce_interval, settings.token)
+    announcer.start()
+    stop = _stop_event()
+    log.info("node %s: loading layers %s of %s", identity.peer_id, format_layer_range(start, end), identity.model_name)
+    loop = asyncio.get_running_loop()
+    node.span = await loop.run_in_executor(
+        node.compute, LoadedSpan.load, model, start, end, device, dtype, settings.progress
+    )
+    node.throughput = await loop.run_in_executor(node.compute, node.span.measure_throughput)
+    node.state = "online"
+    announcer.announce_now()
+    log.info(
+        "node %s online at %s: layers %s of %s (%s, %.0f layer-steps/s), registries %s",
+        identity.peer_id, identity.address, format_layer_range(start, end), identity.model_name,
+        identity.dtype, node.throughput, ",".join(settings.registry),
+    )
+    expiry = asyncio.create_task(_expire_sessions(node))
+    await stop.wait()
+    log.info("node %s stopping", identity.peer_id)
+    node.state = "draining"
+    expiry.cancel()
+    await announcer.stop(leave=True)
+    server.close()
+    await server.wait_closed()
+    node.compute.shutdown(wait=False, cancel_futures=True)
+
+
+def _default_model() -> object:
+    from swarm.default_model import default_model_path
+
+    return default_model_path()
+
+
+async def _expire_sessions(node: NodeServer) -> None:
+    while True:
+        await asyncio.sleep(min(10.0, node.settings.session_idle_timeout / 2))
+        node.expire_idle_sessions()
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        settings = settings_from_args(args)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        run(serve(settings))
+    except (SwarmError, ValueError) as exc:
+        print(f"swarm-node: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The node's websocket endpoint: sessions, steps and stateless forwards over its span.
+
+All compute runs on one worker thread, so the event loop stays free for heartbeats and other
+clients' frames, and two sessions never touch the layers at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import websockets
+from websockets.asyncio.server import ServerConnection
+
+import swarm
+from node.sessions import Session, SessionTable
+from node.settings import NodeSettings
+from node.span import LoadedSpan
+from node.validation import (
+    StepInputs,
+    check_layer_range,
+    decode_hidden,
+    decode_mask,
+    decode_positions,
+    validate_step,
+)
+from swarm.errors import ProtocolError
+from swarm.protocol import (
+    DTYPE_NAMES,
+    CloseSession,
+    Forward,
+    ForwardResult,
+    Message,
+    NodeLimits,
+    OpenSession,
+    PeerInfo,
+    PeerState,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepResult,
+    Welcome,
+    WireTensor,
+    PROTOCOL_VERSION,
+    decode_message,
+)
+from swarm.transport import check_hello, error_frame, send
+
+log = logging.getLogger("swarm.node")
+
+
+@dataclass
+class NodeIdentity:
+    peer_id: str
+    model_name: str
+    num_layers: int
+    start: int
+    end: int
+    dtype: torch.dtype
+    hidden_size: int
+    address: str = ""
+
+
+class NodeServer:
+    """Serves one span; `span` is None while the node is still loading (state `joining`)."""
+
+    def __init__(self, settings: NodeSettings, identity: NodeIdentity) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.span: LoadedSpan | None = None
+        self.state: PeerState = "joining"
+        self.throughput = 0.0
+        self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions)
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.steps_served = 0
+
+    def peer_info(self) -> PeerInfo:
+        ident = self.identity
+        return PeerInfo(
+            peer_id=ident.peer_id,
+            address=ident.address,
+            model=ident.model_name,
+            num_layers=ident.num_layers,
+            start=ident.start,
+            end=ident.end,
+            state=self.state,
+            dtype=DTYPE_NAMES[ident.dtype],
+            throughput=self.throughput,
+            cache_tokens_free=self.sessions.tokens_free,
+            cache_tokens_total=self.sessions.cache_tokens,
+            sessions=len(self.sessions),
+            version=swarm.__version__,
+        )
+
+    def limits(self) -> NodeLimits:
+        return NodeLimits(
+            max_message_bytes=self.settings.max_message_bytes,
+            max_batch_size=self.settings.max_batch_size,
+            max_length=self.settings.max_length,
+            hidden_size=self.identity.hidden_size,
+        )
+
+    async def handle(self, connection: ServerConnection) -> None:
+        """One client or peer connection: handshake, then request/reply until it closes."""
+        owner = id(connection)
+        try:
+            try:
+                check_hello(decode_message(await connection.recv(), self.settings.max_message_bytes), self.settings.token)
+            except ProtocolError as exc:
+                await send(connection, error_frame(exc))
+                return
+            await send(connection, Welcome(version=PROTOCOL_VERSION, node=self.peer_info(), limits=self.limits()))
+            async for frame in connection:
+                await send(connection, await self._answer(frame, owner))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for session_id in self.sessions.close_owned_by(owner):
+                log.info("session %s freed: its connection closed", session_id)
+
+    async def _answer(self, frame: bytes | str, owner: int) -> Message:
+        session_id = None
+        try:
+            message = decode_message(frame, self.settings.max_message_bytes)
+            session_id = getattr(message, "session_id", None)
+            return await self._dispatch(message, owner)
+        except ProtocolError as exc:
+            if session_id is not None and exc.code not in ("unknown_session", "busy") and self._owns(session_id, owner):
+                self.sessions.close(session_id)
+                log.info("session %s ended after a bad frame: %s", session_id, exc.message)
+            return error_frame(exc, session_id)
+        except Exception as exc:  # a bug or a device error: end the session, keep the node
+            log.exception("internal error while serving a frame")
+            if session_id is not None and self._owns(session_id, owner):
+                self.sessions.close(session_id)
+            return error_frame(ProtocolError("internal", f"{type(exc).__name__}: {exc}"), session_id)
+
+    def _owns(self, session_id: str, owner: int) -> bool:
+        try:
+            self.sessions.get(session_id, owner)
+        except ProtocolError:
+            return False
+        return True
+
+    async def _dispatch(self, message: Message, owner: int) -> Message:
+        if isinstance(message, Step):
+            return await self._step(message, owner)
+        if isinstance(message, OpenSession):
+            span = self._ready_span()
+            check_layer_range(message.start, message.end, (span.start, span.end))
+            check_session_size(message.max_length, message.batch_size, self.settings)
+            self.sessions.open(
+                message.session_id, owner, (message.start, message.end), message.max_length, message.batch_size,
+                time.monotonic(), span.new_cache,
+            )
+            return SessionOpened(session_id=message.session_id)
+        if isinstance(message, CloseSession):
+            self.sessions.get(message.session_id, owner)
+            self.sessions.close(message.session_id)
+            return SessionClosed(session_id=message.session_id)
+        if isinstance(message, Forward):
+            return await self._forward(message)
+        raise ProtocolError("bad_request", f"a node does not accept {message.type!r} messages")
+
+    def _ready_span(self) -> LoadedSpan:
+        if self.span is None or self.state != "online":
+            raise ProtocolError("busy", f"node is {self.state}, not taking work; try another peer")
+        return self.span
+
+    async def _step(self, message: Step, owner: int) -> StepResult:
+        span = self._ready_span()
+        session = self.sessions.get(message.session_id, owner)
+        inputs = validate_step(
+            session, message.hidden, message.position_ids, message.attention_mask, message.hypo_ids,
+            self.identity.hidden_size,
+        )
+        session.last_used = time.monotonic()
+        hidden = await asyncio.get_running_loop().run_in_executor(self.compute, _run_step, span, session, inputs)
+        self.steps_served += 1
+        return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=WireTensor.from_torch(hidden))
+
+    async def _forward(self, message: Forward) -> ForwardResult:
+        span = self._ready_span()
+        check_layer_range(message.start, message.end, (span.start, span.end))
+        hidden = decode_hidden(message.hidden, self.identity.hidden_size, self.settings.max_batch_size)
+        shape = (hidden.shape[0], hidden.shape[1])
+        positions = decode_positions(message.position_ids, shape, self.settings.max_length)
+        mask = decode_mask(message.attention_mask, shape)
+        out = await asyncio.get_running_loop().run_in_executor(
+            self.compute, span.forward, hidden, positions, mask, None, message.start, message.end
+        )
+        return ForwardResult(hidden=WireTensor.from_torch(out))
+
+    def expire_idle_sessions(self) -> None:
+        for session_id in self.sessions.expire_idle(time.monotonic(), self.settings.session_idle_timeout):
+            log.info("session %s expired after %.0f s idle", session_id, self.settings.session_idle_timeout)
+
+
+def check_session_size(max_length: int, batch_size: int, settings: NodeSettings) -> None:
+    if max_length > settings.max_length:
+        raise ProtocolError("bad_request", f"max_length {max_length} exceeds this node's limit of {settings.max_length}")
+    if batch_size > settings.max_batch_size:
+        raise ProtocolError("bad_request", f"batch_size {batch_size} exceeds this node's limit of {settings.max_batch_size}")
+
+
+def _run_step(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:
+    """Apply one validated step to a session's cache; on failure the cache is cut back to before it."""
+    if inputs.hypo_ids is not None:
+        session.cache.reorder_cache(inputs.hypo_ids.to(span.device))
+        session.attention_mask = session.attention_mask[inputs.hypo_ids]
+        if session.last_positions is not None:
+            session.last_positions = session.last_positions[inputs.hypo_ids]
+    mask = torch.cat([session.attention_mask, inputs.attention_mask], dim=1)
+    try:
+        hidden = span.forward(inputs.hidden, inputs.position_ids, mask, session.cache, session.start, session.end)
+    except BaseException:
+        session.cache.crop(session.length)
+        raise
+    session.attention_mask = mask
+    session.length += inputs.hidden.shape[1]
+    session.last_positions = inputs.position_ids[:, -1]
+    return hidden

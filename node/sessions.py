@@ -1,0 +1,99 @@
+"""Per-session KV caches and the node's cache budget, as plain bookkeeping with no I/O.
+
+A session reserves `batch_size * max_length` cache tokens when it opens, so a node never promises
+more memory than `--cache-tokens` allows; the reservation returns to the budget on close or expiry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.errors import ProtocolError
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: int
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    cache: object
+    last_used: float
+    length: int = 0
+    attention_mask: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.bool))
+    last_positions: torch.Tensor | None = None
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class SessionTable:
+    """Open sessions of one node, keyed by id, each visible only to the connection that opened it."""
+
+    def __init__(self, cache_tokens: int, max_sessions: int) -> None:
+        self.cache_tokens = cache_tokens
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def tokens_reserved(self) -> int:
+        return sum(session.reserved_tokens for session in self._sessions.values())
+
+    @property
+    def tokens_free(self) -> int:
+        return max(self.cache_tokens - self.tokens_reserved, 0)
+
+    def open(
+        self,
+        session_id: str,
+        owner: int,
+        span: tuple[int, int],
+        max_length: int,
+        batch_size: int,
+        now: float,
+        new_cache: Callable[[], object],
+    ) -> Session:
+        if session_id in self._sessions:
+            raise ProtocolError("bad_request", f"session {session_id!r} is already open")
+        if len(self._sessions) >= self.max_sessions:
+            raise ProtocolError("busy", f"node is at its limit of {self.max_sessions} sessions")
+        needed = batch_size * max_length
+        if needed > self.tokens_free:
+            raise ProtocolError(
+                "busy", f"session needs {needed} cache tokens (batch {batch_size} x {max_length}), {self.tokens_free} free"
+            )
+        session = Session(session_id, owner, span[0], span[1], max_length, batch_size, new_cache(), now)
+        session.attention_mask = torch.empty(batch_size, 0, dtype=torch.bool)
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str, owner: int) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise ProtocolError("unknown_session", f"no open session {session_id!r} on this connection")
+        return session
+
+    def close(self, session_id: str) -> bool:
+        return self._sessions.pop(session_id, None) is not None
+
+    def close_owned_by(self, owner: int) -> list[str]:
+        """Free every session of a connection that went away."""
+        gone = [sid for sid, session in self._sessions.items() if session.owner == owner]
+        for session_id in gone:
+            del self._sessions[session_id]
+        return gone
+
+    def expire_idle(self, now: float, idle_timeout: float) -> list[str]:
+        gone = [sid for sid, session in self._sessions.items() if now - session.last_used > idle_timeout]
+        for session_id in gone:
+            del self._sessions[session_id]
+        return gone

@@ -1,0 +1,118 @@
+"""The layers a node hosts: loaded from only their own tensors, run under `torch.inference_mode`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from transformers import DynamicCache
+
+from swarm.checkpoint import CheckpointIndex, load_config, tensor_nbytes
+from swarm.models import ModelAdapter, adapter_for
+from swarm.models.loading import load_modules, module_tensor_names
+
+
+@dataclass
+class LoadedSpan:
+    """Layers [start, end) of one model on one device."""
+
+    adapter: ModelAdapter
+    start: int
+    end: int
+    layers: nn.ModuleList
+    extras: nn.ModuleDict
+    device: torch.device
+    dtype: torch.dtype
+    bytes_loaded: int = 0
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        start: int,
+        end: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        show_progress: bool = True,
+    ) -> LoadedSpan:
+        """Build layers [start, end) empty, then fill them from the checkpoint with a progress bar."""
+        adapter = adapter_for(load_config(model))
+        if not 0 <= start < end <= adapter.num_layers:
+            raise ValueError(f"layers {start}-{end - 1} are outside the model's 0-{adapter.num_layers - 1}")
+        index = CheckpointIndex.open(model)
+        skeleton = adapter.skeleton()
+        wanted = {
+            str(i): (skeleton.get_submodule(adapter.layer_prefix(i).rstrip(".")), adapter.layer_prefix(i))
+            for i in range(start, end)
+        }
+        total = tensor_nbytes(index, [n for m, p in wanted.values() for n in module_tensor_names(m, p)])
+        loaded = 0
+        with _progress(show_progress) as progress:
+            task = progress.add_task(f"layers {start}-{end - 1}", total=total)
+
+            def advance(name: str, tensor: torch.Tensor) -> None:
+                nonlocal loaded
+                loaded += tensor.numel() * tensor.element_size()
+                progress.update(task, completed=loaded)
+
+            modules = load_modules(index, wanted, device, dtype, on_tensor=advance)
+        layers = nn.ModuleList(modules[str(i)] for i in range(start, end))
+        return cls(adapter, start, end, layers, adapter.build_span_extras(skeleton, device), device, dtype, loaded)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.adapter.config)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache | None,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        """Layers [start, end) (a sub-range of the span) over new positions; returns the span's dtype."""
+        hidden = hidden.to(self.device, self.dtype)
+        layers = list(self.layers[start - self.start : end - self.start])
+        return self.adapter.run_span(
+            layers,
+            self.extras,
+            hidden,
+            position_ids.to(self.device),
+            attention_mask.to(self.device),
+            cache,
+            start,
+        )
+
+    def measure_throughput(self, repeats: int = 5) -> float:
+        """Decode steps per second through one layer, from a few single-token steps."""
+        cache = self.new_cache()
+        hidden = torch.zeros(1, 1, self.adapter.hidden_size)
+        timings = []
+        for step in range(repeats + 1):
+            positions = torch.tensor([[step]])
+            mask = torch.ones(1, step + 1, dtype=torch.bool)
+            began = time.perf_counter()
+            self.forward(hidden, positions, mask, cache, self.start, self.end)
+            timings.append(time.perf_counter() - began)
+        per_layer = statistics.median(timings[1:]) / (self.end - self.start)
+        return 1.0 / max(per_layer, 1e-9)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]loading[/bold] {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )

@@ -1,0 +1,65 @@
+"""Every exception swarm raises, in one place, each with a message that says what to do next."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class SwarmError(Exception):
+    """Base class: catch this to handle any swarm failure."""
+
+
+class ProtocolError(SwarmError):
+    """A frame broke the wire contract; `code` is one of `protocol.ERROR_CODES`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RemoteError(ProtocolError):
+    """A peer answered with an error frame."""
+
+    def __init__(self, code: str, message: str, peer: str = "") -> None:
+        super().__init__(code, f"{message} (from {peer})" if peer else message)
+        self.peer = peer
+
+
+class PeerUnreachableError(SwarmError):
+    """A peer could not be reached or dropped the connection."""
+
+
+class RegistryUnavailableError(SwarmError):
+    """No registry answered; the message lists which were tried."""
+
+
+class MissingLayersError(SwarmError):
+    """No live peer serves some layers of a model, so no chain can cover it."""
+
+    def __init__(self, model: str, num_layers: int, missing: Sequence[tuple[int, int]]) -> None:
+        self.model = model
+        self.num_layers = num_layers
+        self.missing = list(missing)
+        spans = ", ".join(format_layer_range(a, b) for a, b in self.missing)
+        super().__init__(
+            f"model {model!r} ({num_layers} layers): no live peer serves layers {spans}. "
+            f"Start a node for them, e.g. `swarm-node --model PATH --layers {format_layer_range(*self.missing[0])}`."
+        )
+
+
+class ModelNotServedError(SwarmError):
+    """The registry knows no peer for the requested model."""
+
+
+class CheckpointError(SwarmError):
+    """A checkpoint folder is missing, incomplete or unreadable."""
+
+
+class UnsupportedModelError(SwarmError):
+    """The checkpoint's `model_type` has no adapter in `swarm.models`."""
+
+
+def format_layer_range(start: int, end: int) -> str:
+    """Half-open [start, end) as the inclusive form users type on the command line ("4-7")."""
+    return f"{start}-{end - 1}" if end - start > 1 else f"{start}"

@@ -1,0 +1,77 @@
+"""The contract between swarm and one family of checkpoints.
+
+swarm splits a causal LM in two: the transformer layers, which nodes host in spans, and the small
+"local" modules (embeddings, final norm, LM head), which the client runs. An adapter names those
+pieces inside the `transformers` model of its family and says how to run a span of layers. It
+builds the real `transformers` classes on the meta device, so no model code is copied and a new
+`transformers` release keeps working as long as the module layout holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+
+class ModelAdapter(ABC):
+    """One family: where its layers and local modules live, and how a span of layers runs."""
+
+    model_types: ClassVar[tuple[str, ...]]
+    layers_path: ClassVar[str]
+    embed_path: ClassVar[str]
+    final_norm_path: ClassVar[str]
+    lm_head_path: ClassVar[str] = "lm_head"
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        self.config = config
+        config._attn_implementation = "sdpa"
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}."
+
+    def skeleton(self) -> PreTrainedModel:
+        """The whole model on the meta device: free to build, and the source of every module we use."""
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
+
+    def local_module_paths(self) -> dict[str, str]:
+        """The client's modules by role; `lm_head` may be tied to `embed` in the checkpoint."""
+        return {"embed": self.embed_path, "final_norm": self.final_norm_path, "lm_head": self.lm_head_path}
+
+    def embed(self, local: nn.ModuleDict, input_ids: torch.Tensor) -> torch.Tensor:
+        return local["embed"](input_ids)
+
+    def logits(self, local: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
+        return local["lm_head"](local["final_norm"](hidden))
+
+    def build_span_extras(self, skeleton: PreTrainedModel, device: torch.device) -> nn.ModuleDict:
+        """Parameter-free modules a span needs besides its layers (e.g. rotary embeddings)."""
+        return nn.ModuleDict()
+
+    @abstractmethod
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        """Run `layers` (global indices from `first_layer`) over new positions, updating `cache`.
+
+        `attention_mask` is the 2D padding mask over everything the cache holds plus the new positions.
+        """

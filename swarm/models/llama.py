@@ -1,0 +1,52 @@
+"""Llama and every family with its layer shape: Mistral, Qwen2, Qwen3 (GQA and tied embeddings too)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from swarm.models.base import ModelAdapter
+
+
+class LlamaAdapter(ModelAdapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    layers_path = "model.layers"
+    embed_path = "model.embed_tokens"
+    final_norm_path = "model.norm"
+
+    def build_span_extras(self, skeleton: PreTrainedModel, device: torch.device) -> nn.ModuleDict:
+        rotary_class = type(skeleton.get_submodule("model.rotary_emb"))
+        with torch.device(device):
+            return nn.ModuleDict({"rotary": rotary_class(config=self.config)})
+
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first_layer,
+        )
+        position_embeddings = extras["rotary"](hidden, position_ids)
+        for layer in layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden

@@ -1,0 +1,277 @@
+"""The wire contract between clients, nodes and registries (documented in docs/protocol.md).
+
+Every frame is one binary websocket message holding a msgpack map; the map's `type` field names
+one of the pydantic models below. Tensors travel as raw little-endian bytes with their dtype and
+shape, never pickled. Decoding validates everything, so code past `decode_message` can trust types
+and tensor sizes (semantic checks such as "does this shape fit the session" stay with the node).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Literal, Union
+
+import msgpack
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from swarm.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; peers with another version are refused with `bad_request`."""
+
+ERROR_CODES = ("bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal")
+ErrorCode = Literal["bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal"]
+
+PeerState = Literal["joining", "online", "draining"]
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+WireDType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
+
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
+Count = Annotated[int, Field(ge=0, le=2**40)]
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("swarm's wire format assumes a little-endian host")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WireTensor(_Strict):
+    """A tensor as `{dtype, shape, data}`; `data` holds exactly prod(shape) * itemsize bytes."""
+
+    dtype: WireDType
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(max_length=4)]
+    data: bytes
+
+    @model_validator(mode="after")
+    def _data_matches_shape(self) -> WireTensor:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        expected = numel * WIRE_DTYPES[self.dtype].itemsize
+        if len(self.data) != expected:
+            raise ValueError(f"tensor data has {len(self.data)} bytes, shape {self.shape} of {self.dtype} needs {expected}")
+        return self
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> WireTensor:
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype {tensor.dtype} cannot travel on the wire")
+        raw = tensor.view(torch.uint8) if tensor.dtype != torch.bool and tensor.numel() else tensor
+        data = raw.numpy().tobytes() if tensor.numel() else b""
+        return cls.model_construct(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
+
+    def to_torch(self) -> torch.Tensor:
+        dtype = WIRE_DTYPES[self.dtype]
+        if not self.data:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)
+
+
+class PeerInfo(_Strict):
+    """What a node tells registries about itself; the unit of the swarm's soft state."""
+
+    peer_id: Id
+    address: Annotated[str, Field(min_length=1, max_length=512)]
+    model: Id
+    num_layers: Annotated[int, Field(ge=1, le=100_000)]
+    start: LayerIndex
+    end: LayerIndex
+    state: PeerState
+    dtype: WireDType
+    throughput: Annotated[float, Field(ge=0)] = Field(description="decode steps per second through one layer")
+    cache_tokens_free: Count
+    cache_tokens_total: Count
+    sessions: Count = 0
+    version: Annotated[str, Field(max_length=64)] = ""
+
+    @model_validator(mode="after")
+    def _span_is_valid(self) -> PeerInfo:
+        if not self.start < self.end <= self.num_layers:
+            raise ValueError(f"span [{self.start}, {self.end}) is not inside 0..{self.num_layers}")
+        return self
+
+
+class Hello(_Strict):
+    """First frame on every connection: protocol version and, in a private swarm, the token."""
+
+    type: Literal["hello"] = "hello"
+    version: int
+    token: Annotated[str, Field(max_length=1024)] | None = None
+    agent: Annotated[str, Field(max_length=128)] = ""
+
+
+class NodeLimits(_Strict):
+    """What a node accepts, so a client can size its frames and sessions before sending them."""
+
+    max_message_bytes: Count
+    max_batch_size: Count
+    max_length: Count
+    hidden_size: Count
+
+
+class Welcome(_Strict):
+    """Answer to `hello`; nodes add their identity and limits, registries send `node=None`."""
+
+    type: Literal["welcome"] = "welcome"
+    version: int
+    node: PeerInfo | None = None
+    limits: NodeLimits | None = None
+
+
+class Announce(_Strict):
+    """Node -> registry, sent at start and then as the heartbeat; `ttl` is when to forget it."""
+
+    type: Literal["announce"] = "announce"
+    peer: PeerInfo
+    ttl: Annotated[float, Field(gt=0, le=3600)]
+
+
+class Leave(_Strict):
+    type: Literal["leave"] = "leave"
+    peer_id: Id
+
+
+class Ack(_Strict):
+    type: Literal["ack"] = "ack"
+
+
+class Query(_Strict):
+    """Client -> registry: the live peers of one model (or of all models when `model` is None)."""
+
+    type: Literal["query"] = "query"
+    model: Id | None = None
+
+
+class SwarmView(_Strict):
+    type: Literal["swarm_view"] = "swarm_view"
+    peers: list[PeerInfo]
+
+
+class OpenSession(_Strict):
+    """Reserve a KV cache for layers [start, end) of this node for `batch_size` x `max_length` tokens."""
+
+    type: Literal["open_session"] = "open_session"
+    session_id: Id
+    start: LayerIndex
+    end: LayerIndex
+    max_length: Annotated[int, Field(ge=1, le=2**24)]
+    batch_size: Annotated[int, Field(ge=1, le=2**16)]
+
+
+class SessionOpened(_Strict):
+    type: Literal["session_opened"] = "session_opened"
+    session_id: Id
+
+
+class Step(_Strict):
+    """New positions of one session: hidden [B, T, H], position_ids [B, T], attention_mask [B, T].
+
+    `hypo_ids` [B], when given, reorders the session's cache rows before the step (beam search).
+    """
+
+    type: Literal["step"] = "step"
+    session_id: Id
+    step_id: Count
+    hidden: WireTensor
+    position_ids: WireTensor
+    attention_mask: WireTensor | None = None
+    hypo_ids: WireTensor | None = None
+
+
+class StepResult(_Strict):
+    type: Literal["step_result"] = "step_result"
+    session_id: Id
+    step_id: Count
+    hidden: WireTensor
+
+
+class CloseSession(_Strict):
+    type: Literal["close_session"] = "close_session"
+    session_id: Id
+
+
+class SessionClosed(_Strict):
+    type: Literal["session_closed"] = "session_closed"
+    session_id: Id
+
+
+class Forward(_Strict):
+    """A stateless pass over layers [start, end): no cache is kept, `attention_mask` covers all T."""
+
+    type: Literal["forward"] = "forward"
+    start: LayerIndex
+    end: LayerIndex
+    hidden: WireTensor
+    position_ids: WireTensor
+    attention_mask: WireTensor | None = None
+
+
+class ForwardResult(_Strict):
+    type: Literal["forward_result"] = "forward_result"
+    hidden: WireTensor
+
+
+class Error(_Strict):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: Annotated[str, Field(max_length=4096)]
+    session_id: Id | None = None
+
+
+Message = Annotated[
+    Union[
+        Hello, Welcome, Announce, Leave, Ack, Query, SwarmView, OpenSession, SessionOpened, Step,
+        StepResult, CloseSession, SessionClosed, Forward, ForwardResult, Error,
+    ],
+    Field(discriminator="type"),
+]
+_MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode_message(message: BaseModel) -> bytes:
+    """One frame's bytes; `model_construct`-built tensors skip re-validation on the hot path."""
+    return msgpack.packb(_to_plain(message), use_bin_type=True)
+
+
+def _to_plain(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return {name: _to_plain(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, list):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
+    """Parse and validate one frame, or raise `ProtocolError` with the code to answer with."""
+    if isinstance(frame, str):
+        raise ProtocolError("bad_request", "text frames are not part of the protocol; send binary msgpack")
+    if max_bytes is not None and len(frame) > max_bytes:
+        raise ProtocolError("too_large", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
+    try:
+        payload = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated exception types on garbage
+        raise ProtocolError("bad_request", f"frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+        raise ProtocolError("bad_request", "a frame must be a msgpack map with a string 'type' field")
+    try:
+        return _MESSAGE_ADAPTER.validate_python(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ProtocolError("bad_request", f"invalid {payload['type']!r} message at {where}: {first['msg']}") from None

@@ -1,0 +1,88 @@
+"""Moving protocol messages over websockets: the thin I/O layer around `swarm.protocol`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import TypeVar
+
+import websockets
+from pydantic import BaseModel
+from websockets.asyncio.client import ClientConnection
+
+from swarm.errors import PeerUnreachableError, ProtocolError, RemoteError
+from swarm.protocol import PROTOCOL_VERSION, Error, Hello, Message, Welcome, decode_message, encode_message
+
+ReplyT = TypeVar("ReplyT", bound=BaseModel)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+CONNECT_TIMEOUT = 10.0
+
+
+async def send(connection: websockets.asyncio.connection.Connection, message: BaseModel) -> None:
+    await connection.send(encode_message(message))
+
+
+async def receive(connection: websockets.asyncio.connection.Connection, max_bytes: int | None = None) -> Message:
+    return decode_message(await connection.recv(), max_bytes)
+
+
+async def request(
+    connection: ClientConnection,
+    message: BaseModel,
+    expect: type[ReplyT],
+    timeout: float | None = None,
+    peer: str = "",
+) -> ReplyT:
+    """Send one message and wait for its reply, turning error frames into `RemoteError`."""
+    try:
+        async with asyncio.timeout(timeout):
+            await send(connection, message)
+            reply = await receive(connection)
+    except (websockets.ConnectionClosed, OSError) as exc:
+        raise PeerUnreachableError(f"connection to {peer or 'peer'} lost: {exc}") from exc
+    except TimeoutError:
+        raise PeerUnreachableError(f"{peer or 'peer'} did not answer within {timeout} s") from None
+    if isinstance(reply, Error):
+        raise RemoteError(reply.code, reply.message, peer)
+    if not isinstance(reply, expect):
+        raise ProtocolError("bad_request", f"expected {expect.__name__} from {peer or 'peer'}, got {reply.type!r}")
+    return reply
+
+
+async def open_connection(
+    url: str,
+    token: str | None = None,
+    agent: str = "",
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    timeout: float = CONNECT_TIMEOUT,
+) -> tuple[ClientConnection, Welcome]:
+    """Connect and exchange `hello`/`welcome`; the connection is closed again if that fails."""
+    try:
+        connection = await asyncio.wait_for(
+            websockets.connect(url, max_size=max_bytes, compression=None, open_timeout=timeout), timeout
+        )
+    except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+        raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
+    try:
+        welcome = await request(connection, Hello(version=PROTOCOL_VERSION, token=token, agent=agent), Welcome, timeout, url)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection, welcome
+
+
+def check_hello(message: Message, token: str | None) -> None:
+    """Server side of the handshake: version first, then the private swarm's token."""
+    if not isinstance(message, Hello):
+        raise ProtocolError("bad_request", f"the first frame must be 'hello', got {message.type!r}")
+    if message.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_request", f"protocol version {message.version} is not supported; this peer speaks {PROTOCOL_VERSION}"
+        )
+    if token and not hmac.compare_digest((message.token or "").encode(), token.encode()):
+        raise ProtocolError("unauthorized", "missing or wrong swarm token")
+
+
+def error_frame(exc: ProtocolError, session_id: str | None = None) -> Error:
+    return Error(code=exc.code, message=exc.message[:4096], session_id=session_id)
