@@ -35,7 +35,7 @@ class RegistryState:
     def expire(self, now: float) -> None:
         for peer_id, record in list(self._peers.items()):
             if record.gone_at is None and record.expires_at <= now:
-                record.gone_at = now
+                record.gone_at = record.expires_at
             if record.gone_at is not None and now - record.gone_at > self.gone_retention:
                 del self._peers[peer_id]
 

@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: random checkpoints, per-token timing, medians, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "250m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                 num_attention_heads=16, num_key_value_heads=8),
+}
+
+
+def build_random_llama(preset: str, target: Path) -> Path:
+    """A random Llama of a preset size, saved sharded like real checkpoints (built once, then reused)."""
+    if (target / "config.json").is_file():
+        return target
+    config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **PRESETS[preset])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(target, safe_serialization=True, max_shard_size="200MB")
+    return target
+
+
+class TokenClock(LogitsProcessor):
+    """Timestamps every decoding step without changing the scores."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def per_token_ms(self) -> list[float]:
+        """Intervals between consecutive tokens: decode steps only, prefill excluded."""
+        return [(b - a) * 1000 for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write_json(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                           "processor": platform.processor() or platform.machine()}, **payload}
+    path.write_text(json.dumps(payload, indent=2))

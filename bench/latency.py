@@ -1,0 +1,103 @@
+"""Per-token latency: local `generate` vs the same checkpoint through swarms of 1, 2 and 3 nodes.
+
+Every figure comes from one run on one machine: the local baseline is measured next to the swarm,
+and the report is the ratio swarm/local plus the overhead each hop adds per token (medians).
+
+    python bench/latency.py --preset tiny
+    python bench/latency.py --preset 250m --nodes 1,2,3 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import PRESETS, TokenClock, build_random_llama, median, write_json  # noqa: E402
+from client import DistributedModelForCausalLM  # noqa: E402
+from swarm.launcher import LocalSwarm  # noqa: E402
+
+
+def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> list[float]:
+    """Decode ms of every token over `repeats` greedy generations (prefill excluded)."""
+    intervals: list[float] = []
+    for _ in range(repeats):
+        clock = TokenClock()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+        intervals += clock.per_token_ms()
+    return intervals
+
+
+def spans(num_layers: int, parts: int) -> list[str]:
+    bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
+    return [f"{a}-{b - 1}" for a, b in zip(bounds, bounds[1:])]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--model", type=Path, help="use this checkpoint instead of a random preset")
+    parser.add_argument("--nodes", default="1,2,3", help="swarm sizes to measure (default 1,2,3)")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="where to write results (default bench/results/latency-PRESET.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cache_dir = Path(tempfile.gettempdir()) / "swarm-bench"
+    model_path = args.model or build_random_llama(args.preset, cache_dir / f"llama-{args.preset}")
+    label = args.model.name if args.model else args.preset
+
+    local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    num_layers = local.config.num_hidden_layers
+    prompt = torch.randint(3, local.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    time_generate(local, prompt, 4, 1)  # warm-up
+    local_intervals = time_generate(local, prompt, args.new_tokens, args.repeats)
+
+    rows = []
+    for parts in (int(n) for n in args.nodes.split(",")):
+        with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir)) as swarm:
+            swarm.start_registry()
+            for layers in spans(num_layers, parts):
+                swarm.start_node(model_path, layers)
+            swarm.wait_ready()
+            remote = DistributedModelForCausalLM.from_pretrained(model_path, registry=swarm.registry_url)
+            try:
+                time_generate(remote, prompt, 4, 1)
+                swarm_ms = median(time_generate(remote, prompt, args.new_tokens, args.repeats))
+            finally:
+                remote.close()
+        local_intervals += time_generate(local, prompt, args.new_tokens, 1)  # baseline spread over the run
+        rows.append({"nodes": parts, "swarm_ms_per_token": swarm_ms})
+    local_ms = median(local_intervals)
+    for row in rows:
+        row["local_ms_per_token"] = local_ms
+        row["ratio"] = row["swarm_ms_per_token"] / local_ms
+        row["overhead_ms_per_hop"] = (row["swarm_ms_per_token"] - local_ms) / row["nodes"]
+
+    table = Table(title=f"decode latency, {label} ({num_layers} layers), {args.new_tokens} new tokens, medians")
+    for column in ("nodes", "local ms/token", "swarm ms/token", "swarm/local", "overhead ms/hop"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["nodes"]), f"{local_ms:.2f}", f"{row['swarm_ms_per_token']:.2f}",
+                      f"{row['ratio']:.3f}", f"{row['overhead_ms_per_hop']:.3f}")
+    Console().print(table)
+    out = args.json or Path(__file__).parent / "results" / f"latency-{label}.json"
+    write_json(out, {"benchmark": "latency", "model": label, "num_layers": num_layers,
+                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                     "repeats": args.repeats, "results": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""A whole swarm on this machine: a registry and nodes as child processes on loopback.
+
+The demo, the tests and the benchmarks all start swarms through this module. Each node gets one
+torch thread and binds 127.0.0.1 only; closing the swarm stops every child, also after an error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                return self.popen.wait(timeout=10)
+        return self.popen.returncode
+
+
+@dataclass
+class LocalSwarm:
+    """A registry plus any number of nodes; use as a context manager."""
+
+    workdir: Path
+    announce_interval: float = 1.0
+    registry_port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def registry_url(self) -> str:
+        return f"ws://127.0.0.1:{self.registry_port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.workdir / f"{name}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
+        popen = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or child_env(),
+            start_new_session=True,
+        )
+        log_file.close()
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def start_registry(self) -> Process:
+        process = self._spawn(
+            "registry", [sys.executable, "-m", "swarm.registry", "--port", str(self.registry_port)]
+        )
+        wait_for_port(self.registry_port, process)
+        return process
+
+    def start_node(self, model: Path | str, layers: str, *extra: str, name: str | None = None) -> Process:
+        args = [
+            sys.executable, "-m", "node.main", "--model", str(model), "--layers", layers,
+            "--registry", self.registry_url, "--torch-threads", "1", "--no-progress",
+            "--announce-interval", str(self.announce_interval), *extra,
+        ]
+        return self._spawn(name or f"node-{layers}-{len(self.processes)}", args)
+
+    def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
+        """Block until every layer (of `model`) is served, failing with the processes' logs."""
+        args = [sys.executable, "-m", "client.cli", "status", "--registry", self.registry_url,
+                "--wait-ready", str(timeout), "--json"]
+        if model:
+            args += ["--model", model]
+        result = subprocess.run(args, capture_output=True, env=child_env(), timeout=timeout + 60)
+        if result.returncode != 0:
+            raise RuntimeError(f"swarm not ready:\n{result.stderr.decode()}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} (alive={p.alive()}) ---\n{p.log()[-3000:]}" for p in self.processes)
+
+    def close(self) -> None:
+        """SIGTERM every child (nodes first, so they can leave the registry), then SIGKILL stragglers."""
+        for process in reversed(self.processes):
+            if process.alive():
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in reversed(self.processes):
+            try:
+                process.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for_port(port: int, process: Process, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited early:\n{process.log()}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{process.name} did not listen on {port} within {timeout} s:\n{process.log()}")

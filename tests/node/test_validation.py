@@ -1,0 +1,66 @@
+"""Untrusted step inputs are checked before they reach a cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.sessions import SessionTable
+from node.validation import check_layer_range, validate_step
+from swarm.errors import ProtocolError
+from swarm.protocol import WireTensor
+
+HIDDEN = 8
+
+
+def session(length: int = 0, max_length: int = 16, batch: int = 2):
+    opened = SessionTable(1000, 4).open("s", 1, (0, 4), max_length, batch, 0.0, dict)
+    opened.length = length
+    return opened
+
+
+def wire(tensor: torch.Tensor) -> WireTensor:
+    return WireTensor.from_torch(tensor)
+
+
+def check(s, hidden, positions, mask=None, hypo=None):
+    return validate_step(s, wire(hidden), wire(positions), None if mask is None else wire(mask),
+                         None if hypo is None else wire(hypo), HIDDEN)
+
+
+def rejects(match: str, *args) -> None:
+    with pytest.raises(ProtocolError, match=match) as info:
+        check(*args)
+    assert info.value.code == "bad_request"
+
+
+def test_a_well_formed_step_passes() -> None:
+    inputs = check(session(), torch.randn(2, 3, HIDDEN), torch.arange(3).expand(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    assert inputs.hidden.shape == (2, 3, HIDDEN) and inputs.attention_mask.all()
+
+
+def test_wrong_shapes_dtypes_and_values_are_refused() -> None:
+    positions = torch.arange(3).expand(2, 3)
+    rejects("shape", session(), torch.randn(2, 3, HIDDEN + 1), positions)
+    rejects("must be one of", session(), torch.ones(2, 3, HIDDEN, dtype=torch.int64), positions)
+    rejects("batch 2", session(), torch.randn(1, 3, HIDDEN), positions[:1])
+    rejects("NaN", session(), torch.full((2, 3, HIDDEN), float("nan")), positions)
+    rejects("position_ids", session(), torch.randn(2, 3, HIDDEN), positions.float())
+    rejects("0 or 1", session(), torch.randn(2, 3, HIDDEN), positions, torch.full((2, 3), 7))
+    rejects("hypo_ids", session(), torch.randn(2, 3, HIDDEN), positions, None, torch.tensor([0, 5]))
+
+
+def test_positions_stay_inside_the_session_and_move_forward() -> None:
+    rejects("max_length", session(length=15), torch.randn(2, 2, HIDDEN), torch.tensor([[15, 16], [15, 16]]))
+    rejects(r"\[0, 16\)", session(), torch.randn(2, 1, HIDDEN), torch.tensor([[16], [0]]))
+    rejects("decrease", session(), torch.randn(2, 2, HIDDEN), torch.tensor([[1, 0], [0, 1]]))
+    moved = session(length=3)
+    moved.last_positions = torch.tensor([2, 2])
+    rejects("backwards", moved, torch.randn(2, 1, HIDDEN), torch.tensor([[1], [3]]))
+
+
+def test_layer_ranges_must_lie_inside_the_span() -> None:
+    check_layer_range(2, 4, (0, 4))
+    for start, end in ((0, 5), (3, 3), (-1, 2)):
+        with pytest.raises(ProtocolError, match="span"):
+            check_layer_range(start, end, (0, 4))

@@ -1,0 +1,72 @@
+"""Route planning and coverage as pure functions over peer announcements."""
+
+from __future__ import annotations
+
+from swarm.protocol import PeerInfo
+from swarm.routing import coverage, describe_models, least_covered_span, missing_ranges, plan_route
+
+
+def peer(peer_id: str, start: int, end: int, throughput: float = 1000.0, state: str = "online",
+         free: int = 1000, num_layers: int = 8) -> PeerInfo:
+    return PeerInfo(
+        peer_id=peer_id, address=f"ws://127.0.0.1/{peer_id}", model="m", num_layers=num_layers, start=start,
+        end=end, state=state, dtype="float32", throughput=throughput, cache_tokens_free=free,
+        cache_tokens_total=1000,
+    )
+
+
+def spans(chain: list) -> list[tuple[str, int, int]]:
+    return [(link.peer.peer_id, link.start, link.end) for link in chain]
+
+
+def test_two_halves_make_a_chain() -> None:
+    chain = plan_route([peer("b", 4, 8), peer("a", 0, 4)], 8)
+    assert spans(chain) == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_one_peer_with_everything_beats_two_hops() -> None:
+    chain = plan_route([peer("a", 0, 4), peer("b", 4, 8), peer("all", 0, 8)], 8)
+    assert spans(chain) == [("all", 0, 8)]
+
+
+def test_overlapping_spans_combine_through_sub_ranges() -> None:
+    chain = plan_route([peer("a", 0, 5), peer("b", 3, 8)], 8)
+    assert chain is not None
+    assert chain[0].start == 0 and chain[-1].end == 8
+    assert all(link.peer.start <= link.start < link.end <= link.peer.end for link in chain)
+    assert [link.end for link in chain[:-1]] == [link.start for link in chain[1:]]
+
+
+def test_slow_peers_are_avoided() -> None:
+    chain = plan_route([peer("slow", 0, 8, throughput=1.0), peer("a", 0, 4), peer("b", 4, 8)], 8)
+    assert spans(chain) == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_peers_short_of_cache_are_a_last_resort() -> None:
+    chain = plan_route([peer("full", 0, 8, free=10), peer("a", 0, 4), peer("b", 4, 8)], 8, cache_tokens_needed=100)
+    assert [link.peer.peer_id for link in chain] == ["a", "b"]
+    chain = plan_route([peer("full", 0, 8, free=10)], 8, cache_tokens_needed=100)
+    assert spans(chain) == [("full", 0, 8)]
+
+
+def test_joining_banned_and_foreign_peers_are_not_used() -> None:
+    peers = [peer("a", 0, 4), peer("j", 4, 8, state="joining"), peer("x", 4, 8), peer("other", 4, 16, num_layers=16)]
+    assert plan_route(peers, 8, banned=frozenset({"x"})) is None
+    assert spans(plan_route(peers, 8)) == [("a", 0, 4), ("x", 4, 8)]
+
+
+def test_missing_ranges_are_maximal_runs() -> None:
+    peers = [peer("a", 1, 3), peer("b", 5, 6)]
+    assert missing_ranges(peers, 8) == [(0, 1), (3, 5), (6, 8)]
+    assert coverage(peers + [peer("c", 2, 6)], 8) == [0, 1, 2, 1, 1, 2, 0, 0]
+
+
+def test_least_covered_span_prefers_gaps_then_lowest_index() -> None:
+    assert least_covered_span([peer("a", 0, 4)], 8, 4) == (4, 8)
+    assert least_covered_span([], 8, 3) == (0, 3)
+    assert least_covered_span([peer("a", 0, 8), peer("b", 0, 2)], 8, 2) == (2, 4)
+
+
+def test_describe_models_reports_usability() -> None:
+    [model] = describe_models([peer("a", 0, 4)])
+    assert model["usable"] is False and model["missing"] == [[4, 8]] and model["coverage"][:5] == [1, 1, 1, 1, 0]
