@@ -12,10 +12,22 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor
 
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "250m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                 num_attention_heads=16, num_key_value_heads=8),
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "250m": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
 }
 
 
@@ -42,7 +54,7 @@ class TokenClock(LogitsProcessor):
 
     def per_token_ms(self) -> list[float]:
         """Intervals between consecutive tokens: decode steps only, prefill excluded."""
-        return [(b - a) * 1000 for a, b in zip(self.stamps, self.stamps[1:])]
+        return [(b - a) * 1000 for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
 
 
 def median(values: list[float]) -> float:
@@ -51,6 +63,12 @@ def median(values: list[float]) -> float:
 
 def write_json(path: Path, payload: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "processor": platform.processor() or platform.machine()}, **payload}
+    payload = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine(),
+        },
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2))

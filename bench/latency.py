@@ -21,9 +21,11 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PRESETS, TokenClock, build_random_llama, median, write_json  # noqa: E402
-from client import DistributedModelForCausalLM  # noqa: E402
-from swarm.launcher import LocalSwarm  # noqa: E402
+import itertools
+
+from bench.common import PRESETS, TokenClock, build_random_llama, median, write_json
+from client import DistributedModelForCausalLM
+from swarm.launcher import LocalSwarm
 
 
 def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> list[float]:
@@ -31,15 +33,20 @@ def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
     intervals: list[float] = []
     for _ in range(repeats):
         clock = TokenClock()
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       logits_processor=LogitsProcessorList([clock]))
+        model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
         intervals += clock.per_token_ms()
     return intervals
 
 
 def spans(num_layers: int, parts: int) -> list[str]:
     bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
-    return [f"{a}-{b - 1}" for a, b in zip(bounds, bounds[1:])]
+    return [f"{a}-{b - 1}" for a, b in itertools.pairwise(bounds)]
 
 
 def main() -> int:
@@ -59,7 +66,9 @@ def main() -> int:
 
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers
-    prompt = torch.randint(3, local.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        3, local.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+    )
     time_generate(local, prompt, 4, 1)  # warm-up
     local_intervals = time_generate(local, prompt, args.new_tokens, args.repeats)
 
@@ -88,13 +97,27 @@ def main() -> int:
     for column in ("nodes", "local ms/token", "swarm ms/token", "swarm/local", "overhead ms/hop"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(str(row["nodes"]), f"{local_ms:.2f}", f"{row['swarm_ms_per_token']:.2f}",
-                      f"{row['ratio']:.3f}", f"{row['overhead_ms_per_hop']:.3f}")
+        table.add_row(
+            str(row["nodes"]),
+            f"{local_ms:.2f}",
+            f"{row['swarm_ms_per_token']:.2f}",
+            f"{row['ratio']:.3f}",
+            f"{row['overhead_ms_per_hop']:.3f}",
+        )
     Console().print(table)
     out = args.json or Path(__file__).parent / "results" / f"latency-{label}.json"
-    write_json(out, {"benchmark": "latency", "model": label, "num_layers": num_layers,
-                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                     "repeats": args.repeats, "results": rows})
+    write_json(
+        out,
+        {
+            "benchmark": "latency",
+            "model": label,
+            "num_layers": num_layers,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "results": rows,
+        },
+    )
     print(f"wrote {out}")
     return 0
 

@@ -33,17 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", help="registry URL(s), comma-separated (env SWARM_REGISTRY; default "
-                        "ws://127.0.0.1:7000)")
+    common.add_argument(
+        "--registry", help="registry URL(s), comma-separated (env SWARM_REGISTRY; default ws://127.0.0.1:7000)"
+    )
     common.add_argument("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
     common.add_argument("--log-level", default="WARNING", help="diagnostics on stderr (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = commands.add_parser("generate", parents=[common], help="continue a prompt, streaming to stdout",
-                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate = commands.add_parser(
+        "generate",
+        parents=[common],
+        help="continue a prompt, streaming to stdout",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     generate.add_argument("prompt", help="text to continue")
-    generate.add_argument("--model", help="checkpoint folder (env SWARM_MODEL; default: the embedded demo model, "
-                          "or the only model the swarm serves)")
+    generate.add_argument(
+        "--model",
+        help="checkpoint folder (env SWARM_MODEL; default: the embedded demo model, "
+        "or the only model the swarm serves)",
+    )
     generate.add_argument("--model-name", help="name in the swarm (default: last component of --model)")
     generate.add_argument("--max-new-tokens", type=int, default=40)
     generate.add_argument("--greedy", action="store_true", help="always pick the most likely token")
@@ -55,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="coverage of each model the swarm serves")
     status.add_argument("--model", help="only this model (its swarm name)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--wait-ready", type=float, metavar="SECONDS",
-                        help="wait until every layer is served; exit code 1 on timeout")
+    status.add_argument(
+        "--wait-ready", type=float, metavar="SECONDS", help="wait until every layer is served; exit code 1 on timeout"
+    )
     return parser
 
 
@@ -88,8 +98,9 @@ def run_generate(args: argparse.Namespace, registries: list[str], token: str | N
         inputs = tokenizer(args.prompt, return_tensors="pt")
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=pad,
-                       **sampling_kwargs(args))
+        model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling_kwargs(args)
+        )
     finally:
         model.close()
     return 0

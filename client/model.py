@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.chain import ChainPlanner
 from client.loop import EventLoopThread
 from client.remote_cache import RemoteSessionCache
-from client.session import ChainSession, forward_chain
+from client.session import ChainSession, forward_through
 from swarm.checkpoint import CheckpointIndex, checkpoint_dir, load_config, model_name_from_path
 from swarm.errors import SwarmError
 from swarm.models import ModelAdapter, adapter_for
@@ -169,8 +169,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                     self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])
                 )
             else:
-                chain = self.runner.run(self.planner.plan())
-                hidden = self.runner.run(forward_chain(chain, hidden, position_ids, attention_mask, self.token))
+                hidden = self.runner.run(
+                    forward_through(self.planner, hidden, position_ids, attention_mask, self.token)
+                )
             hidden = hidden.to(self.dtype)
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden = hidden[:, -logits_to_keep:]
@@ -193,8 +194,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
         if cache.session is None:
             max_length = cache.max_length or self.config.max_position_embeddings
-            chain = await self.planner.plan(cache_tokens_needed=hidden.shape[0] * max_length)
-            cache.session = await ChainSession.open(chain, max_length, hidden.shape[0], self.token)
+            cache.session = await ChainSession.open(self.planner, max_length, hidden.shape[0], self.token)
         out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
         cache.seen_tokens += hidden.shape[1]
         return out

@@ -1,7 +1,9 @@
 """Sending hidden states through a chain of peers: stateful sessions and stateless forwards.
 
-The client stays in the middle of every hop (client -> A -> client -> B ...), so it always holds
-what each link was sent, and the decode loop reads top to bottom: embed, hop, hop, head.
+The client stays in the middle of every hop (client -> A -> client -> B ...), so it holds what each
+link was sent (its history). When a link fails, `ChainSession` bans the peer, finds peers for
+exactly the failed layers, replays the history there to rebuild their caches, and carries on: the
+output is the same as if nothing had failed.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+from dataclasses import dataclass
 
 import torch
 from websockets.asyncio.client import ClientConnection
 
+from client.chain import ChainPlanner, describe_chain
+from swarm.errors import PeerUnreachableError, RemoteError, SwarmError
 from swarm.protocol import (
     WIRE_DTYPES,
     CloseSession,
@@ -31,11 +36,26 @@ from swarm.transport import open_connection, request
 log = logging.getLogger("swarm.client")
 
 STEP_TIMEOUT = 300.0
+MAX_FAILOVERS_PER_STEP = 8
+
+LinkFailure = (PeerUnreachableError, RemoteError)
+RETRYABLE_CODES = frozenset({"busy", "internal", "unknown_session"})
+"""Error codes after which another peer may well succeed (full, draining, crashed, restarted)."""
 
 
 def wire_hidden(hidden: torch.Tensor, peer_dtype: str) -> WireTensor:
     """Hidden states in the dtype the peer computes in, so it never converts them again."""
     return WireTensor.from_torch(hidden.to(WIRE_DTYPES[peer_dtype]))
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One step as sent to a link; kept as history for replay after a failover."""
+
+    hidden: torch.Tensor
+    position_ids: WireTensor
+    attention_mask: WireTensor
+    hypo_ids: WireTensor | None
 
 
 class LinkSession:
@@ -45,6 +65,7 @@ class LinkSession:
         self.link = link
         self.connection = connection
         self.session_id = session_id
+        self.history: list[StepInputs] = []
         self._step_ids = itertools.count()
 
     @classmethod
@@ -61,54 +82,49 @@ class LinkSession:
             raise
         return cls(link, connection, session_id)
 
-    async def step(
-        self,
-        hidden: torch.Tensor,
-        position_ids: WireTensor,
-        attention_mask: WireTensor,
-        hypo_ids: WireTensor | None,
-    ) -> torch.Tensor:
+    async def step(self, inputs: StepInputs) -> torch.Tensor:
         message = Step.model_construct(
             type="step",
             session_id=self.session_id,
             step_id=next(self._step_ids),
-            hidden=wire_hidden(hidden, self.link.peer.dtype),
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            hypo_ids=hypo_ids,
+            hidden=wire_hidden(inputs.hidden, self.link.peer.dtype),
+            position_ids=inputs.position_ids,
+            attention_mask=inputs.attention_mask,
+            hypo_ids=inputs.hypo_ids,
         )
         reply = await request(self.connection, message, StepResult, timeout=STEP_TIMEOUT, peer=self.link.peer.address)
+        self.history.append(inputs)
         return reply.hidden.to_torch()
 
     async def close(self) -> None:
         try:
             message = CloseSession(session_id=self.session_id)
             await request(self.connection, message, SessionClosed, timeout=5.0, peer=self.link.peer.address)
-        except Exception as exc:  # closing is best effort: the node frees the session when the socket drops
+        except Exception as exc:  # best effort: the node frees the session when the socket drops anyway
             log.debug("closing session on %s: %s", self.link.peer.address, exc)
         finally:
             await self.connection.close()
 
 
 class ChainSession:
-    """A session over a whole chain: every step goes through each link in order."""
+    """A session over a whole chain of links that survives the loss of any of them."""
 
-    def __init__(self, links: list[LinkSession], batch_size: int, max_length: int) -> None:
-        self.links = links
-        self.batch_size = batch_size
+    def __init__(self, planner: ChainPlanner, max_length: int, batch_size: int, token: str | None) -> None:
+        self.planner = planner
         self.max_length = max_length
+        self.batch_size = batch_size
+        self.token = token
+        self.links: list[LinkSession] = []
 
     @classmethod
-    async def open(cls, chain: list[Link], max_length: int, batch_size: int, token: str | None) -> ChainSession:
-        opened: list[LinkSession] = []
+    async def open(cls, planner: ChainPlanner, max_length: int, batch_size: int, token: str | None) -> ChainSession:
+        session = cls(planner, max_length, batch_size, token)
         try:
-            for link in chain:
-                opened.append(await LinkSession.open(link, max_length, batch_size, token))
+            session.links = await session._open_span(0, planner.num_layers, history=[], wait=False)
         except BaseException:
-            for session in opened:
-                await session.close()
+            await session.close()
             raise
-        return cls(opened, batch_size, max_length)
+        return session
 
     async def step(
         self,
@@ -117,35 +133,138 @@ class ChainSession:
         attention_mask: torch.Tensor,
         hypo_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        positions = WireTensor.from_torch(position_ids.long())
-        mask = WireTensor.from_torch(attention_mask.bool())
-        hypos = WireTensor.from_torch(hypo_ids.long()) if hypo_ids is not None else None
-        for link in self.links:
-            hidden = await link.step(hidden, positions, mask, hypos)
-        return hidden
+        inputs = StepInputs(
+            hidden,
+            WireTensor.from_torch(position_ids.long()),
+            WireTensor.from_torch(attention_mask.bool()),
+            WireTensor.from_torch(hypo_ids.long()) if hypo_ids is not None else None,
+        )
+        index = 0
+        while index < len(self.links):
+            inputs = StepInputs(await self._step_link(index, inputs), *_step_metadata(inputs))
+            index += 1
+        return inputs.hidden
+
+    async def _step_link(self, index: int, inputs: StepInputs) -> torch.Tensor:
+        for _ in range(MAX_FAILOVERS_PER_STEP):
+            link = self.links[index]
+            try:
+                return await link.step(inputs)
+            except LinkFailure as exc:
+                if not _worth_failing_over(exc):
+                    raise
+                await self._replace(index, exc)
+        raise SwarmError(
+            f"gave up on layers [{self.links[index].link.start}, {self.links[index].link.end}) "
+            f"after {MAX_FAILOVERS_PER_STEP} failovers in one step"
+        )
+
+    async def _replace(self, index: int, failure: Exception) -> None:
+        """Swap link `index` for peers covering exactly its layers, rebuilt from its history.
+
+        The first replacement takes the failed link's place, so the caller retries the step there."""
+        failed = self.links[index]
+        self.planner.ban(failed.link.peer.peer_id)
+        log.info(
+            "link %s [%d, %d) failed (%s); failing over, replaying %d step(s)",
+            failed.link.peer.address,
+            failed.link.start,
+            failed.link.end,
+            failure,
+            len(failed.history),
+        )
+        await failed.close()
+        replacements = await self._open_span(failed.link.start, failed.link.end, failed.history)
+        self.links[index : index + 1] = replacements
+
+    async def _open_span(self, start: int, end: int, history: list[StepInputs], wait: bool = True) -> list[LinkSession]:
+        """Open sessions covering layers [start, end) and replay `history` through them.
+
+        A failover (`wait`) gives missing peers time to come back; a new session fails fast instead."""
+        needed = self.batch_size * self.max_length
+        for _ in range(MAX_FAILOVERS_PER_STEP):
+            if wait:
+                chain = await self.planner.wait_for_chain(start, end, needed)
+            else:
+                chain = await self.planner.plan(start, end, needed)
+            opened: list[LinkSession] = []
+            culprit = chain[0].peer
+            try:
+                for link in chain:
+                    culprit = link.peer
+                    opened.append(await LinkSession.open(link, self.max_length, self.batch_size, self.token))
+                for past in history:
+                    hidden = past.hidden
+                    for session in opened:
+                        culprit = session.link.peer
+                        hidden = await session.step(StepInputs(hidden, *_step_metadata(past)))
+            except LinkFailure as exc:
+                if not _worth_failing_over(exc):
+                    raise
+                self.planner.ban(culprit.peer_id)
+                log.info("could not use %s for layers [%d, %d): %s", culprit.address, start, end, exc)
+                for session in opened:
+                    await session.close()
+                continue
+            if history:
+                log.info("layers [%d, %d) now served by %s", start, end, describe_chain(chain))
+            return opened
+        raise SwarmError(f"could not open a session for layers [{start}, {end}) after {MAX_FAILOVERS_PER_STEP} tries")
 
     async def close(self) -> None:
         for link in self.links:
             await link.close()
+        self.links = []
 
 
-async def forward_chain(
-    chain: list[Link],
+def _worth_failing_over(exc: Exception) -> bool:
+    """Lost peers and refusals move to another peer; a malformed request would fail anywhere."""
+    return not isinstance(exc, RemoteError) or exc.code in RETRYABLE_CODES
+
+
+def _step_metadata(inputs: StepInputs) -> tuple[WireTensor, WireTensor, WireTensor | None]:
+    return inputs.position_ids, inputs.attention_mask, inputs.hypo_ids
+
+
+async def forward_through(
+    planner: ChainPlanner,
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     token: str | None,
 ) -> torch.Tensor:
-    """A stateless pass through the chain (scoring, plain `model(input_ids)`): no cache anywhere."""
+    """A stateless pass through the swarm (scoring, plain `model(input_ids)`): no cache anywhere.
+
+    Nothing to rebuild on failure, so a failed peer is banned and the whole pass is re-planned."""
     positions = WireTensor.from_torch(position_ids.long())
     mask = WireTensor.from_torch(attention_mask.bool())
-    for link in chain:
-        connection, _ = await open_connection(link.peer.address, token, agent="swarm-client")
-        async with connection:
-            message = Forward.model_construct(
-                type="forward", start=link.start, end=link.end, hidden=wire_hidden(hidden, link.peer.dtype),
-                position_ids=positions, attention_mask=mask,
-            )
-            reply = await request(connection, message, ForwardResult, timeout=STEP_TIMEOUT, peer=link.peer.address)
-        hidden = reply.hidden.to_torch()
-    return hidden
+    for _ in range(MAX_FAILOVERS_PER_STEP):
+        chain = await planner.plan()
+        current, link = hidden, chain[0]
+        try:
+            for link in chain:
+                current = await _forward_link(link, current, positions, mask, token)
+            return current
+        except LinkFailure as exc:
+            if not _worth_failing_over(exc):
+                raise
+            planner.ban(link.peer.peer_id)
+            log.info("forward through %s failed (%s); re-planning", link.peer.address, exc)
+    raise SwarmError(f"gave up on a forward pass after {MAX_FAILOVERS_PER_STEP} failed peers")
+
+
+async def _forward_link(
+    link: Link, hidden: torch.Tensor, positions: WireTensor, mask: WireTensor, token: str | None
+) -> torch.Tensor:
+    connection, _ = await open_connection(link.peer.address, token, agent="swarm-client")
+    async with connection:
+        message = Forward.model_construct(
+            type="forward",
+            start=link.start,
+            end=link.end,
+            hidden=wire_hidden(hidden, link.peer.dtype),
+            position_ids=positions,
+            attention_mask=mask,
+        )
+        reply = await request(connection, message, ForwardResult, timeout=STEP_TIMEOUT, peer=link.peer.address)
+    return reply.hidden.to_torch()

@@ -56,8 +56,13 @@ def render_status(status: dict[str, object], console: Console) -> None:
         table = Table("address", "layers", "state", "dtype", "speed", "sessions", "free cache", box=None)
         for peer in sorted((p for p in peers if p.model == model["name"]), key=lambda p: (p.start, p.end)):
             table.add_row(
-                peer.address, format_layer_range(peer.start, peer.end), peer.state, peer.dtype,
-                f"{peer.throughput:.0f}/s", str(peer.sessions), str(peer.cache_tokens_free),
+                peer.address,
+                format_layer_range(peer.start, peer.end),
+                peer.state,
+                peer.dtype,
+                f"{peer.throughput:.0f}/s",
+                str(peer.sessions),
+                str(peer.cache_tokens_free),
             )
         console.print(table)
 

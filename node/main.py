@@ -51,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--device", help="torch device, e.g. cpu or cuda:1 (default cpu)")
     device.add_argument("--gpu", type=int, metavar="N", help="shortcut for --device cuda:N")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32 on CPU, "
-        "the checkpoint's dtype on GPU)")
+    add(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default float32 on CPU, the checkpoint's dtype on GPU)",
+    )
     add("--max-sessions", type=int, help="concurrent sessions (default 64)")
     add("--cache-tokens", type=int, help="KV cache budget in tokens, summed over sessions (default 65536)")
     add("--max-batch-size", type=int, help="largest batch a session may use (default 64)")
@@ -116,8 +119,13 @@ async def serve(settings: NodeSettings) -> None:
     )
     node = NodeServer(settings, identity)
     server = await websockets.serve(
-        node.handle, settings.host, settings.port, max_size=settings.max_message_bytes * 2, compression=None,
-        ping_interval=20, ping_timeout=60,
+        node.handle,
+        settings.host,
+        settings.port,
+        max_size=settings.max_message_bytes * 2,
+        compression=None,
+        ping_interval=20,
+        ping_timeout=60,
     )
     port = server.sockets[0].getsockname()[1]
     identity.address = settings.public_address or default_address(settings.host, port)
@@ -134,8 +142,13 @@ async def serve(settings: NodeSettings) -> None:
     announcer.announce_now()
     log.info(
         "node %s online at %s: layers %s of %s (%s, %.0f layer-steps/s), registries %s",
-        identity.peer_id, identity.address, format_layer_range(start, end), identity.model_name,
-        identity.dtype, node.throughput, ",".join(settings.registry),
+        identity.peer_id,
+        identity.address,
+        format_layer_range(start, end),
+        identity.model_name,
+        identity.dtype,
+        node.throughput,
+        ",".join(settings.registry),
     )
     expiry = asyncio.create_task(_expire_sessions(node))
     await stop.wait()

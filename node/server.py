@@ -31,6 +31,7 @@ from node.validation import (
 from swarm.errors import ProtocolError
 from swarm.protocol import (
     DTYPE_NAMES,
+    PROTOCOL_VERSION,
     CloseSession,
     Forward,
     ForwardResult,
@@ -45,7 +46,6 @@ from swarm.protocol import (
     StepResult,
     Welcome,
     WireTensor,
-    PROTOCOL_VERSION,
     decode_message,
 )
 from swarm.transport import check_hello, error_frame, send
@@ -109,7 +109,9 @@ class NodeServer:
         owner = id(connection)
         try:
             try:
-                check_hello(decode_message(await connection.recv(), self.settings.max_message_bytes), self.settings.token)
+                check_hello(
+                    decode_message(await connection.recv(), self.settings.max_message_bytes), self.settings.token
+                )
             except ProtocolError as exc:
                 await send(connection, error_frame(exc))
                 return
@@ -154,8 +156,13 @@ class NodeServer:
             check_layer_range(message.start, message.end, (span.start, span.end))
             check_session_size(message.max_length, message.batch_size, self.settings)
             self.sessions.open(
-                message.session_id, owner, (message.start, message.end), message.max_length, message.batch_size,
-                time.monotonic(), span.new_cache,
+                message.session_id,
+                owner,
+                (message.start, message.end),
+                message.max_length,
+                message.batch_size,
+                time.monotonic(),
+                span.new_cache,
             )
             return SessionOpened(session_id=message.session_id)
         if isinstance(message, CloseSession):
@@ -175,7 +182,11 @@ class NodeServer:
         span = self._ready_span()
         session = self.sessions.get(message.session_id, owner)
         inputs = validate_step(
-            session, message.hidden, message.position_ids, message.attention_mask, message.hypo_ids,
+            session,
+            message.hidden,
+            message.position_ids,
+            message.attention_mask,
+            message.hypo_ids,
             self.identity.hidden_size,
         )
         session.last_used = time.monotonic()
@@ -202,9 +213,13 @@ class NodeServer:
 
 def check_session_size(max_length: int, batch_size: int, settings: NodeSettings) -> None:
     if max_length > settings.max_length:
-        raise ProtocolError("bad_request", f"max_length {max_length} exceeds this node's limit of {settings.max_length}")
+        raise ProtocolError(
+            "bad_request", f"max_length {max_length} exceeds this node's limit of {settings.max_length}"
+        )
     if batch_size > settings.max_batch_size:
-        raise ProtocolError("bad_request", f"batch_size {batch_size} exceeds this node's limit of {settings.max_batch_size}")
+        raise ProtocolError(
+            "bad_request", f"batch_size {batch_size} exceeds this node's limit of {settings.max_batch_size}"
+        )
 
 
 def _run_step(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:

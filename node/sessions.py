@@ -69,7 +69,8 @@ class SessionTable:
         needed = batch_size * max_length
         if needed > self.tokens_free:
             raise ProtocolError(
-                "busy", f"session needs {needed} cache tokens (batch {batch_size} x {max_length}), {self.tokens_free} free"
+                "busy",
+                f"session needs {needed} cache tokens (batch {batch_size} x {max_length}), {self.tokens_free} free",
             )
         session = Session(session_id, owner, span[0], span[1], max_length, batch_size, new_cache(), now)
         session.attention_mask = torch.empty(batch_size, 0, dtype=torch.bool)

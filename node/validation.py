@@ -93,8 +93,12 @@ def validate_step(
     if batch != session.batch_size:
         raise _bad(f"session was opened for batch {session.batch_size}, step has {batch} rows")
     if session.length + tokens > session.max_length:
-        raise _bad(f"step would grow the session to {session.length + tokens} tokens, max_length is {session.max_length}")
+        raise _bad(
+            f"step would grow the session to {session.length + tokens} tokens, max_length is {session.max_length}"
+        )
     positions = decode_positions(position_ids, (batch, tokens), session.max_length)
     if session.last_positions is not None and (positions[:, 0] < session.last_positions).any():
         raise _bad("position_ids go backwards relative to the previous step")
-    return StepInputs(decoded, positions, decode_mask(attention_mask, (batch, tokens)), decode_hypo_ids(hypo_ids, batch))
+    return StepInputs(
+        decoded, positions, decode_mask(attention_mask, (batch, tokens)), decode_hypo_ids(hypo_ids, batch)
+    )

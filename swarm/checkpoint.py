@@ -67,7 +67,7 @@ class CheckpointIndex:
         single = root / SINGLE_FILE
         if single.is_file():
             with safe_open(str(single), framework="pt") as handle:
-                return cls(root, {name: SINGLE_FILE for name in handle.keys()})
+                return cls(root, {name: SINGLE_FILE for name in handle})
         raise CheckpointError(f"{root} has neither {INDEX_FILE} nor {SINGLE_FILE}; only safetensors are supported")
 
     def names_with_prefix(self, prefix: str) -> list[str]:
@@ -99,7 +99,18 @@ def read_tensors(
     return tensors
 
 
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def tensor_nbytes(index: CheckpointIndex, names: Iterable[str]) -> int:

@@ -24,8 +24,12 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm-demo", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="swarm-demo",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--max-new-tokens", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -50,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     half = num_layers // 2
     port = args.port or (7000 if _port_is_free(7000) else free_port())
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - stdout is for the story
-    with tempfile.TemporaryDirectory(prefix="swarm-demo-") as workdir, LocalSwarm(Path(workdir), registry_port=port) as swarm:
+    with (
+        tempfile.TemporaryDirectory(prefix="swarm-demo-") as workdir,
+        LocalSwarm(Path(workdir), registry_port=port) as swarm,
+    ):
         try:
             swarm.start_registry()
             say(f"registry and dashboard: http://127.0.0.1:{port}/")
@@ -87,8 +94,11 @@ def _generate(model: Path, registry: str, args: argparse.Namespace) -> None:
         print(args.prompt, end="", flush=True)
         sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
         swarm_model.generate(
-            **inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer, skip_prompt=True),
-            pad_token_id=tokenizer.pad_token_id, **sampling,
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            streamer=TextStreamer(tokenizer, skip_prompt=True),
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
     finally:
         swarm_model.close()

@@ -26,8 +26,15 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -77,7 +84,11 @@ class LocalSwarm:
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         popen = subprocess.Popen(
-            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or child_env(),
+            args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or child_env(),
             start_new_session=True,
         )
         log_file.close()
@@ -86,24 +97,43 @@ class LocalSwarm:
         return process
 
     def start_registry(self) -> Process:
-        process = self._spawn(
-            "registry", [sys.executable, "-m", "swarm.registry", "--port", str(self.registry_port)]
-        )
+        process = self._spawn("registry", [sys.executable, "-m", "swarm.registry", "--port", str(self.registry_port)])
         wait_for_port(self.registry_port, process)
         return process
 
     def start_node(self, model: Path | str, layers: str, *extra: str, name: str | None = None) -> Process:
         args = [
-            sys.executable, "-m", "node.main", "--model", str(model), "--layers", layers,
-            "--registry", self.registry_url, "--torch-threads", "1", "--no-progress",
-            "--announce-interval", str(self.announce_interval), *extra,
+            sys.executable,
+            "-m",
+            "node.main",
+            "--model",
+            str(model),
+            "--layers",
+            layers,
+            "--registry",
+            self.registry_url,
+            "--torch-threads",
+            "1",
+            "--no-progress",
+            "--announce-interval",
+            str(self.announce_interval),
+            *extra,
         ]
         return self._spawn(name or f"node-{layers}-{len(self.processes)}", args)
 
     def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
         """Block until every layer (of `model`) is served, failing with the processes' logs."""
-        args = [sys.executable, "-m", "client.cli", "status", "--registry", self.registry_url,
-                "--wait-ready", str(timeout), "--json"]
+        args = [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "status",
+            "--registry",
+            self.registry_url,
+            "--wait-ready",
+            str(timeout),
+            "--json",
+        ]
         if model:
             args += ["--model", model]
         result = subprocess.run(args, capture_output=True, env=child_env(), timeout=timeout + 60)

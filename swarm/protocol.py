@@ -64,7 +64,9 @@ class WireTensor(_Strict):
             numel *= size
         expected = numel * WIRE_DTYPES[self.dtype].itemsize
         if len(self.data) != expected:
-            raise ValueError(f"tensor data has {len(self.data)} bytes, shape {self.shape} of {self.dtype} needs {expected}")
+            raise ValueError(
+                f"tensor data has {len(self.data)} bytes, shape {self.shape} of {self.dtype} needs {expected}"
+            )
         return self
 
     @classmethod
@@ -236,8 +238,22 @@ class Error(_Strict):
 
 Message = Annotated[
     Union[
-        Hello, Welcome, Announce, Leave, Ack, Query, SwarmView, OpenSession, SessionOpened, Step,
-        StepResult, CloseSession, SessionClosed, Forward, ForwardResult, Error,
+        Hello,
+        Welcome,
+        Announce,
+        Leave,
+        Ack,
+        Query,
+        SwarmView,
+        OpenSession,
+        SessionOpened,
+        Step,
+        StepResult,
+        CloseSession,
+        SessionClosed,
+        Forward,
+        ForwardResult,
+        Error,
     ],
     Field(discriminator="type"),
 ]

@@ -69,8 +69,14 @@ class Registry:
         now = time.monotonic()
         if isinstance(message, Announce):
             if message.peer.peer_id not in announced:
-                log.info("peer %s announced %s layers [%d, %d) at %s", message.peer.peer_id, message.peer.model,
-                         message.peer.start, message.peer.end, message.peer.address)
+                log.info(
+                    "peer %s announced %s layers [%d, %d) at %s",
+                    message.peer.peer_id,
+                    message.peer.model,
+                    message.peer.start,
+                    message.peer.end,
+                    message.peer.address,
+                )
             self.state.announce(message.peer, message.ttl, now)
             announced.add(message.peer.peer_id)
             return Ack()
@@ -103,14 +109,20 @@ def _dashboard_html() -> bytes:
 
 
 def _response(status: HTTPStatus, content_type: str, body: bytes) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+    headers = Headers(
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+    )
     return Response(status.value, status.phrase, headers, body)
 
 
 async def serve(host: str, port: int, token: str | None) -> None:
     registry = Registry(token)
     async with websockets.serve(
-        registry.handle, host, port, process_request=registry.process_request, max_size=MAX_MESSAGE_BYTES * 2,
+        registry.handle,
+        host,
+        port,
+        process_request=registry.process_request,
+        max_size=MAX_MESSAGE_BYTES * 2,
         compression=None,
     ) as server:
         bound = server.sockets[0].getsockname()[1]

@@ -65,7 +65,9 @@ async def open_connection(
     except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
         raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
     try:
-        welcome = await request(connection, Hello(version=PROTOCOL_VERSION, token=token, agent=agent), Welcome, timeout, url)
+        welcome = await request(
+            connection, Hello(version=PROTOCOL_VERSION, token=token, agent=agent), Welcome, timeout, url
+        )
     except BaseException:
         await connection.close()
         raise

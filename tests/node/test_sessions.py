@@ -8,8 +8,9 @@ from node.sessions import SessionTable
 from swarm.errors import ProtocolError
 
 
-def open_session(table: SessionTable, session_id: str, owner: int = 1, max_length: int = 10, batch: int = 1,
-                 now: float = 0.0):
+def open_session(
+    table: SessionTable, session_id: str, owner: int = 1, max_length: int = 10, batch: int = 1, now: float = 0.0
+):
     return table.open(session_id, owner, (0, 4), max_length, batch, now, dict)
 
 

@@ -47,7 +47,9 @@ def test_a_span_reads_only_its_own_layers_tensors(tiny_llama: Path, monkeypatch:
     span = LoadedSpan.load(tiny_llama, 2, 4, torch.device("cpu"), torch.float32, show_progress=False)
 
     assert read and all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in read)
-    assert sorted(read) == sorted(index.names_with_prefix("model.layers.2.") + index.names_with_prefix("model.layers.3."))
+    assert sorted(read) == sorted(
+        index.names_with_prefix("model.layers.2.") + index.names_with_prefix("model.layers.3.")
+    )
     needed_shards = {index.shard_of[name] for name in read}
     assert set(opened) == needed_shards
     assert len(needed_shards) < len(set(index.shard_of.values()))

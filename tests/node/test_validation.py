@@ -24,8 +24,14 @@ def wire(tensor: torch.Tensor) -> WireTensor:
 
 
 def check(s, hidden, positions, mask=None, hypo=None):
-    return validate_step(s, wire(hidden), wire(positions), None if mask is None else wire(mask),
-                         None if hypo is None else wire(hypo), HIDDEN)
+    return validate_step(
+        s,
+        wire(hidden),
+        wire(positions),
+        None if mask is None else wire(mask),
+        None if hypo is None else wire(hypo),
+        HIDDEN,
+    )
 
 
 def rejects(match: str, *args) -> None:
@@ -35,7 +41,9 @@ def rejects(match: str, *args) -> None:
 
 
 def test_a_well_formed_step_passes() -> None:
-    inputs = check(session(), torch.randn(2, 3, HIDDEN), torch.arange(3).expand(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    inputs = check(
+        session(), torch.randn(2, 3, HIDDEN), torch.arange(3).expand(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    )
     assert inputs.hidden.shape == (2, 3, HIDDEN) and inputs.attention_mask.all()
 
 

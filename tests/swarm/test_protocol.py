@@ -21,8 +21,17 @@ from swarm.protocol import (
 
 def peer(**overrides: object) -> PeerInfo:
     values: dict[str, object] = dict(
-        peer_id="p1", address="ws://127.0.0.1:1", model="m", num_layers=8, start=0, end=4, state="online",
-        dtype="float32", throughput=100.0, cache_tokens_free=10, cache_tokens_total=10,
+        peer_id="p1",
+        address="ws://127.0.0.1:1",
+        model="m",
+        num_layers=8,
+        start=0,
+        end=4,
+        state="online",
+        dtype="float32",
+        throughput=100.0,
+        cache_tokens_free=10,
+        cache_tokens_total=10,
     )
     values.update(overrides)
     return PeerInfo(**values)
@@ -31,8 +40,12 @@ def peer(**overrides: object) -> PeerInfo:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.int8])
 def test_tensors_round_trip_bit_exactly(dtype: torch.dtype) -> None:
     tensor = (torch.randn(2, 3, 5) * 10).to(dtype)
-    step = Step(session_id="s", step_id=3, hidden=WireTensor.from_torch(tensor), position_ids=WireTensor.from_torch(
-        torch.arange(3).expand(2, 3)))
+    step = Step(
+        session_id="s",
+        step_id=3,
+        hidden=WireTensor.from_torch(tensor),
+        position_ids=WireTensor.from_torch(torch.arange(3).expand(2, 3)),
+    )
     decoded = decode_message(encode_message(step))
     assert isinstance(decoded, Step)
     assert decoded.hidden.to_torch().dtype == dtype
@@ -78,8 +91,15 @@ def test_extra_fields_are_refused() -> None:
 
 def test_tensor_bytes_must_match_shape_and_dtype() -> None:
     hidden = {"dtype": "float32", "shape": [1, 1, 4], "data": b"\x00" * 12}
-    frame = msgpack.packb({"type": "forward", "start": 0, "end": 1, "hidden": hidden,
-                           "position_ids": {"dtype": "int64", "shape": [1, 1], "data": b"\x00" * 8}})
+    frame = msgpack.packb(
+        {
+            "type": "forward",
+            "start": 0,
+            "end": 1,
+            "hidden": hidden,
+            "position_ids": {"dtype": "int64", "shape": [1, 1], "data": b"\x00" * 8},
+        }
+    )
     assert "16" in expect_code(frame, "bad_request")
 
 

@@ -6,11 +6,26 @@ from swarm.protocol import PeerInfo
 from swarm.routing import coverage, describe_models, least_covered_span, missing_ranges, plan_route
 
 
-def peer(peer_id: str, start: int, end: int, throughput: float = 1000.0, state: str = "online",
-         free: int = 1000, num_layers: int = 8) -> PeerInfo:
+def peer(
+    peer_id: str,
+    start: int,
+    end: int,
+    throughput: float = 1000.0,
+    state: str = "online",
+    free: int = 1000,
+    num_layers: int = 8,
+) -> PeerInfo:
     return PeerInfo(
-        peer_id=peer_id, address=f"ws://127.0.0.1/{peer_id}", model="m", num_layers=num_layers, start=start,
-        end=end, state=state, dtype="float32", throughput=throughput, cache_tokens_free=free,
+        peer_id=peer_id,
+        address=f"ws://127.0.0.1/{peer_id}",
+        model="m",
+        num_layers=num_layers,
+        start=start,
+        end=end,
+        state=state,
+        dtype="float32",
+        throughput=throughput,
+        cache_tokens_free=free,
         cache_tokens_total=1000,
     )
 
@@ -58,7 +73,7 @@ def test_joining_banned_and_foreign_peers_are_not_used() -> None:
 def test_missing_ranges_are_maximal_runs() -> None:
     peers = [peer("a", 1, 3), peer("b", 5, 6)]
     assert missing_ranges(peers, 8) == [(0, 1), (3, 5), (6, 8)]
-    assert coverage(peers + [peer("c", 2, 6)], 8) == [0, 1, 2, 1, 1, 2, 0, 0]
+    assert coverage([*peers, peer("c", 2, 6)], 8) == [0, 1, 2, 1, 1, 2, 0, 0]
 
 
 def test_least_covered_span_prefers_gaps_then_lowest_index() -> None:

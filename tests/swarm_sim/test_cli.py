@@ -15,7 +15,10 @@ from swarm.launcher import LocalSwarm, child_env
 
 def swarm_client(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=child_env(**env),
     )
 
@@ -26,11 +29,20 @@ def test_generate_streams_the_local_greedy_continuation(
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     prompt = "Once upon a time"
     inputs = tokenizer(prompt, return_tensors="pt")
-    expected_ids = local_llama.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs.input_ids.shape[1]:]
+    expected_ids = local_llama.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs.input_ids.shape[1] :]
     expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
 
-    result = swarm_client("generate", prompt, "--model", str(tiny_llama), "--registry", llama_swarm.registry_url,
-                          "--max-new-tokens", "12", "--greedy")
+    result = swarm_client(
+        "generate",
+        prompt,
+        "--model",
+        str(tiny_llama),
+        "--registry",
+        llama_swarm.registry_url,
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+    )
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected.strip()
@@ -38,8 +50,14 @@ def test_generate_streams_the_local_greedy_continuation(
 
 
 def test_generate_without_flags_uses_the_environment(tiny_llama: Path, llama_swarm: LocalSwarm) -> None:
-    result = swarm_client("generate", "Once upon a time", "--max-new-tokens", "4",
-                          SWARM_REGISTRY=llama_swarm.registry_url, SWARM_MODEL=str(tiny_llama))
+    result = swarm_client(
+        "generate",
+        "Once upon a time",
+        "--max-new-tokens",
+        "4",
+        SWARM_REGISTRY=llama_swarm.registry_url,
+        SWARM_MODEL=str(tiny_llama),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
@@ -56,8 +74,9 @@ def test_status_lists_coverage_as_json_and_as_a_table(llama_swarm: LocalSwarm) -
 
 
 def test_wait_ready_times_out_with_exit_code_1(llama_swarm: LocalSwarm) -> None:
-    result = swarm_client("status", "--registry", llama_swarm.registry_url, "--model", "tiny-partial",
-                          "--wait-ready", "1")
+    result = swarm_client(
+        "status", "--registry", llama_swarm.registry_url, "--model", "tiny-partial", "--wait-ready", "1"
+    )
     assert result.returncode == 1
     assert "not fully served" in result.stderr
 
@@ -82,8 +101,21 @@ def test_dashboard_and_state_api_are_served_by_the_registry(llama_swarm: LocalSw
 
 def test_node_refuses_layers_outside_the_model(tiny_llama: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "node.main", "--model", str(tiny_llama), "--layers", "6-9", "--registry",
-         "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=120, env=child_env(),
+        [
+            sys.executable,
+            "-m",
+            "node.main",
+            "--model",
+            str(tiny_llama),
+            "--layers",
+            "6-9",
+            "--registry",
+            "ws://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
     )
     assert result.returncode == 2
     assert "6-9" in result.stderr and "0-7" in result.stderr
@@ -92,7 +124,9 @@ def test_node_refuses_layers_outside_the_model(tiny_llama: Path) -> None:
 def test_float16_on_cpu_is_refused_with_a_reason(tiny_llama: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "node.main", "--model", str(tiny_llama), "--layers", "0-1", "--dtype", "float16"],
-        capture_output=True, text=True, timeout=120, env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
     )
     assert result.returncode == 2 and "float16 is not supported on CPU" in result.stderr
-

@@ -81,9 +81,9 @@ def test_left_padded_batch_equals_each_prompt_alone(
     mask = torch.tensor([[0] * (len(long) - len(short)) + [1] * len(short), [1] * len(long)])
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     together = swarm_llama.generate(batch, attention_mask=mask, **kwargs)
-    alone = [swarm_llama.generate(torch.tensor([p]), **kwargs)[0, len(p):] for p in (short, long)]
-    assert together[0, len(long):].tolist() == alone[0].tolist()
-    assert together[1, len(long):].tolist() == alone[1].tolist()
+    alone = [swarm_llama.generate(torch.tensor([p]), **kwargs)[0, len(p) :] for p in (short, long)]
+    assert together[0, len(long) :].tolist() == alone[0].tolist()
+    assert together[1, len(long) :].tolist() == alone[1].tolist()
     assert together.tolist() == local_llama.generate(batch, attention_mask=mask, **kwargs).tolist()
 
 
@@ -131,3 +131,21 @@ def test_a_session_is_freed_on_the_nodes_after_generate(
             return
         time.sleep(0.5)
     pytest.fail(f"sessions still open on the nodes: {peers}")
+
+
+def test_a_second_generate_continues_the_same_session(
+    swarm_llama: DistributedModelForCausalLM, local_llama: PreTrainedModel
+) -> None:
+    reply = torch.tensor([[20, 21, 22]])
+    with swarm_llama.inference_session(max_length=128) as session:
+        first = swarm_llama.generate(PROMPT, max_new_tokens=10, do_sample=False, past_key_values=session)
+        seen_after_first = session.get_seq_length()
+        second = swarm_llama.generate(
+            torch.cat([first, reply], 1), max_new_tokens=10, do_sample=False, past_key_values=session
+        )
+        assert session.get_seq_length() == second.shape[1] - 1
+    assert seen_after_first == first.shape[1] - 1
+    local_first = local_llama.generate(PROMPT, max_new_tokens=10, do_sample=False)
+    local_second = local_llama.generate(torch.cat([local_first, reply], 1), max_new_tokens=10, do_sample=False)
+    assert first.tolist() == local_first.tolist()
+    assert second.tolist() == local_second.tolist()
