@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from swarm.errors import MissingLayersError, PeerUnreachableError, RegistryUnavailableError
 from swarm.protocol import PeerInfo, Query, SwarmView
 from swarm.routing import Link, missing_ranges, plan_route
-from swarm.transport import open_connection, request
+from swarm.transport import Credentials, open_connection, request
 
 log = logging.getLogger("swarm.client")
 
@@ -21,12 +21,12 @@ MAX_BAN_SECONDS = 600.0
 DEFAULT_FAILOVER_WAIT = 60.0
 
 
-async def fetch_peers(registries: list[str], model: str | None, token: str | None) -> list[PeerInfo]:
+async def fetch_peers(registries: list[str], model: str | None, credentials: Credentials) -> list[PeerInfo]:
     """Live peers (of `model`, or all) from the first registry that answers."""
     failures = []
     for url in registries:
         try:
-            connection, _ = await open_connection(url, token, agent="swarm-client", timeout=REGISTRY_TIMEOUT)
+            connection, _ = await open_connection(url, credentials, agent="swarm-client", timeout=REGISTRY_TIMEOUT)
             async with connection:
                 view = await request(connection, Query(model=model), SwarmView, timeout=REGISTRY_TIMEOUT, peer=url)
             return view.peers
@@ -44,7 +44,7 @@ class ChainPlanner:
     registries: list[str]
     model_name: str
     num_layers: int
-    token: str | None = None
+    credentials: Credentials = field(default_factory=Credentials)
     failover_wait: float = DEFAULT_FAILOVER_WAIT
     _bans: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer_id -> (until, duration)
 
@@ -65,7 +65,7 @@ class ChainPlanner:
         end = self.num_layers if end is None else end
         peers = [
             p
-            for p in await fetch_peers(self.registries, self.model_name, self.token)
+            for p in await fetch_peers(self.registries, self.model_name, self.credentials)
             if p.num_layers == self.num_layers
         ]
         banned = self.banned()

@@ -15,6 +15,7 @@ from client.loop import EventLoopThread
 from swarm.errors import SwarmError
 from swarm.runtime import setup_logging
 from swarm.settings import parse_registries
+from swarm.transport import Credentials
 
 EXAMPLES = """examples:
   swarm-client status --wait-ready 60
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry", help="registry URL(s), comma-separated (env SWARM_REGISTRY; default ws://127.0.0.1:7000)"
     )
     common.add_argument("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
+    common.add_argument("--tls-ca", help="CA certificate file to trust for wss:// peers (env SWARM_TLS_CA)")
     common.add_argument("--log-level", default="WARNING", help="diagnostics on stderr (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -79,7 +81,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"do_sample": True, **chosen} if chosen else {}
 
 
-def run_generate(args: argparse.Namespace, registries: list[str], token: str | None) -> int:
+def run_generate(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from client.model import DistributedModelForCausalLM
@@ -87,11 +89,13 @@ def run_generate(args: argparse.Namespace, registries: list[str], token: str | N
 
     resolver = EventLoopThread()
     try:
-        model_path = resolver.run(resolve_model(args.model, registries, token))
+        model_path = resolver.run(resolve_model(args.model, registries, credentials))
     finally:
         resolver.close()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = DistributedModelForCausalLM.from_pretrained(model_path, registries, model_name=args.model_name, token=token)
+    model = DistributedModelForCausalLM.from_pretrained(
+        model_path, registries, model_name=args.model_name, token=credentials.token, tls_ca=credentials.ca_file
+    )
     try:
         if args.seed is not None:
             torch.manual_seed(args.seed)
@@ -106,14 +110,14 @@ def run_generate(args: argparse.Namespace, registries: list[str], token: str | N
     return 0
 
 
-def run_status(args: argparse.Namespace, registries: list[str], token: str | None) -> int:
+def run_status(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
     from client.status import swarm_status, wait_ready
 
     runner = EventLoopThread()
     try:
         if args.wait_ready is not None:
             try:
-                status = runner.run(wait_ready(registries, token, args.model, args.wait_ready))
+                status = runner.run(wait_ready(registries, credentials, args.model, args.wait_ready))
             except TimeoutError as exc:
                 status = exc.args[0] if exc.args else {"models": [], "peers": []}
                 _print_status(status, args.json)
@@ -121,7 +125,7 @@ def run_status(args: argparse.Namespace, registries: list[str], token: str | Non
                 print(f"swarm-client: {what} not fully served after {args.wait_ready:g} s", file=sys.stderr)
                 return 1
         else:
-            status = runner.run(swarm_status(registries, token, args.model))
+            status = runner.run(swarm_status(registries, credentials, args.model))
     finally:
         runner.close()
     _print_status(status, args.json)
@@ -137,7 +141,7 @@ def _print_status(status: dict[str, object], as_json: bool) -> None:
         render_status(status, Console())
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, list[str], str | None], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str], Credentials], int]] = {
     "generate": run_generate,
     "status": run_status,
 }
@@ -148,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         registries = parse_registries(args.registry)
-        token = args.token or os.environ.get("SWARM_TOKEN") or None
-        return COMMANDS[args.command](args, registries, token)
+        credentials = Credentials(
+            token=args.token or os.environ.get("SWARM_TOKEN") or None,
+            ca_file=args.tls_ca or os.environ.get("SWARM_TLS_CA") or None,
+        )
+        return COMMANDS[args.command](args, registries, credentials)
     except (SwarmError, ValueError) as exc:
         print(f"swarm-client: error: {exc}", file=sys.stderr)
         return 2

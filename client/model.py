@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from client.chain import ChainPlanner
+from client.chain import DEFAULT_FAILOVER_WAIT, ChainPlanner
 from client.loop import EventLoopThread
 from client.remote_cache import RemoteSessionCache
 from client.session import ChainSession, forward_through
@@ -29,6 +29,7 @@ from swarm.errors import SwarmError
 from swarm.models import ModelAdapter, adapter_for
 from swarm.models.loading import load_modules
 from swarm.settings import parse_registries
+from swarm.transport import Credentials
 
 log = logging.getLogger("swarm.client")
 
@@ -52,13 +53,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         adapter: ModelAdapter,
         local: nn.ModuleDict,
         planner: ChainPlanner,
-        token: str | None = None,
     ) -> None:
         super().__init__(config)
         self.adapter = adapter
         self.local = local
         self.planner = planner
-        self.token = token
         self.runner = EventLoopThread()
         self._generate_caches = threading.local()
 
@@ -70,9 +69,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         *,
         model_name: str | None = None,
         token: str | None = None,
+        tls_ca: str | None = None,
         dtype: torch.dtype = torch.float32,
+        failover_wait: float = DEFAULT_FAILOVER_WAIT,
     ) -> DistributedModelForCausalLM:
-        """Load the local modules of checkpoint `model` and route its layers through `registry`."""
+        """Load the local modules of checkpoint `model` and route its layers through `registry`.
+
+        `token` enters a private swarm; `tls_ca` trusts a private CA for `wss://` peers;
+        `failover_wait` is how long to wait for a lost span to be served again."""
         config = load_config(model)
         adapter = adapter_for(config)
         skeleton = adapter.skeleton()
@@ -85,9 +89,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             aliases[head_weight] = f"{paths['embed']}.weight"
         modules = load_modules(index, wanted, torch.device("cpu"), dtype, aliases=aliases)
         planner = ChainPlanner(
-            parse_registries(registry), model_name_from_path(model, model_name), adapter.num_layers, token
+            parse_registries(registry),
+            model_name_from_path(model, model_name),
+            adapter.num_layers,
+            Credentials(token, tls_ca),
+            failover_wait,
         )
-        instance = cls(config, adapter, nn.ModuleDict(modules), planner, token)
+        instance = cls(config, adapter, nn.ModuleDict(modules), planner)
         generation_file = checkpoint_dir(model) / "generation_config.json"
         if generation_file.is_file():
             instance.generation_config = GenerationConfig.from_pretrained(checkpoint_dir(model))
@@ -169,9 +177,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                     self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])
                 )
             else:
-                hidden = self.runner.run(
-                    forward_through(self.planner, hidden, position_ids, attention_mask, self.token)
-                )
+                hidden = self.runner.run(forward_through(self.planner, hidden, position_ids, attention_mask))
             hidden = hidden.to(self.dtype)
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden = hidden[:, -logits_to_keep:]
@@ -194,7 +200,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
         if cache.session is None:
             max_length = cache.max_length or self.config.max_position_embeddings
-            cache.session = await ChainSession.open(self.planner, max_length, hidden.shape[0], self.token)
+            cache.session = await ChainSession.open(self.planner, max_length, hidden.shape[0])
         out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
         cache.seen_tokens += hidden.shape[1]
         return out

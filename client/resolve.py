@@ -8,11 +8,12 @@ from pathlib import Path
 from client.chain import fetch_peers
 from swarm.checkpoint import model_name_from_path
 from swarm.errors import CheckpointError, RegistryUnavailableError
+from swarm.transport import Credentials
 
 SEARCH_DIRS = ("models", ".")
 
 
-async def resolve_model(model: str | None, registries: list[str], token: str | None) -> Path:
+async def resolve_model(model: str | None, registries: list[str], credentials: Credentials) -> Path:
     """`--model`, else `SWARM_MODEL`, else the embedded default model when the swarm serves it (or
     nothing yet), else the only model the registry serves if its files are found locally."""
     explicit = model or os.environ.get("SWARM_MODEL")
@@ -22,7 +23,7 @@ async def resolve_model(model: str | None, registries: list[str], token: str | N
 
     default = default_model_path()
     try:
-        served = sorted({peer.model for peer in await fetch_peers(registries, None, token)})
+        served = sorted({peer.model for peer in await fetch_peers(registries, None, credentials)})
     except RegistryUnavailableError:
         return default
     if not served or model_name_from_path(default) in served:

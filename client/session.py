@@ -17,7 +17,14 @@ import torch
 from websockets.asyncio.client import ClientConnection
 
 from client.chain import ChainPlanner, describe_chain
-from swarm.errors import PeerUnreachableError, RemoteError, SwarmError
+from swarm.errors import (
+    MissingLayersError,
+    PeerUnreachableError,
+    RemoteError,
+    SwarmError,
+    SwarmFullError,
+    format_layer_range,
+)
 from swarm.protocol import (
     WIRE_DTYPES,
     CloseSession,
@@ -31,7 +38,7 @@ from swarm.protocol import (
     WireTensor,
 )
 from swarm.routing import Link
-from swarm.transport import open_connection, request
+from swarm.transport import Credentials, open_connection, request
 
 log = logging.getLogger("swarm.client")
 
@@ -69,8 +76,8 @@ class LinkSession:
         self._step_ids = itertools.count()
 
     @classmethod
-    async def open(cls, link: Link, max_length: int, batch_size: int, token: str | None) -> LinkSession:
-        connection, _ = await open_connection(link.peer.address, token, agent="swarm-client")
+    async def open(cls, link: Link, max_length: int, batch_size: int, credentials: Credentials) -> LinkSession:
+        connection, _ = await open_connection(link.peer.address, credentials, agent="swarm-client")
         session_id = secrets.token_hex(8)
         try:
             message = OpenSession(
@@ -109,16 +116,15 @@ class LinkSession:
 class ChainSession:
     """A session over a whole chain of links that survives the loss of any of them."""
 
-    def __init__(self, planner: ChainPlanner, max_length: int, batch_size: int, token: str | None) -> None:
+    def __init__(self, planner: ChainPlanner, max_length: int, batch_size: int) -> None:
         self.planner = planner
         self.max_length = max_length
         self.batch_size = batch_size
-        self.token = token
         self.links: list[LinkSession] = []
 
     @classmethod
-    async def open(cls, planner: ChainPlanner, max_length: int, batch_size: int, token: str | None) -> ChainSession:
-        session = cls(planner, max_length, batch_size, token)
+    async def open(cls, planner: ChainPlanner, max_length: int, batch_size: int) -> ChainSession:
+        session = cls(planner, max_length, batch_size)
         try:
             session.links = await session._open_span(0, planner.num_layers, history=[], wait=False)
         except BaseException:
@@ -182,17 +188,29 @@ class ChainSession:
 
         A failover (`wait`) gives missing peers time to come back; a new session fails fast instead."""
         needed = self.batch_size * self.max_length
+        refused: list[str] = []
         for _ in range(MAX_FAILOVERS_PER_STEP):
-            if wait:
-                chain = await self.planner.wait_for_chain(start, end, needed)
-            else:
-                chain = await self.planner.plan(start, end, needed)
+            try:
+                if wait:
+                    chain = await self.planner.wait_for_chain(start, end, needed)
+                else:
+                    chain = await self.planner.plan(start, end, needed)
+            except MissingLayersError as exc:
+                if refused:
+                    raise SwarmFullError(
+                        f"the swarm is full for layers {format_layer_range(start, end)} of {self.planner.model_name}: "
+                        f"{', '.join(refused)} refused a session of {needed} cache tokens. Try again later, use a "
+                        f"shorter max_length, or start more nodes."
+                    ) from exc
+                raise
             opened: list[LinkSession] = []
             culprit = chain[0].peer
             try:
                 for link in chain:
                     culprit = link.peer
-                    opened.append(await LinkSession.open(link, self.max_length, self.batch_size, self.token))
+                    opened.append(
+                        await LinkSession.open(link, self.max_length, self.batch_size, self.planner.credentials)
+                    )
                 for past in history:
                     hidden = past.hidden
                     for session in opened:
@@ -202,6 +220,8 @@ class ChainSession:
                 if not _worth_failing_over(exc):
                     raise
                 self.planner.ban(culprit.peer_id)
+                if isinstance(exc, RemoteError) and exc.code == "busy":
+                    refused.append(culprit.address)
                 log.info("could not use %s for layers [%d, %d): %s", culprit.address, start, end, exc)
                 for session in opened:
                     await session.close()
@@ -231,7 +251,6 @@ async def forward_through(
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    token: str | None,
 ) -> torch.Tensor:
     """A stateless pass through the swarm (scoring, plain `model(input_ids)`): no cache anywhere.
 
@@ -243,7 +262,7 @@ async def forward_through(
         current, link = hidden, chain[0]
         try:
             for link in chain:
-                current = await _forward_link(link, current, positions, mask, token)
+                current = await _forward_link(link, current, positions, mask, planner.credentials)
             return current
         except LinkFailure as exc:
             if not _worth_failing_over(exc):
@@ -254,9 +273,9 @@ async def forward_through(
 
 
 async def _forward_link(
-    link: Link, hidden: torch.Tensor, positions: WireTensor, mask: WireTensor, token: str | None
+    link: Link, hidden: torch.Tensor, positions: WireTensor, mask: WireTensor, credentials: Credentials
 ) -> torch.Tensor:
-    connection, _ = await open_connection(link.peer.address, token, agent="swarm-client")
+    connection, _ = await open_connection(link.peer.address, credentials, agent="swarm-client")
     async with connection:
         message = Forward.model_construct(
             type="forward",

@@ -12,10 +12,11 @@ from client.chain import fetch_peers
 from swarm.errors import RegistryUnavailableError, format_layer_range
 from swarm.protocol import PeerInfo
 from swarm.routing import describe_models
+from swarm.transport import Credentials
 
 
-async def swarm_status(registries: list[str], token: str | None, model: str | None = None) -> dict[str, object]:
-    peers = await fetch_peers(registries, model, token)
+async def swarm_status(registries: list[str], credentials: Credentials, model: str | None = None) -> dict[str, object]:
+    peers = await fetch_peers(registries, model, credentials)
     return {"models": describe_models(peers), "peers": [peer.model_dump() for peer in peers]}
 
 
@@ -25,13 +26,15 @@ def is_ready(status: dict[str, object], model: str | None) -> bool:
     return bool(wanted) and all(m["usable"] for m in wanted)
 
 
-async def wait_ready(registries: list[str], token: str | None, model: str | None, timeout: float) -> dict[str, object]:
+async def wait_ready(
+    registries: list[str], credentials: Credentials, model: str | None, timeout: float
+) -> dict[str, object]:
     """Poll until ready or `timeout`; returns the last status seen (raises TimeoutError if never ready)."""
     deadline = time.monotonic() + timeout
     status: dict[str, object] = {"models": [], "peers": []}
     while True:
         try:
-            status = await swarm_status(registries, token, model)
+            status = await swarm_status(registries, credentials, model)
             if is_ready(status, model):
                 return status
         except RegistryUnavailableError:

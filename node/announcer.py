@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from swarm.errors import SwarmError
 from swarm.protocol import Ack, Announce, Leave, PeerInfo
-from swarm.transport import open_connection, request
+from swarm.transport import Credentials, open_connection, request
 
 log = logging.getLogger("swarm.node")
 
@@ -19,11 +19,13 @@ TTL_HEARTBEATS = 3
 class Announcer:
     """One task per registry; reconnects with backoff, so a restarted registry relearns the node."""
 
-    def __init__(self, registries: list[str], peer_info: Callable[[], PeerInfo], interval: float, token: str | None):
+    def __init__(
+        self, registries: list[str], peer_info: Callable[[], PeerInfo], interval: float, credentials: Credentials
+    ) -> None:
         self.registries = registries
         self.peer_info = peer_info
         self.interval = interval
-        self.token = token
+        self.credentials = credentials
         self._wakes = {url: asyncio.Event() for url in registries}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -47,7 +49,7 @@ class Announcer:
         backoff = 0.5
         while True:
             try:
-                connection, _ = await open_connection(url, self.token, agent="swarm-node")
+                connection, _ = await open_connection(url, self.credentials, agent="swarm-node")
                 backoff = 0.5
                 async with connection:
                     while True:
@@ -64,6 +66,6 @@ class Announcer:
                 backoff = min(backoff * 2, self.interval)
 
     async def _leave(self, url: str, peer_id: str) -> None:
-        connection, _ = await open_connection(url, self.token, agent="swarm-node", timeout=2.0)
+        connection, _ = await open_connection(url, self.credentials, agent="swarm-node", timeout=2.0)
         async with connection:
             await request(connection, Leave(peer_id=peer_id), Ack, timeout=2.0, peer=url)

@@ -9,6 +9,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 
 import torch
 import websockets
@@ -23,6 +24,7 @@ from swarm.models import adapter_for
 from swarm.protocol import WIRE_DTYPES
 from swarm.runtime import run, setup_logging
 from swarm.settings import parse_layer_range
+from swarm.transport import Credentials, server_ssl_context
 
 log = logging.getLogger("swarm.node")
 
@@ -61,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-size", type=int, help="largest batch a session may use (default 64)")
     add("--max-length", type=int, help="longest sequence a session may hold (default 8192)")
     add("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
+    add("--tls-cert", help="serve wss:// with this certificate (PEM); needs --tls-key")
+    add("--tls-key", help="private key (PEM) of --tls-cert")
+    add("--tls-ca", help="CA certificate to trust for wss:// registries (env SWARM_TLS_CA)")
     add("--announce-interval", type=float, help="seconds between heartbeats (default 5)")
     add("--session-idle-timeout", type=float, help="seconds before an idle session is freed (default 300)")
+    add("--max-session-seconds", type=float, help="longest a session may stay open (default 86400)")
+    add("--step-timeout", type=float, help="a step computing longer ends its session (default 120)")
+    add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
     add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar while loading")
     add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -91,10 +99,10 @@ def resolve_device_and_dtype(settings: NodeSettings, checkpoint_dtype: object) -
     return device, dtype
 
 
-def default_address(host: str, port: int) -> str:
+def default_address(host: str, port: int, tls: bool) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostbyname(socket.gethostname())
-    return f"ws://{host}:{port}"
+    return f"{'wss' if tls else 'ws'}://{host}:{port}"
 
 
 async def serve(settings: NodeSettings) -> None:
@@ -126,10 +134,12 @@ async def serve(settings: NodeSettings) -> None:
         compression=None,
         ping_interval=20,
         ping_timeout=60,
+        ssl=server_ssl_context(settings.tls_cert, settings.tls_key),
     )
     port = server.sockets[0].getsockname()[1]
-    identity.address = settings.public_address or default_address(settings.host, port)
-    announcer = Announcer(settings.registry, node.peer_info, settings.announce_interval, settings.token)
+    identity.address = settings.public_address or default_address(settings.host, port, bool(settings.tls_cert))
+    credentials = Credentials(settings.token, settings.tls_ca)
+    announcer = Announcer(settings.registry, node.peer_info, settings.announce_interval, credentials)
     announcer.start()
     stop = _stop_event()
     log.info("node %s: loading layers %s of %s", identity.peer_id, format_layer_range(start, end), identity.model_name)
@@ -152,13 +162,25 @@ async def serve(settings: NodeSettings) -> None:
     )
     expiry = asyncio.create_task(_expire_sessions(node))
     await stop.wait()
-    log.info("node %s stopping", identity.peer_id)
-    node.state = "draining"
+    await drain(node, announcer)
     expiry.cancel()
     await announcer.stop(leave=True)
     server.close()
     await server.wait_closed()
     node.compute.shutdown(wait=False, cancel_futures=True)
+
+
+async def drain(node: NodeServer, announcer: Announcer) -> None:
+    """Stop taking work, tell the registries, and give clients time to move their sessions.
+
+    Steps arriving while draining get `busy`, which clients treat as "fail over now"."""
+    node.state = "draining"
+    announcer.announce_now()
+    log.info("node %s draining: %d session(s) open", node.identity.peer_id, len(node.sessions))
+    deadline = time.monotonic() + node.settings.drain_timeout
+    while len(node.sessions) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    log.info("node %s stopping (%d session(s) left)", node.identity.peer_id, len(node.sessions))
 
 
 def _default_model() -> object:
@@ -169,8 +191,8 @@ def _default_model() -> object:
 
 async def _expire_sessions(node: NodeServer) -> None:
     while True:
-        await asyncio.sleep(min(10.0, node.settings.session_idle_timeout / 2))
-        node.expire_idle_sessions()
+        await asyncio.sleep(min(10.0, node.settings.session_idle_timeout / 2, node.settings.max_session_seconds / 2))
+        node.expire_sessions()
 
 
 def _stop_event() -> asyncio.Event:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -190,7 +191,7 @@ class NodeServer:
             self.identity.hidden_size,
         )
         session.last_used = time.monotonic()
-        hidden = await asyncio.get_running_loop().run_in_executor(self.compute, _run_step, span, session, inputs)
+        hidden = await self._compute(_run_step, span, session, inputs)
         self.steps_served += 1
         return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=WireTensor.from_torch(hidden))
 
@@ -201,14 +202,23 @@ class NodeServer:
         shape = (hidden.shape[0], hidden.shape[1])
         positions = decode_positions(message.position_ids, shape, self.settings.max_length)
         mask = decode_mask(message.attention_mask, shape)
-        out = await asyncio.get_running_loop().run_in_executor(
-            self.compute, span.forward, hidden, positions, mask, None, message.start, message.end
-        )
+        out = await self._compute(span.forward, hidden, positions, mask, None, message.start, message.end)
         return ForwardResult(hidden=WireTensor.from_torch(out))
 
-    def expire_idle_sessions(self) -> None:
-        for session_id in self.sessions.expire_idle(time.monotonic(), self.settings.session_idle_timeout):
-            log.info("session %s expired after %.0f s idle", session_id, self.settings.session_idle_timeout)
+    def expire_sessions(self) -> None:
+        settings = self.settings
+        for session_id in self.sessions.expire(
+            time.monotonic(), settings.session_idle_timeout, settings.max_session_seconds
+        ):
+            log.info("session %s expired (idle or past its maximum age)", session_id)
+
+    async def _compute(self, function: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        """Run on the compute thread, bounded by `--step-timeout` (the step's session then ends)."""
+        future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
+        try:
+            return await asyncio.wait_for(future, self.settings.step_timeout)
+        except TimeoutError:
+            raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
 
 
 def check_session_size(max_length: int, batch_size: int, settings: NodeSettings) -> None:

@@ -24,6 +24,7 @@ class Session:
     batch_size: int
     cache: object
     last_used: float
+    opened_at: float = 0.0
     length: int = 0
     attention_mask: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.bool))
     last_positions: torch.Tensor | None = None
@@ -72,7 +73,7 @@ class SessionTable:
                 "busy",
                 f"session needs {needed} cache tokens (batch {batch_size} x {max_length}), {self.tokens_free} free",
             )
-        session = Session(session_id, owner, span[0], span[1], max_length, batch_size, new_cache(), now)
+        session = Session(session_id, owner, span[0], span[1], max_length, batch_size, new_cache(), now, now)
         session.attention_mask = torch.empty(batch_size, 0, dtype=torch.bool)
         self._sessions[session_id] = session
         return session
@@ -93,8 +94,13 @@ class SessionTable:
             del self._sessions[session_id]
         return gone
 
-    def expire_idle(self, now: float, idle_timeout: float) -> list[str]:
-        gone = [sid for sid, session in self._sessions.items() if now - session.last_used > idle_timeout]
+    def expire(self, now: float, idle_timeout: float, max_age: float = float("inf")) -> list[str]:
+        """Free sessions idle for longer than `idle_timeout` or open for longer than `max_age`."""
+        gone = [
+            sid
+            for sid, session in self._sessions.items()
+            if now - session.last_used > idle_timeout or now - session.opened_at > max_age
+        ]
         for session_id in gone:
             del self._sessions[session_id]
         return gone

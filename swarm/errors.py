@@ -48,8 +48,8 @@ class MissingLayersError(SwarmError):
         )
 
 
-class ModelNotServedError(SwarmError):
-    """The registry knows no peer for the requested model."""
+class SwarmFullError(SwarmError):
+    """Every peer that could serve some layers refused a new session because its cache is full."""
 
 
 class CheckpointError(SwarmError):

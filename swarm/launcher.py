@@ -96,8 +96,10 @@ class LocalSwarm:
         self.processes.append(process)
         return process
 
-    def start_registry(self) -> Process:
-        process = self._spawn("registry", [sys.executable, "-m", "swarm.registry", "--port", str(self.registry_port)])
+    def start_registry(self, *extra: str) -> Process:
+        process = self._spawn(
+            "registry", [sys.executable, "-m", "swarm.registry", "--port", str(self.registry_port), *extra]
+        )
         wait_for_port(self.registry_port, process)
         return process
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from http import HTTPStatus
@@ -26,7 +27,7 @@ from swarm.errors import ProtocolError
 from swarm.protocol import PROTOCOL_VERSION, Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
 from swarm.registry_state import RegistryState
 from swarm.runtime import run, setup_logging
-from swarm.transport import check_hello, error_frame, send
+from swarm.transport import check_hello, error_frame, send, server_ssl_context
 
 log = logging.getLogger("swarm.registry")
 
@@ -115,7 +116,7 @@ def _response(status: HTTPStatus, content_type: str, body: bytes) -> Response:
     return Response(status.value, status.phrase, headers, body)
 
 
-async def serve(host: str, port: int, token: str | None) -> None:
+async def serve(host: str, port: int, token: str | None, ssl_context: ssl.SSLContext | None = None) -> None:
     registry = Registry(token)
     async with websockets.serve(
         registry.handle,
@@ -124,9 +125,11 @@ async def serve(host: str, port: int, token: str | None) -> None:
         process_request=registry.process_request,
         max_size=MAX_MESSAGE_BYTES * 2,
         compression=None,
+        ssl=ssl_context,
     ) as server:
         bound = server.sockets[0].getsockname()[1]
-        log.info("registry listening on ws://%s:%d (dashboard: http://%s:%d/)", host, bound, host, bound)
+        ws, http = ("wss", "https") if ssl_context else ("ws", "http")
+        log.info("registry listening on %s://%s:%d (dashboard: %s://%s:%d/)", ws, host, bound, http, host, bound)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7000, help="port; 0 picks a free one (default 7000)")
     parser.add_argument("--token", default=None, help="shared secret of a private swarm (env SWARM_TOKEN)")
+    parser.add_argument("--tls-cert", help="serve wss:// (and https:// for the dashboard) with this PEM certificate")
+    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        run(serve(args.host, args.port, args.token or os.environ.get("SWARM_TOKEN") or None))
+        token = args.token or os.environ.get("SWARM_TOKEN") or None
+        run(serve(args.host, args.port, token, server_ssl_context(args.tls_cert, args.tls_key)))
     except OSError as exc:
         print(f"swarm-registry: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ssl
+from dataclasses import dataclass
 from typing import TypeVar
 
 import websockets
@@ -50,9 +52,37 @@ async def request(
     return reply
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a client side needs to enter a private swarm: the shared token, and for `wss://`
+    peers with a private certificate authority, its CA file."""
+
+    token: str | None = None
+    ca_file: str | None = None
+
+    def ssl_context(self, url: str) -> ssl.SSLContext | None:
+        if not url.startswith("wss://"):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def __repr__(self) -> str:  # never print the token
+        return f"Credentials(token={'***' if self.token else None}, ca_file={self.ca_file!r})"
+
+
+def server_ssl_context(cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    """TLS for a server given `--tls-cert/--tls-key` (both or neither)."""
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 async def open_connection(
     url: str,
-    token: str | None = None,
+    credentials: Credentials = Credentials(),
     agent: str = "",
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     timeout: float = CONNECT_TIMEOUT,
@@ -60,13 +90,16 @@ async def open_connection(
     """Connect and exchange `hello`/`welcome`; the connection is closed again if that fails."""
     try:
         connection = await asyncio.wait_for(
-            websockets.connect(url, max_size=max_bytes, compression=None, open_timeout=timeout), timeout
+            websockets.connect(
+                url, max_size=max_bytes, compression=None, open_timeout=timeout, ssl=credentials.ssl_context(url)
+            ),
+            timeout,
         )
     except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
         raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
     try:
         welcome = await request(
-            connection, Hello(version=PROTOCOL_VERSION, token=token, agent=agent), Welcome, timeout, url
+            connection, Hello(version=PROTOCOL_VERSION, token=credentials.token, agent=agent), Welcome, timeout, url
         )
     except BaseException:
         await connection.close()

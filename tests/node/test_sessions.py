@@ -50,5 +50,13 @@ def test_closed_connections_and_idle_sessions_free_their_caches() -> None:
     open_session(table, "b", owner=2, now=0.0)
     open_session(table, "c", owner=2, now=50.0)
     assert sorted(table.close_owned_by(2)) == ["b", "c"]
-    assert table.expire_idle(now=100.0, idle_timeout=60.0) == ["a"]
+    assert table.expire(now=100.0, idle_timeout=60.0) == ["a"]
     assert len(table) == 0
+
+
+def test_sessions_have_a_maximum_age_even_when_busy() -> None:
+    table = SessionTable(cache_tokens=1000, max_sessions=8)
+    open_session(table, "old", now=0.0)
+    open_session(table, "young", now=90.0)
+    table.get("old", 1).last_used = 99.0
+    assert table.expire(now=100.0, idle_timeout=60.0, max_age=95.0) == ["old"]

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from client import DistributedModelForCausalLM
 from swarm.errors import MissingLayersError
+from swarm.transport import Credentials
 from swarm.launcher import LocalSwarm
 
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
@@ -126,7 +127,7 @@ def test_a_session_is_freed_on_the_nodes_after_generate(
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        peers = swarm_llama.runner.run(fetch_peers([llama_swarm.registry_url], "tiny-llama", None))
+        peers = swarm_llama.runner.run(fetch_peers([llama_swarm.registry_url], "tiny-llama", Credentials()))
         if all(peer.sessions == 0 and peer.cache_tokens_free == peer.cache_tokens_total for peer in peers):
             return
         time.sleep(0.5)
