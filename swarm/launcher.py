@@ -44,6 +44,8 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    args: list[str] = field(default_factory=list)
+    address: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -92,7 +94,7 @@ class LocalSwarm:
             start_new_session=True,
         )
         log_file.close()
-        process = Process(name, popen, log_path)
+        process = Process(name, popen, log_path, args)
         self.processes.append(process)
         return process
 
@@ -104,6 +106,8 @@ class LocalSwarm:
         return process
 
     def start_node(self, model: Path | str, layers: str, *extra: str, name: str | None = None) -> Process:
+        """A node on a free port (so its address is known before it announces)."""
+        port = free_port()
         args = [
             sys.executable,
             "-m",
@@ -119,9 +123,20 @@ class LocalSwarm:
             "--no-progress",
             "--announce-interval",
             str(self.announce_interval),
+            "--port",
+            str(port),
             *extra,
         ]
-        return self._spawn(name or f"node-{layers}-{len(self.processes)}", args)
+        process = self._spawn(name or f"node-{layers}-{len(self.processes)}", args)
+        process.address = f"ws://127.0.0.1:{port}"
+        return process
+
+    def restart(self, process: Process) -> Process:
+        """Start a stopped process again with the same arguments (a node comes back)."""
+        process.kill()
+        again = self._spawn(process.name + "-again", process.args)
+        again.address = process.address
+        return again
 
     def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
         """Block until every layer (of `model`) is served, failing with the processes' logs."""

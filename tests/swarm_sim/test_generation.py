@@ -12,8 +12,8 @@ from transformers import PreTrainedModel
 
 from client import DistributedModelForCausalLM
 from swarm.errors import MissingLayersError
-from swarm.transport import Credentials
 from swarm.launcher import LocalSwarm
+from swarm.transport import Credentials
 
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
 
