@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache-tokens", type=int, help="KV cache budget in tokens, summed over sessions (default 65536)")
     add("--max-batch-size", type=int, help="largest batch a session may use (default 64)")
     add("--max-length", type=int, help="longest sequence a session may hold (default 8192)")
+    add("--max-message-bytes", type=int, help="largest frame accepted; larger ones get too_large (default 64 MiB)")
     add("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
     add("--tls-cert", help="serve wss:// with this certificate (PEM); needs --tls-key")
     add("--tls-key", help="private key (PEM) of --tls-cert")

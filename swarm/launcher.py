@@ -46,6 +46,7 @@ class Process:
     log_path: Path
     args: list[str] = field(default_factory=list)
     address: str = ""
+    stopped_on_purpose: bool = False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -53,20 +54,16 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def signal(self, signum: int) -> None:
+        """Send a signal the caller means to stop the process with (SIGTERM to drain a node)."""
+        self.stopped_on_purpose = True
+        self.popen.send_signal(signum)
+
     def kill(self) -> None:
+        self.stopped_on_purpose = True
         if self.alive():
             self.popen.kill()
             self.popen.wait(timeout=10)
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                return self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                return self.popen.wait(timeout=10)
-        return self.popen.returncode
 
 
 @dataclass
@@ -75,6 +72,7 @@ class LocalSwarm:
 
     workdir: Path
     announce_interval: float = 1.0
+    token: str | None = None
     registry_port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
 
@@ -139,23 +137,26 @@ class LocalSwarm:
         return again
 
     def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
-        """Block until every layer (of `model`) is served, failing with the processes' logs."""
-        args = [
-            sys.executable,
-            "-m",
-            "client.cli",
-            "status",
-            "--registry",
-            self.registry_url,
-            "--wait-ready",
-            str(timeout),
-            "--json",
-        ]
-        if model:
-            args += ["--model", model]
-        result = subprocess.run(args, capture_output=True, env=child_env(), timeout=timeout + 60)
-        if result.returncode != 0:
-            raise RuntimeError(f"swarm not ready:\n{result.stderr.decode()}\n{self.logs()}")
+        """Block until every layer (of `model`) is served; fail at once, with logs, if a child died."""
+        import asyncio
+
+        from client.status import is_ready, swarm_status
+        from swarm.errors import RegistryUnavailableError
+        from swarm.transport import Credentials
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [p.name for p in self.processes if not p.alive() and not p.stopped_on_purpose]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited before the swarm was ready:\n{self.logs()}")
+            try:
+                status = asyncio.run(swarm_status([self.registry_url], Credentials(self.token), model))
+                if is_ready(status, model):
+                    return
+            except RegistryUnavailableError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"swarm not ready after {timeout} s:\n{self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} (alive={p.alive()}) ---\n{p.log()[-3000:]}" for p in self.processes)

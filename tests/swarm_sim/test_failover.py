@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -168,7 +169,7 @@ def test_sigterm_drains_a_node_and_clients_move_without_an_error(
 
     def drain() -> None:
         drained.append(serving(pair, model))
-        drained[0].popen.send_signal(15)
+        drained[0].signal(signal.SIGTERM)
 
     try:
         output = generate_with(model, 25, drain)

@@ -1,0 +1,232 @@
+"""A node under hostile input: every bad frame gets a typed error and ends at most its own session,
+while a healthy session keeps generating exactly on the same node."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import PreTrainedModel
+from websockets.sync.client import ClientConnection, connect
+
+from client import DistributedModelForCausalLM
+from swarm.launcher import LocalSwarm, Process
+from swarm.protocol import (
+    ERROR_CODES,
+    PROTOCOL_VERSION,
+    CloseSession,
+    Hello,
+    OpenSession,
+    Step,
+    WireTensor,
+    decode_message,
+    encode_message,
+)
+
+NAME = "hostile"
+HIDDEN = 64
+MAX_MESSAGE_BYTES = 256 * 1024
+PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
+
+
+@pytest.fixture(scope="module")
+def node(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    with LocalSwarm(tmp_path_factory.mktemp("hostile")) as swarm:
+        swarm.start_registry()
+        process = swarm.start_node(
+            tiny_llama, "0-7", "--model-name", NAME, "--max-message-bytes", str(MAX_MESSAGE_BYTES)
+        )
+        swarm.wait_ready(NAME)
+        process.registry_url = swarm.registry_url  # type: ignore[attr-defined]
+        yield process
+
+
+@contextmanager
+def raw_connection(node: Process, hello: bool = True) -> Iterator[ClientConnection]:
+    """A bare websocket to the node, as an attacker (or a buggy client) would open it."""
+    with connect(node.address, max_size=None, open_timeout=10) as connection:
+        if hello:
+            connection.send(encode_message(Hello(version=PROTOCOL_VERSION)))
+            assert decode_message(connection.recv(timeout=10)).type == "welcome"
+        yield connection
+
+
+def ask(connection: ClientConnection, frame: bytes | str):
+    connection.send(frame)
+    return decode_message(connection.recv(timeout=30))
+
+
+def expect_error(connection: ClientConnection, frame: bytes | str, code: str) -> str:
+    reply = ask(connection, frame)
+    assert reply.type == "error", reply
+    assert reply.code == code, reply
+    return reply.message
+
+
+def wire(tensor: torch.Tensor) -> WireTensor:
+    return WireTensor.from_torch(tensor)
+
+
+def open_session(connection: ClientConnection, session_id: str, max_length: int = 32) -> None:
+    frame = encode_message(OpenSession(session_id=session_id, start=0, end=8, max_length=max_length, batch_size=1))
+    assert ask(connection, frame).type == "session_opened"
+
+
+def step(session_id: str, hidden: torch.Tensor, positions: torch.Tensor, step_id: int = 0) -> bytes:
+    return encode_message(
+        Step(session_id=session_id, step_id=step_id, hidden=wire(hidden), position_ids=wire(positions))
+    )
+
+
+def good_step(session_id: str, position: int = 0) -> bytes:
+    return step(session_id, torch.randn(1, 1, HIDDEN), torch.tensor([[position]]), position)
+
+
+def test_the_handshake_refuses_wrong_versions_and_missing_hellos(node: Process) -> None:
+    with raw_connection(node, hello=False) as connection:
+        assert "version" in expect_error(connection, encode_message(Hello(version=PROTOCOL_VERSION + 1)), "bad_request")
+    with raw_connection(node, hello=False) as connection:
+        assert "hello" in expect_error(connection, good_step("x"), "bad_request")
+
+
+def test_each_named_bad_frame_gets_its_typed_error(node: Process) -> None:
+    with raw_connection(node) as connection:
+        expect_error(connection, b"\xc1 this is not msgpack", "bad_request")
+        expect_error(connection, "text frames are not the protocol", "bad_request")
+        expect_error(connection, msgpack.packb({"type": "announce"}), "bad_request")
+        expect_error(connection, msgpack.packb({"type": "step", "session_id": "s"}), "bad_request")
+        expect_error(connection, encode_message(Hello(version=PROTOCOL_VERSION)), "bad_request")
+        expect_error(connection, good_step("never-opened"), "unknown_session")
+        frame = encode_message(OpenSession(session_id="r", start=4, end=9, max_length=8, batch_size=1))
+        assert "span" in expect_error(connection, frame, "bad_request")
+        expect_error(connection, b"\x00" * (MAX_MESSAGE_BYTES + 1), "too_large")
+
+        cases = {
+            "dtype": step("s1", torch.ones(1, 1, HIDDEN, dtype=torch.int64), torch.tensor([[0]])),
+            "hidden size": step("s2", torch.randn(1, 1, HIDDEN + 1), torch.tensor([[0]])),
+            "NaN": step("s3", torch.full((1, 1, HIDDEN), float("nan")), torch.tensor([[0]])),
+            "beyond max_length": step("s4", torch.randn(1, 1, HIDDEN), torch.tensor([[99]])),
+            "batch": step("s5", torch.randn(2, 1, HIDDEN), torch.tensor([[0], [0]])),
+        }
+        for session_id, (what, frame) in zip(("s1", "s2", "s3", "s4", "s5"), cases.items(), strict=True):
+            open_session(connection, session_id, max_length=16)
+            expect_error(connection, frame, "bad_request")
+            # the bad frame ended that session, and only that one
+            assert expect_error(connection, good_step(session_id), "unknown_session"), what
+
+
+def test_positions_going_backwards_end_the_session(node: Process) -> None:
+    with raw_connection(node) as connection:
+        open_session(connection, "back")
+        assert ask(connection, good_step("back", 0)).type == "step_result"
+        assert ask(connection, good_step("back", 1)).type == "step_result"
+        assert "backwards" in expect_error(connection, good_step("back", 0), "bad_request")
+
+
+def test_sessions_are_private_to_their_connection(node: Process) -> None:
+    with raw_connection(node) as owner, raw_connection(node) as intruder:
+        open_session(owner, "mine")
+        expect_error(intruder, good_step("mine"), "unknown_session")
+        expect_error(intruder, encode_message(CloseSession(session_id="mine")), "unknown_session")
+        assert ask(owner, good_step("mine")).type == "step_result"
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=64),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+message_types = st.sampled_from(
+    [
+        "hello",
+        "step",
+        "open_session",
+        "close_session",
+        "forward",
+        "query",
+        "announce",
+        "error",
+        "welcome",
+        "step_result",
+        "nonsense",
+    ]
+)
+tensor_maps = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["float32", "bfloat16", "int64", "bool", "float64", "x"]),
+        "shape": st.lists(st.integers(-2, 5), max_size=5),
+        "data": st.binary(max_size=256),
+    }
+)
+frames = st.one_of(
+    st.binary(max_size=256),
+    st.dictionaries(st.text(max_size=12), json_values, max_size=6).map(msgpack.packb),
+    st.builds(
+        lambda kind, fields, hidden, positions: msgpack.packb(
+            {
+                "type": kind,
+                "session_id": "fuzz",
+                "step_id": 0,
+                "start": 0,
+                "end": 8,
+                "hidden": hidden,
+                "position_ids": positions,
+                **fields,
+            }
+        ),
+        message_types,
+        st.dictionaries(st.text(max_size=10), json_values, max_size=3),
+        tensor_maps,
+        tensor_maps,
+    ),
+)
+
+
+def test_random_frames_never_take_the_node_down_nor_disturb_a_healthy_session(
+    node: Process, tiny_llama: Path, local_llama: PreTrainedModel
+) -> None:
+    expected = local_llama.generate(PROMPT, max_new_tokens=60, do_sample=False).tolist()
+    healthy = DistributedModelForCausalLM.from_pretrained(
+        tiny_llama,
+        registry=node.registry_url,
+        model_name=NAME,  # type: ignore[attr-defined]
+    )
+    results: dict[str, object] = {}
+
+    def generate() -> None:
+        try:
+            results["tokens"] = healthy.generate(PROMPT, max_new_tokens=60, do_sample=False).tolist()
+        except BaseException as exc:
+            results["error"] = exc
+
+    worker = threading.Thread(target=generate)
+    with raw_connection(node) as connection:
+        open_session(connection, "fuzz")
+        worker.start()
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(frames)
+        def each_frame_is_answered_in_protocol(frame: bytes) -> None:
+            reply = ask(connection, frame)
+            assert reply.type in ("error", "step_result", "session_opened", "session_closed", "forward_result")
+            if reply.type == "error":
+                assert reply.code in ERROR_CODES
+
+        each_frame_is_answered_in_protocol()
+        worker.join(timeout=120)
+    healthy.close()
+    assert node.alive()
+    assert "error" not in results, results.get("error")
+    assert results["tokens"] == expected
