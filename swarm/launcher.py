@@ -73,12 +73,14 @@ class LocalSwarm:
     workdir: Path
     announce_interval: float = 1.0
     token: str | None = None
+    scheme: str = "ws"
+    tls_ca: str | None = None
     registry_port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
 
     @property
     def registry_url(self) -> str:
-        return f"ws://127.0.0.1:{self.registry_port}"
+        return f"{self.scheme}://127.0.0.1:{self.registry_port}"
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         log_path = self.workdir / f"{name}.log"
@@ -126,7 +128,7 @@ class LocalSwarm:
             *extra,
         ]
         process = self._spawn(name or f"node-{layers}-{len(self.processes)}", args)
-        process.address = f"ws://127.0.0.1:{port}"
+        process.address = f"{self.scheme}://127.0.0.1:{port}"
         return process
 
     def restart(self, process: Process) -> Process:
@@ -150,7 +152,7 @@ class LocalSwarm:
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} exited before the swarm was ready:\n{self.logs()}")
             try:
-                status = asyncio.run(swarm_status([self.registry_url], Credentials(self.token), model))
+                status = asyncio.run(swarm_status([self.registry_url], Credentials(self.token, self.tls_ca), model))
                 if is_ready(status, model):
                     return
             except RegistryUnavailableError:

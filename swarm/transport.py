@@ -116,7 +116,7 @@ def check_hello(message: Message, token: str | None) -> None:
             "bad_request", f"protocol version {message.version} is not supported; this peer speaks {PROTOCOL_VERSION}"
         )
     if token and not hmac.compare_digest((message.token or "").encode(), token.encode()):
-        raise ProtocolError("unauthorized", "missing or wrong swarm token")
+        raise ProtocolError("unauthorized", "missing or wrong swarm token; pass --token or set SWARM_TOKEN")
 
 
 def error_frame(exc: ProtocolError, session_id: str | None = None) -> Error:
