@@ -149,7 +149,7 @@ def test_a_whole_swarm_over_wss(tiny_llama: Path, tmp_path: Path, local_llama: P
             model.close()
         untrusting = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=swarm.registry_url)
         try:
-            with pytest.raises((RegistryUnavailableError, RemoteError), match="(?i)certificate"):
+            with pytest.raises((RegistryUnavailableError, RemoteError), match=r"(?i)certificate"):
                 untrusting.generate(PROMPT, max_new_tokens=2, do_sample=False)
         finally:
             untrusting.close()
