@@ -67,7 +67,7 @@ class CheckpointIndex:
         single = root / SINGLE_FILE
         if single.is_file():
             with safe_open(str(single), framework="pt") as handle:
-                return cls(root, {name: SINGLE_FILE for name in handle})
+                return cls(root, {name: SINGLE_FILE for name in handle.keys()})  # noqa: SIM118 - not a dict
         raise CheckpointError(f"{root} has neither {INDEX_FILE} nor {SINGLE_FILE}; only safetensors are supported")
 
     def names_with_prefix(self, prefix: str) -> list[str]:

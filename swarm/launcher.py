@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,9 +141,23 @@ class LocalSwarm:
 
     def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
         """Block until every layer (of `model`) is served; fail at once, with logs, if a child died."""
+        from client.status import is_ready
+
+        self._wait_until(lambda status: is_ready(status, model), model, timeout)
+
+    def wait_online(self, node: Process, timeout: float = READY_TIMEOUT) -> None:
+        """Block until this node itself is announced `online` (a spare is back, not just coverage)."""
+
+        def online(status: dict[str, object]) -> bool:
+            peers = status["peers"]
+            return any(p["address"] == node.address and p["state"] == "online" for p in peers)  # type: ignore[union-attr]
+
+        self._wait_until(online, None, timeout)
+
+    def _wait_until(self, condition: Callable[[dict[str, object]], bool], model: str | None, timeout: float) -> None:
         import asyncio
 
-        from client.status import is_ready, swarm_status
+        from client.status import swarm_status
         from swarm.errors import RegistryUnavailableError
         from swarm.transport import Credentials
 
@@ -150,10 +165,10 @@ class LocalSwarm:
         while time.monotonic() < deadline:
             dead = [p.name for p in self.processes if not p.alive() and not p.stopped_on_purpose]
             if dead:
-                raise RuntimeError(f"{', '.join(dead)} exited before the swarm was ready:\n{self.logs()}")
+                raise RuntimeError(f"{', '.join(dead)} exited unexpectedly:\n{self.logs()}")
             try:
                 status = asyncio.run(swarm_status([self.registry_url], Credentials(self.token, self.tls_ca), model))
-                if is_ready(status, model):
+                if condition(status):
                     return
             except RegistryUnavailableError:
                 pass

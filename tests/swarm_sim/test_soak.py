@@ -65,7 +65,7 @@ def test_sixteen_sessions_survive_a_minute_of_random_node_deaths(
             kills += 1
             time.sleep(1.0)
             replicas[span][index] = swarm.restart(victim)
-            swarm.wait_ready("tiny-llama", timeout=60)
+            swarm.wait_online(replicas[span][index], timeout=60)
         stop.set()
         for worker in workers:
             worker.join(timeout=180)
