@@ -83,7 +83,7 @@ class LocalSwarm:
     def registry_url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.registry_port}"
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         log_path = self.workdir / f"{name}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
         popen = subprocess.Popen(
@@ -99,11 +99,13 @@ class LocalSwarm:
         self.processes.append(process)
         return process
 
-    def start_registry(self, *extra: str) -> Process:
-        process = self._spawn(
-            "registry", [sys.executable, "-m", "swarm.registry", "--port", str(self.registry_port), *extra]
-        )
-        wait_for_port(self.registry_port, process)
+    def start_registry(self, *extra: str, port: int | None = None) -> Process:
+        """The swarm's registry, or with `port` an additional one (several registries side by side)."""
+        port = port or self.registry_port
+        args = [sys.executable, "-m", "swarm.registry", "--port", str(port), *extra]
+        process = self.spawn("registry" if port == self.registry_port else f"registry-{port}", args)
+        process.address = f"{self.scheme}://127.0.0.1:{port}"
+        wait_for_port(port, process)
         return process
 
     def start_node(self, model: Path | str, layers: str, *extra: str, name: str | None = None) -> Process:
@@ -128,14 +130,14 @@ class LocalSwarm:
             str(port),
             *extra,
         ]
-        process = self._spawn(name or f"node-{layers}-{len(self.processes)}", args)
+        process = self.spawn(name or f"node-{layers}-{len(self.processes)}", args)
         process.address = f"{self.scheme}://127.0.0.1:{port}"
         return process
 
     def restart(self, process: Process) -> Process:
         """Start a stopped process again with the same arguments (a node comes back)."""
         process.kill()
-        again = self._spawn(process.name + "-again", process.args)
+        again = self.spawn(process.name + "-again", process.args)
         again.address = process.address
         return again
 

@@ -15,7 +15,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from client import DistributedModelForCausalLM
 from swarm.errors import SwarmFullError
-from swarm.launcher import LocalSwarm, Process, wait_for_port
+from swarm.launcher import LocalSwarm, Process, free_port, wait_for_port
 
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
 NEW_TOKENS = 100
@@ -203,3 +203,22 @@ def test_a_full_node_sends_new_clients_elsewhere_and_then_says_the_swarm_is_full
     finally:
         for model in models:
             model.close()
+
+
+def test_nodes_announce_to_every_registry_and_clients_use_any_live_one(
+    tiny_llama: Path, tmp_path: Path, expected: list[list[int]]
+) -> None:
+    with LocalSwarm(tmp_path) as local:
+        first = local.start_registry()
+        second = local.start_registry(port=free_port())
+        both = f"{first.address},{second.address}"
+        for layers in ("0-3", "4-7"):
+            local.start_node(tiny_llama, layers, "--registry", both)
+        local.wait_ready("tiny-llama")
+        first.kill()
+        model = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=both)
+        try:
+            output = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+        finally:
+            model.close()
+    assert output == expected

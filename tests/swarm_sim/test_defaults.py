@@ -1,0 +1,93 @@
+"""What a newcomer types: bare commands on the embedded model, and the README's demo."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarm.default_model import DEFAULT_MODEL_NAME, default_model_path
+from swarm.launcher import LocalSwarm, child_env, free_port
+
+
+def local_continuation(prompt: str, new_tokens: int) -> str:
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_bare_node_and_client_commands_serve_the_embedded_model(tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path) as swarm:
+        swarm.start_registry()
+        env = child_env(SWARM_REGISTRY=swarm.registry_url)
+        for layers in ("0-3", "4-7"):
+            port = str(free_port())
+            swarm.spawn(
+                f"bare-{layers}",
+                [sys.executable, "-m", "node.main", "--layers", layers, "--port", port, "--torch-threads", "1"],
+                env=env,
+            )
+        swarm.wait_ready(DEFAULT_MODEL_NAME)
+        result = subprocess.run(
+            [sys.executable, "-m", "client.cli", "generate", "Once upon a time", "--max-new-tokens", "24"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == local_continuation("Once upon a time", 24).strip()
+    assert len(result.stdout.split()) >= 10
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_demo_generates_a_story_and_cleans_up() -> None:
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "swarm.demo", "--port", str(port), "--max-new-tokens", "30", "--greedy"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=child_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Once upon a time")
+    assert result.stdout.strip() == ("Once upon a time" + local_continuation("Once upon a time", 30)).strip()
+    assert f"http://127.0.0.1:{port}/" in result.stderr and "stopping the swarm" in result.stderr
+    assert not port_open(port)
+
+
+def test_ctrl_c_stops_a_kept_demo_and_its_swarm() -> None:
+    port = free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "swarm.demo", "--port", str(port), "--max-new-tokens", "5", "--keep"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        deadline = time.monotonic() + 180
+        seen = ""
+        while "Ctrl-C" not in seen and time.monotonic() < deadline:
+            seen += demo.stderr.readline()
+        assert "Ctrl-C" in seen, seen
+        assert port_open(port)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        demo.kill()
+    assert not port_open(port)
