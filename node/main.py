@@ -20,6 +20,7 @@ from node.settings import NodeSettings
 from node.span import LoadedSpan
 from swarm.checkpoint import load_config, model_name_from_path
 from swarm.errors import SwarmError, format_layer_range
+from swarm.http import http_router
 from swarm.models import adapter_for
 from swarm.protocol import WIRE_DTYPES
 from swarm.runtime import run, setup_logging
@@ -136,6 +137,7 @@ async def serve(settings: NodeSettings) -> None:
         ping_interval=20,
         ping_timeout=60,
         ssl=server_ssl_context(settings.tls_cert, settings.tls_key),
+        process_request=http_router(node.http_routes()),
     )
     port = server.sockets[0].getsockname()[1]
     identity.address = settings.public_address or default_address(settings.host, port, bool(settings.tls_cert))

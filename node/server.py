@@ -18,6 +18,7 @@ import websockets
 from websockets.asyncio.server import ServerConnection
 
 import swarm
+from node.metrics import NodeMetrics
 from node.sessions import Session, SessionTable
 from node.settings import NodeSettings
 from node.span import LoadedSpan
@@ -30,6 +31,7 @@ from node.validation import (
     validate_step,
 )
 from swarm.errors import ProtocolError
+from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (
     DTYPE_NAMES,
     PROTOCOL_VERSION,
@@ -77,7 +79,7 @@ class NodeServer:
         self.throughput = 0.0
         self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
-        self.steps_served = 0
+        self.metrics = NodeMetrics(self.sessions, lambda: self.state)
 
     def peer_info(self) -> PeerInfo:
         ident = self.identity
@@ -135,11 +137,13 @@ class NodeServer:
             if session_id is not None and exc.code not in ("unknown_session", "busy") and self._owns(session_id, owner):
                 self.sessions.close(session_id)
                 log.info("session %s ended after a bad frame: %s", session_id, exc.message)
+            self.metrics.errors.labels(exc.code).inc()
             return error_frame(exc, session_id)
         except Exception as exc:  # a bug or a device error: end the session, keep the node
             log.exception("internal error while serving a frame")
             if session_id is not None and self._owns(session_id, owner):
                 self.sessions.close(session_id)
+            self.metrics.errors.labels("internal").inc()
             return error_frame(ProtocolError("internal", f"{type(exc).__name__}: {exc}"), session_id)
 
     def _owns(self, session_id: str, owner: int) -> bool:
@@ -191,8 +195,7 @@ class NodeServer:
             self.identity.hidden_size,
         )
         session.last_used = time.monotonic()
-        hidden = await self._compute(_run_step, span, session, inputs)
-        self.steps_served += 1
+        hidden = await self._compute("step", _run_step, span, session, inputs)
         return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=WireTensor.from_torch(hidden))
 
     async def _forward(self, message: Forward) -> ForwardResult:
@@ -202,7 +205,7 @@ class NodeServer:
         shape = (hidden.shape[0], hidden.shape[1])
         positions = decode_positions(message.position_ids, shape, self.settings.max_length)
         mask = decode_mask(message.attention_mask, shape)
-        out = await self._compute(span.forward, hidden, positions, mask, None, message.start, message.end)
+        out = await self._compute("forward", span.forward, hidden, positions, mask, None, message.start, message.end)
         return ForwardResult(hidden=WireTensor.from_torch(out))
 
     def expire_sessions(self) -> None:
@@ -212,13 +215,23 @@ class NodeServer:
         ):
             log.info("session %s expired (idle or past its maximum age)", session_id)
 
-    async def _compute(self, function: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+    async def _compute(self, kind: str, function: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
         """Run on the compute thread, bounded by `--step-timeout` (the step's session then ends)."""
+        began = time.perf_counter()
         future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
         try:
-            return await asyncio.wait_for(future, self.settings.step_timeout)
+            result = await asyncio.wait_for(future, self.settings.step_timeout)
         except TimeoutError:
             raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
+        self.metrics.steps.labels(kind).inc()
+        self.metrics.step_seconds.observe(time.perf_counter() - began)
+        return result
+
+    def http_routes(self) -> dict[str, Route]:
+        return {
+            "/metrics": lambda: (PROMETHEUS_CONTENT_TYPE, self.metrics.render()),
+            "/healthz": lambda: ("text/plain; charset=utf-8", f"{self.state}\n".encode()),
+        }
 
 
 def check_session_size(max_length: int, batch_size: int, settings: NodeSettings) -> None:

@@ -15,16 +15,15 @@ import signal
 import ssl
 import sys
 import time
-from http import HTTPStatus
 from importlib import resources
 
 import websockets
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from swarm.errors import ProtocolError
+from swarm.http import PROMETHEUS_CONTENT_TYPE, Route, http_router
 from swarm.protocol import PROTOCOL_VERSION, Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
+from swarm.registry_metrics import registry_metrics, render
 from swarm.registry_state import RegistryState
 from swarm.runtime import run, setup_logging
 from swarm.transport import check_hello, error_frame, send, server_ssl_context
@@ -90,30 +89,21 @@ class Registry:
             return SwarmView(peers=self.state.live_peers(now, message.model))
         raise ProtocolError("bad_request", f"a registry does not accept {getattr(message, 'type', '?')!r} messages")
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Plain HTTP on the websocket port: the dashboard and its JSON."""
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return None
-        path = request.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            return _response(HTTPStatus.OK, "text/html; charset=utf-8", _dashboard_html())
-        if path == "/api/v1/state":
-            body = json.dumps(self.state.snapshot(time.monotonic())).encode()
-            return _response(HTTPStatus.OK, "application/json", body)
-        if path == "/healthz":
-            return _response(HTTPStatus.OK, "text/plain; charset=utf-8", b"ok\n")
-        return _response(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+    def http_routes(self) -> dict[str, Route]:
+        """Plain HTTP on the websocket port: the dashboard, its JSON, metrics and a liveness probe."""
+        metrics = registry_metrics(self.state)
+        routes: dict[str, Route] = {
+            "/": lambda: ("text/html; charset=utf-8", _dashboard_html()),
+            "/api/v1/state": lambda: ("application/json", json.dumps(self.state.snapshot(time.monotonic())).encode()),
+            "/metrics": lambda: (PROMETHEUS_CONTENT_TYPE, render(metrics)),
+            "/healthz": lambda: ("text/plain; charset=utf-8", b"ok\n"),
+        }
+        routes["/index.html"] = routes["/"]
+        return routes
 
 
 def _dashboard_html() -> bytes:
     return resources.files("swarm").joinpath("static/dashboard.html").read_bytes()
-
-
-def _response(status: HTTPStatus, content_type: str, body: bytes) -> Response:
-    headers = Headers(
-        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
-    )
-    return Response(status.value, status.phrase, headers, body)
 
 
 async def serve(host: str, port: int, token: str | None, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -122,7 +112,7 @@ async def serve(host: str, port: int, token: str | None, ssl_context: ssl.SSLCon
         registry.handle,
         host,
         port,
-        process_request=registry.process_request,
+        process_request=http_router(registry.http_routes()),
         max_size=MAX_MESSAGE_BYTES * 2,
         compression=None,
         ssl=ssl_context,

@@ -64,7 +64,7 @@ def test_queries_without_the_token_are_unauthorized(
 
 @pytest.mark.parametrize("token", [None, "wrong"])
 def test_steps_without_the_token_are_unauthorized(private_swarm: LocalSwarm, token: str | None) -> None:
-    node = next(p for p in private_swarm.processes if p.address)
+    node = next(p for p in private_swarm.processes if "node.main" in p.args)
     with connect(node.address, open_timeout=10) as connection:
         connection.send(encode_message(Hello(version=PROTOCOL_VERSION, token=token)))
         reply = decode_message(connection.recv(timeout=10))
