@@ -7,34 +7,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from swarm.errors import MissingLayersError, PeerUnreachableError, RegistryUnavailableError
-from swarm.protocol import PeerInfo, Query, SwarmView
+from swarm.errors import MissingLayersError, RegistryUnavailableError
+from swarm.registry_client import fetch_peers
 from swarm.routing import Link, missing_ranges, plan_route
-from swarm.transport import Credentials, open_connection, request
+from swarm.transport import Credentials
 
 log = logging.getLogger("swarm.client")
 
-REGISTRY_TIMEOUT = 5.0
 BAN_SECONDS = 15.0
 """First ban of a failed peer; each further failure within the ban doubles it (up to 10 minutes)."""
 MAX_BAN_SECONDS = 600.0
 DEFAULT_FAILOVER_WAIT = 60.0
-
-
-async def fetch_peers(registries: list[str], model: str | None, credentials: Credentials) -> list[PeerInfo]:
-    """Live peers (of `model`, or all) from the first registry that answers."""
-    failures = []
-    for url in registries:
-        try:
-            connection, _ = await open_connection(url, credentials, agent="swarm-client", timeout=REGISTRY_TIMEOUT)
-            async with connection:
-                view = await request(connection, Query(model=model), SwarmView, timeout=REGISTRY_TIMEOUT, peer=url)
-            return view.peers
-        except PeerUnreachableError as exc:
-            failures.append(str(exc))
-    raise RegistryUnavailableError(
-        "no registry answered: " + "; ".join(failures) + ". Start one with `swarm-registry` or pass --registry URL"
-    )
 
 
 @dataclass

@@ -15,16 +15,18 @@ import torch
 import websockets
 
 from node.announcer import Announcer
+from node.plan import SpanPlan, plan_span
 from node.server import NodeIdentity, NodeServer
 from node.settings import NodeSettings
 from node.span import LoadedSpan
-from swarm.checkpoint import load_config, model_name_from_path
-from swarm.errors import SwarmError, format_layer_range
+from swarm.checkpoint import CheckpointIndex, load_config, model_name_from_path
+from swarm.errors import RegistryUnavailableError, SwarmError, format_layer_range
 from swarm.http import http_router
-from swarm.models import adapter_for
-from swarm.protocol import WIRE_DTYPES
+from swarm.memory import ModelFootprint, default_memory_budget, parse_bytes
+from swarm.models import ModelAdapter, adapter_for
+from swarm.protocol import DTYPE_NAMES, WIRE_DTYPES, PeerInfo
+from swarm.registry_client import fetch_peers
 from swarm.runtime import run, setup_logging
-from swarm.settings import parse_layer_range
 from swarm.transport import Credentials, server_ssl_context
 
 log = logging.getLogger("swarm.node")
@@ -33,6 +35,7 @@ EXAMPLES = """examples:
   swarm-node --layers 0-3                                  # the embedded demo model, first half
   swarm-node --model ./models/tiny-llama --layers 4-7 --registry ws://127.0.0.1:7000 --device cpu
   swarm-node --model ./models/llama-70b --layers 0-9 --gpu 0 --dtype bfloat16 --port 8100
+  swarm-node --layers auto --max-memory 6GiB                # as many layers as fit, where they are missing
 """
 
 
@@ -46,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", help="Hugging Face checkpoint folder (env SWARM_MODEL; default: the embedded demo model)")
     add("--model-name", help="name in the swarm (default: last component of --model)")
-    add("--layers", required=True, help="inclusive layer range to host, e.g. 0-9")
+    add(
+        "--layers",
+        help="inclusive layer range to host, e.g. 0-9, or auto: as many as fit in --max-memory, "
+        "where the swarm needs them most (default auto)",
+    )
+    add(
+        "--max-memory",
+        help="memory budget for weights + KV cache, e.g. 6GiB (default: half the RAM on CPU, 90%% of free GPU memory)",
+    )
     add("--registry", help="registry URL(s), comma-separated (env SWARM_REGISTRY; default ws://127.0.0.1:7000)")
     add("--host", help="address to bind (default 127.0.0.1)")
     add("--port", type=int, help="port to listen on; 0 picks a free one (default 0)")
@@ -111,16 +122,15 @@ async def serve(settings: NodeSettings) -> None:
     model = settings.model or str(_default_model())
     config = load_config(model)
     adapter = adapter_for(config)
-    start, end = parse_layer_range(settings.layers)
-    if end > adapter.num_layers:
-        raise SwarmError(
-            f"--layers {format_layer_range(start, end)} is outside the model's {adapter.num_layers} layers "
-            f"(0-{adapter.num_layers - 1})"
-        )
     device, dtype = resolve_device_and_dtype(settings, getattr(config, "dtype", None))
+    model_name = model_name_from_path(model, settings.model_name)
+    credentials = Credentials(settings.token, settings.tls_ca)
+    plan = await make_plan(settings, model, adapter, DTYPE_NAMES[dtype], model_name, credentials)
+    start, end = plan.start, plan.end
+    print(plan.describe(adapter.num_layers, DTYPE_NAMES[dtype], settings.cache_tokens), file=sys.stderr, flush=True)
     identity = NodeIdentity(
         peer_id=secrets.token_hex(8),
-        model_name=model_name_from_path(model, settings.model_name),
+        model_name=model_name,
         num_layers=adapter.num_layers,
         start=start,
         end=end,
@@ -141,7 +151,6 @@ async def serve(settings: NodeSettings) -> None:
     )
     port = server.sockets[0].getsockname()[1]
     identity.address = settings.public_address or default_address(settings.host, port, bool(settings.tls_cert))
-    credentials = Credentials(settings.token, settings.tls_ca)
     announcer = Announcer(settings.registry, node.peer_info, settings.announce_interval, credentials)
     announcer.start()
     stop = _stop_event()
@@ -171,6 +180,24 @@ async def serve(settings: NodeSettings) -> None:
     server.close()
     await server.wait_closed()
     node.compute.shutdown(wait=False, cancel_futures=True)
+
+
+async def make_plan(
+    settings: NodeSettings, model: str, adapter: ModelAdapter, dtype: str, model_name: str, credentials: Credentials
+) -> SpanPlan:
+    """The span to host; `--layers auto` asks the registries which layers need help most."""
+    auto = settings.layers.strip().lower() == "auto"
+    budget = parse_bytes(settings.max_memory) if settings.max_memory else None
+    if auto and budget is None:
+        budget = default_memory_budget(settings.device)
+    peers: list[PeerInfo] = []
+    if auto:
+        try:
+            peers = await fetch_peers(settings.registry, model_name, credentials)
+        except RegistryUnavailableError as exc:
+            log.warning("no registry answered (%s); placing the span from layer 0", exc)
+    footprint = ModelFootprint.of(CheckpointIndex.open(model), adapter.config, adapter.layers_path)
+    return plan_span(footprint, settings.layers, budget, dtype, settings.cache_tokens, peers)
 
 
 async def drain(node: NodeServer, announcer: Announcer) -> None:

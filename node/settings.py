@@ -15,7 +15,8 @@ class NodeSettings(BaseSettings):
 
     model: str | None = Field(None, description="checkpoint folder; default: the embedded demo model")
     model_name: str | None = None
-    layers: str = Field(description="inclusive range such as 0-9")
+    layers: str = Field("auto", description="inclusive range such as 0-9, or auto")
+    max_memory: str | None = Field(None, description="budget for weights + KV cache, e.g. 6GiB")
     registry: Annotated[list[str], NoDecode] = Field(default_factory=lambda: parse_registries(None))
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)

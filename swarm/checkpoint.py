@@ -8,6 +8,7 @@ tensors from a shard without loading the rest of it.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -115,17 +116,23 @@ _SAFETENSORS_DTYPE_BYTES = {
 
 def tensor_nbytes(index: CheckpointIndex, names: Iterable[str]) -> int:
     """Bytes the named tensors take on disk, from shard headers only (sizes a progress bar)."""
+    return sum(numel * _SAFETENSORS_DTYPE_BYTES.get(dtype, 4) for numel, dtype in _tensor_sizes(index, names))
+
+
+def tensor_numel(index: CheckpointIndex, names: Iterable[str]) -> int:
+    """Elements (parameters) in the named tensors, from shard headers only."""
+    return sum(numel for numel, _ in _tensor_sizes(index, names))
+
+
+def _tensor_sizes(index: CheckpointIndex, names: Iterable[str]) -> list[tuple[int, str]]:
     by_shard: dict[str, list[str]] = defaultdict(list)
     for name in names:
         if name in index.shard_of:
             by_shard[index.shard_of[name]].append(name)
-    total = 0
+    sizes = []
     for shard, shard_names in by_shard.items():
         with safe_open(str(index.root / shard), framework="pt") as handle:
             for name in shard_names:
                 piece = handle.get_slice(name)
-                numel = 1
-                for size in piece.get_shape():
-                    numel *= size
-                total += numel * _SAFETENSORS_DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return total
+                sizes.append((math.prod(piece.get_shape()), piece.get_dtype()))
+    return sizes
