@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
     add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar while loading")
+    add(
+        "--no-batching",
+        dest="batch_steps",
+        action="store_const",
+        const=False,
+        help="run every session's step alone (batching concurrent decode steps is on by default)",
+    )
     add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return parser
 

@@ -23,6 +23,9 @@ class NodeMetrics:
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
+        self.batched_steps = Counter(
+            "swarm_node_batched_steps", "Steps computed inside a batch of several sessions", registry=self.registry
+        )
         self.errors = Counter("swarm_node_errors", "Error frames sent, by code", ["code"], registry=self.registry)
         Gauge("swarm_node_sessions", "Open sessions", registry=self.registry).set_function(lambda: len(sessions))
         used = Gauge("swarm_node_cache_tokens_used", "KV cache tokens reserved by sessions", registry=self.registry)

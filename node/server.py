@@ -12,18 +12,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import websockets
 from websockets.asyncio.server import ServerConnection
 
 import swarm
+from node.batching import StepBatcher
 from node.metrics import NodeMetrics
-from node.sessions import Session, SessionTable
+from node.sessions import SessionTable
 from node.settings import NodeSettings
 from node.span import LoadedSpan
 from node.validation import (
-    StepInputs,
     check_layer_range,
     decode_hidden,
     decode_mask,
@@ -55,6 +56,8 @@ from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.node")
 
+T = TypeVar("T")
+
 
 @dataclass
 class NodeIdentity:
@@ -80,6 +83,9 @@ class NodeServer:
         self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.metrics = NodeMetrics(self.sessions, lambda: self.state)
+        self.batcher = StepBatcher(
+            self._compute, self._ready_span, self.metrics.batched_steps.inc, enabled=settings.batch_steps
+        )
 
     def peer_info(self) -> PeerInfo:
         ident = self.identity
@@ -184,7 +190,7 @@ class NodeServer:
         return self.span
 
     async def _step(self, message: Step, owner: int) -> StepResult:
-        span = self._ready_span()
+        self._ready_span()  # refuses work unless online
         session = self.sessions.get(message.session_id, owner)
         inputs = validate_step(
             session,
@@ -195,7 +201,8 @@ class NodeServer:
             self.identity.hidden_size,
         )
         session.last_used = time.monotonic()
-        hidden = await self._compute("step", _run_step, span, session, inputs)
+        hidden = await self.batcher.submit(session, inputs)
+        self.metrics.steps.labels("step").inc()
         return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=WireTensor.from_torch(hidden))
 
     async def _forward(self, message: Forward) -> ForwardResult:
@@ -205,7 +212,8 @@ class NodeServer:
         shape = (hidden.shape[0], hidden.shape[1])
         positions = decode_positions(message.position_ids, shape, self.settings.max_length)
         mask = decode_mask(message.attention_mask, shape)
-        out = await self._compute("forward", span.forward, hidden, positions, mask, None, message.start, message.end)
+        out = await self._compute(span.forward, hidden, positions, mask, None, message.start, message.end)
+        self.metrics.steps.labels("forward").inc()
         return ForwardResult(hidden=WireTensor.from_torch(out))
 
     def expire_sessions(self) -> None:
@@ -215,7 +223,7 @@ class NodeServer:
         ):
             log.info("session %s expired (idle or past its maximum age)", session_id)
 
-    async def _compute(self, kind: str, function: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+    async def _compute(self, function: Callable[..., T], *args: object) -> T:
         """Run on the compute thread, bounded by `--step-timeout` (the step's session then ends)."""
         began = time.perf_counter()
         future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
@@ -223,7 +231,6 @@ class NodeServer:
             result = await asyncio.wait_for(future, self.settings.step_timeout)
         except TimeoutError:
             raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
-        self.metrics.steps.labels(kind).inc()
         self.metrics.step_seconds.observe(time.perf_counter() - began)
         return result
 
@@ -243,22 +250,3 @@ def check_session_size(max_length: int, batch_size: int, settings: NodeSettings)
         raise ProtocolError(
             "bad_request", f"batch_size {batch_size} exceeds this node's limit of {settings.max_batch_size}"
         )
-
-
-def _run_step(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:
-    """Apply one validated step to a session's cache; on failure the cache is cut back to before it."""
-    if inputs.hypo_ids is not None:
-        session.cache.reorder_cache(inputs.hypo_ids.to(span.device))
-        session.attention_mask = session.attention_mask[inputs.hypo_ids]
-        if session.last_positions is not None:
-            session.last_positions = session.last_positions[inputs.hypo_ids]
-    mask = torch.cat([session.attention_mask, inputs.attention_mask], dim=1)
-    try:
-        hidden = span.forward(inputs.hidden, inputs.position_ids, mask, session.cache, session.start, session.end)
-    except BaseException:
-        session.cache.crop(session.length)
-        raise
-    session.attention_mask = mask
-    session.length += inputs.hidden.shape[1]
-    session.last_positions = inputs.position_ids[:, -1]
-    return hidden

@@ -150,3 +150,45 @@ def test_a_second_generate_continues_the_same_session(
     local_second = local_llama.generate(torch.cat([local_first, reply], 1), max_new_tokens=10, do_sample=False)
     assert first.tolist() == local_first.tolist()
     assert second.tolist() == local_second.tolist()
+
+
+def test_concurrent_sessions_of_different_lengths_batched_on_the_nodes_stay_exact(
+    tiny_llama: Path, llama_swarm: LocalSwarm, local_llama: PreTrainedModel
+) -> None:
+    import urllib.request
+
+    prompts = [
+        torch.randint(3, 400, (1, length), generator=torch.Generator().manual_seed(length))
+        for length in (3, 9, 17, 30, 5, 12)
+    ]
+    expected = [local_llama.generate(p, max_new_tokens=25, do_sample=False).tolist() for p in prompts]
+    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=llama_swarm.registry_url)
+    results: dict[int, list] = {}
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.__setitem__(
+                    i, model.generate(prompts[i], max_new_tokens=25, do_sample=False).tolist()
+                )
+            )
+            for i in range(len(prompts))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        model.close()
+    assert [results.get(i) for i in range(len(prompts))] == expected
+    nodes = [p for p in llama_swarm.processes if "node.main" in p.args and "--model-name" not in p.args]
+    metrics = [
+        urllib.request.urlopen(n.address.replace("ws://", "http://") + "/metrics", timeout=10).read().decode()
+        for n in nodes
+    ]
+    batched = [
+        float(line.split()[-1])
+        for text in metrics
+        for line in text.splitlines()
+        if line.startswith("swarm_node_batched_steps_total")
+    ]
+    assert sum(batched) > 0, "no decode steps were batched; the test did not exercise batching"

@@ -1,0 +1,202 @@
+"""Running concurrent sessions' decode steps as one batched forward over the node's span.
+
+Steps that arrive while the compute thread is busy queue up; the next round takes them all, and
+those that are plain single-token decode steps over the same layers run together: their caches are
+left-padded into one temporary batch (padding masked out), the span runs once, and each session's
+new keys/values are appended back to its own cache. Everything else (prefills, beam reorders,
+caches of other layer types) runs alone, exactly as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from node.sessions import Session
+from node.span import LoadedSpan
+from node.validation import StepInputs
+from swarm.errors import ProtocolError
+
+log = logging.getLogger("swarm.node")
+
+
+@dataclass
+class PendingStep:
+    session: Session
+    inputs: StepInputs
+    done: asyncio.Future[torch.Tensor] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def batchable(self) -> bool:
+        return self.inputs.hidden.shape[1] == 1 and self.inputs.hypo_ids is None and self.session.length > 0
+
+    @property
+    def group(self) -> tuple[int, int]:
+        return self.session.start, self.session.end
+
+
+def run_alone(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:
+    """Apply one validated step to a session's cache; on failure the cache is cut back to before it."""
+    if inputs.hypo_ids is not None:
+        session.cache.reorder_cache(inputs.hypo_ids.to(span.device))
+        session.attention_mask = session.attention_mask[inputs.hypo_ids]
+        if session.last_positions is not None:
+            session.last_positions = session.last_positions[inputs.hypo_ids]
+    mask = torch.cat([session.attention_mask, inputs.attention_mask], dim=1)
+    try:
+        hidden = span.forward(inputs.hidden, inputs.position_ids, mask, session.cache, session.start, session.end)
+    except BaseException:
+        session.cache.crop(session.length)
+        raise
+    _advance(session, mask, inputs)
+    return hidden
+
+
+def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor]:
+    """One forward for several sessions' single-token steps over the same layers."""
+    start, end = steps[0].group
+    longest = max(step.session.length for step in steps)
+    cache = DynamicCache(config=span.adapter.config)
+    for index in range(start, end):
+        keys, values = zip(*(_padded(step.session.cache.layers[index], longest) for step in steps), strict=True)
+        layer = cache.layers[index]
+        layer.lazy_initialization(keys[0], values[0])
+        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+    masks = [
+        torch.cat(
+            [
+                torch.zeros(s.session.batch_size, longest - s.session.length, dtype=torch.bool),
+                s.session.attention_mask,
+                s.inputs.attention_mask,
+            ],
+            dim=1,
+        )
+        for s in steps
+    ]
+    hidden = span.forward(
+        torch.cat([s.inputs.hidden.to(span.dtype) for s in steps]),
+        torch.cat([s.inputs.position_ids for s in steps]),
+        torch.cat(masks),
+        cache,
+        start,
+        end,
+    )
+    outputs, row = [], 0
+    for step in steps:
+        rows = slice(row, row + step.session.batch_size)
+        for index in range(start, end):
+            merged = cache.layers[index]
+            step.session.cache.layers[index].update(merged.keys[rows, :, -1:], merged.values[rows, :, -1:])
+        _advance(step.session, torch.cat([step.session.attention_mask, step.inputs.attention_mask], dim=1), step.inputs)
+        outputs.append(hidden[rows])
+        row += step.session.batch_size
+    return outputs
+
+
+def can_batch(steps: list[PendingStep]) -> bool:
+    if len(steps) < 2:
+        return False
+    start, end = steps[0].group
+    return all(
+        type(step.session.cache.layers[index]) is DynamicLayer and step.session.cache.layers[index].is_initialized
+        for step in steps
+        for index in range(start, end)
+    )
+
+
+def _padded(layer: DynamicLayer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    missing = length - layer.keys.shape[-2]
+    if not missing:
+        return layer.keys, layer.values
+    return (
+        torch.nn.functional.pad(layer.keys, (0, 0, missing, 0)),
+        torch.nn.functional.pad(layer.values, (0, 0, missing, 0)),
+    )
+
+
+def _advance(session: Session, mask: torch.Tensor, inputs: StepInputs) -> None:
+    session.attention_mask = mask
+    session.length += inputs.hidden.shape[1]
+    session.last_positions = inputs.position_ids[:, -1]
+
+
+class StepBatcher:
+    """Queues steps and feeds the compute thread one round at a time, batching what it can."""
+
+    def __init__(
+        self,
+        compute: Callable[..., Awaitable[object]],
+        span: Callable[[], LoadedSpan],
+        on_batch: Callable[[int], None],
+        enabled: bool = True,
+    ) -> None:
+        self._compute = compute
+        self._span = span
+        self._on_batch = on_batch
+        self.enabled = enabled
+        self._queue: asyncio.Queue[PendingStep] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, session: Session, inputs: StepInputs) -> torch.Tensor:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        pending = PendingStep(session, inputs)
+        await self._queue.put(pending)
+        return await pending.done
+
+    async def _work(self) -> None:
+        while True:
+            round_ = [await self._queue.get()]
+            while not self._queue.empty():
+                round_.append(self._queue.get_nowait())
+            for group in self._groups(round_):
+                await self._run(group)
+
+    def _groups(self, steps: list[PendingStep]) -> list[list[PendingStep]]:
+        groups: dict[tuple[int, int], list[PendingStep]] = {}
+        alone: list[list[PendingStep]] = []
+        for step in steps:
+            if self.enabled and step.batchable:
+                groups.setdefault(step.group, []).append(step)
+            else:
+                alone.append([step])
+        return [group for group in groups.values()] + alone
+
+    async def _run(self, group: list[PendingStep]) -> None:
+        span = self._span()
+        if can_batch(group):
+            try:
+                outputs = await self._compute(run_batched, span, group)
+            except ProtocolError as exc:  # the round ran past --step-timeout: every step in it failed
+                for step in group:
+                    _settle(step, exc)
+                return
+            except Exception:  # a failure inside the batch is retried one by one, so it ends one session only
+                log.exception("batched step failed; running its %d steps one by one", len(group))
+            else:
+                self._on_batch(len(group))
+                for step, output in zip(group, outputs, strict=True):
+                    _settle(step, output)
+                return
+        for step in group:
+            try:
+                output = await self._compute(run_alone, span, step.session, step.inputs)
+            except Exception as exc:  # handed to the step's own request
+                _settle(step, exc)
+            else:
+                _settle(step, output)
+
+
+def _settle(step: PendingStep, outcome: torch.Tensor | BaseException) -> None:
+    if step.done.done():
+        return
+    if isinstance(outcome, BaseException):
+        step.done.set_exception(outcome)
+    else:
+        step.done.set_result(outcome)
