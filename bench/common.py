@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, PretrainedConfig
+
+from swarm.models.llama import LlamaAdapter
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(
@@ -31,11 +33,31 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# What every family's config takes; the MLP width and KV heads stay Llama-shaped families' own.
+SHARED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def preset_config(preset: str, family: str = "llama") -> PretrainedConfig:
+    """A config of `family` (a `model_type`) at a preset's size: Llama-shaped families take the preset whole,
+    the others its vocabulary, width, depth and heads, with their own MLP ratio."""
+    sizes = PRESETS[preset]
+    if family not in LlamaAdapter.model_types:
+        sizes = {key: sizes[key] for key in SHARED_SIZES}
+    return AutoConfig.for_model(
+        family, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **sizes
+    )
+
+
 def build_random_llama(preset: str, target: Path) -> Path:
-    """A random Llama of a preset size, saved sharded like real checkpoints (built once, then reused)."""
+    """The benchmarks' default model; `build_random_model` builds the other families."""
+    return build_random_model(preset, target)
+
+
+def build_random_model(preset: str, target: Path, family: str = "llama") -> Path:
+    """A random model of a preset size, saved sharded like real checkpoints (built once, then reused)."""
     if (target / "config.json").is_file():
         return target
-    config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **PRESETS[preset])
+    config = preset_config(preset, family)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target, safe_serialization=True, max_shard_size="200MB")

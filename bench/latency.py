@@ -5,6 +5,7 @@ and the report is the ratio swarm/local plus the overhead each hop adds per toke
 
     python bench/latency.py --preset tiny
     python bench/latency.py --preset 250m --nodes 1,2,3 --repeats 3
+    python bench/latency.py --preset tiny --family bloom    # any supported model_type, at the preset's size
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import itertools
 
-from bench.common import PRESETS, TokenClock, build_random_llama, median, write_json
+from bench.common import PRESETS, TokenClock, build_random_model, median, write_json
 from client import DistributedModelForCausalLM
 from swarm.launcher import LocalSwarm
+from swarm.models import supported_model_types
 
 
 def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> list[float]:
@@ -52,6 +54,7 @@ def spans(num_layers: int, parts: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--family", choices=supported_model_types(), default="llama", help="random model family")
     parser.add_argument("--model", type=Path, help="use this checkpoint instead of a random preset")
     parser.add_argument("--nodes", default="1,2,3", help="swarm sizes to measure (default 1,2,3)")
     parser.add_argument("--prompt-tokens", type=int, default=16)
@@ -61,8 +64,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache_dir = Path(tempfile.gettempdir()) / "swarm-bench"
-    model_path = args.model or build_random_llama(args.preset, cache_dir / f"llama-{args.preset}")
-    label = args.model.name if args.model else args.preset
+    model_path = args.model or build_random_model(args.preset, cache_dir / f"{args.family}-{args.preset}", args.family)
+    random_name = args.preset if args.family == "llama" else f"{args.family}-{args.preset}"
+    label = args.model.name if args.model else random_name
 
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers

@@ -27,7 +27,7 @@ from client.session import ChainSession, forward_through
 from swarm.checkpoint import CheckpointIndex, checkpoint_dir, load_config, model_name_from_path
 from swarm.errors import SwarmError
 from swarm.models import ModelAdapter, adapter_for
-from swarm.models.loading import load_modules
+from swarm.models.loading import checkpoint_aliases, load_modules
 from swarm.settings import parse_registries
 from swarm.transport import Credentials
 
@@ -38,6 +38,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as `generate()` derives them: count real tokens, padding sits at 0."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
+
+
+def load_local_modules(model: str | Path, adapter: ModelAdapter, dtype: torch.dtype) -> nn.ModuleDict:
+    """The client's modules (embeddings, final norm, LM head, and any the family adds) from only their tensors;
+    a head tied to the embeddings reuses the embedding tensor."""
+    skeleton = adapter.skeleton()
+    index = CheckpointIndex.open(model)
+    paths = adapter.local_module_paths()
+    wanted = {role: (skeleton.get_submodule(path), f"{path}.") for role, path in paths.items()}
+    aliases = checkpoint_aliases(skeleton, index)
+    head_weight, embed_weight = f"{paths['lm_head']}.weight", f"{paths['embed']}.weight"
+    if aliases.get(head_weight, head_weight) not in index and getattr(adapter.config, "tie_word_embeddings", False):
+        aliases[head_weight] = aliases.get(embed_weight, embed_weight)
+    return nn.ModuleDict(load_modules(index, wanted, torch.device("cpu"), dtype, aliases=aliases))
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -79,15 +93,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         `failover_wait` is how long to wait for a lost span to be served again."""
         config = load_config(model)
         adapter = adapter_for(config)
-        skeleton = adapter.skeleton()
-        index = CheckpointIndex.open(model)
-        paths = adapter.local_module_paths()
-        wanted = {role: (skeleton.get_submodule(path), f"{path}.") for role, path in paths.items()}
-        aliases = {}
-        head_weight = f"{paths['lm_head']}.weight"
-        if head_weight not in index and getattr(config, "tie_word_embeddings", False):
-            aliases[head_weight] = f"{paths['embed']}.weight"
-        modules = load_modules(index, wanted, torch.device("cpu"), dtype, aliases=aliases)
+        local = load_local_modules(model, adapter, dtype)
         planner = ChainPlanner(
             parse_registries(registry),
             model_name_from_path(model, model_name),
@@ -95,7 +101,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             Credentials(token, tls_ca),
             failover_wait,
         )
-        instance = cls(config, adapter, nn.ModuleDict(modules), planner)
+        instance = cls(config, adapter, local, planner)
         generation_file = checkpoint_dir(model) / "generation_config.json"
         if generation_file.is_file():
             instance.generation_config = GenerationConfig.from_pretrained(checkpoint_dir(model))
@@ -164,14 +170,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         with torch.inference_mode():
-            hidden = inputs_embeds if inputs_embeds is not None else self.adapter.embed(self.local, input_ids)
-            hidden = hidden.to(self.dtype)
-            batch, new_tokens = hidden.shape[:2]
+            if inputs_embeds is None:
+                inputs_embeds = self.local["embed"](input_ids)
+            batch, new_tokens = inputs_embeds.shape[:2]
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             if attention_mask is None:
                 attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
+            hidden = self.adapter.embed(self.local, inputs_embeds.to(self.dtype), position_ids)
             if isinstance(past_key_values, RemoteSessionCache):
                 hidden = self.runner.run(
                     self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])

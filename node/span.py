@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from swarm.checkpoint import CheckpointIndex, load_config, tensor_nbytes
 from swarm.models import ModelAdapter, adapter_for
-from swarm.models.loading import load_modules, module_tensor_names
+from swarm.models.loading import checkpoint_aliases, load_modules, module_tensor_names
 
 
 @dataclass
@@ -51,7 +51,9 @@ class LoadedSpan:
             str(i): (skeleton.get_submodule(adapter.layer_prefix(i).rstrip(".")), adapter.layer_prefix(i))
             for i in range(start, end)
         }
-        total = tensor_nbytes(index, [n for m, p in wanted.values() for n in module_tensor_names(m, p)])
+        aliases = checkpoint_aliases(skeleton, index)
+        names = [n for m, p in wanted.values() for n in module_tensor_names(m, p)]
+        total = tensor_nbytes(index, [aliases.get(n, n) for n in names])
         loaded = 0
         with _progress(show_progress) as progress:
             task = progress.add_task(f"layers {start}-{end - 1}", total=total)
@@ -61,8 +63,9 @@ class LoadedSpan:
                 loaded += tensor.numel() * tensor.element_size()
                 progress.update(task, completed=loaded)
 
-            modules = load_modules(index, wanted, device, dtype, on_tensor=advance)
+            modules = load_modules(index, wanted, device, dtype, on_tensor=advance, aliases=aliases)
         layers = nn.ModuleList(modules[str(i)] for i in range(start, end))
+        adapter.restore_buffers(layers, device)
         return cls(adapter, start, end, layers, adapter.build_span_extras(skeleton, device), device, dtype, loaded)
 
     def new_cache(self) -> DynamicCache:

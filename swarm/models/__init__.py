@@ -6,9 +6,23 @@ from transformers import PretrainedConfig
 
 from swarm.errors import UnsupportedModelError
 from swarm.models.base import ModelAdapter
+from swarm.models.bloom import BloomAdapter
+from swarm.models.falcon import FalconAdapter
+from swarm.models.gpt2 import GPT2Adapter
+from swarm.models.gpt_neox import GPTNeoXAdapter
+from swarm.models.gptj import GPTJAdapter
 from swarm.models.llama import LlamaAdapter
+from swarm.models.opt import OPTAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlamaAdapter,
+    GPTNeoXAdapter,
+    GPTJAdapter,
+    OPTAdapter,
+    BloomAdapter,
+    FalconAdapter,
+    GPT2Adapter,
+)
 
 
 def supported_model_types() -> list[str]:

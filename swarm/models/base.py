@@ -25,10 +25,13 @@ class ModelAdapter(ABC):
     embed_path: ClassVar[str]
     final_norm_path: ClassVar[str]
     lm_head_path: ClassVar[str] = "lm_head"
+    rotary_path: ClassVar[str | None] = None
+    # "eager" for families whose `transformers` layers have no SDPA path (GPT-J, BLOOM).
+    attention: ClassVar[str] = "sdpa"
 
     def __init__(self, config: PretrainedConfig) -> None:
         self.config = config
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = self.attention
 
     @property
     def num_layers(self) -> int:
@@ -44,21 +47,37 @@ class ModelAdapter(ABC):
     def skeleton(self) -> PreTrainedModel:
         """The whole model on the meta device: free to build, and the source of every module we use."""
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_config(self.config, attn_implementation=self.attention)
 
     def local_module_paths(self) -> dict[str, str]:
-        """The client's modules by role; `lm_head` may be tied to `embed` in the checkpoint."""
+        """The client's modules by role (families add theirs, e.g. `positions`); `lm_head` may be tied to `embed`."""
         return {"embed": self.embed_path, "final_norm": self.final_norm_path, "lm_head": self.lm_head_path}
 
-    def embed(self, local: nn.ModuleDict, input_ids: torch.Tensor) -> torch.Tensor:
-        return local["embed"](input_ids)
+    def embed(self, local: nn.ModuleDict, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering the first layer, from the token embeddings (`local["embed"]` output, or the
+        caller's `inputs_embeds`) and their positions: families add learned positions or an embedding norm here."""
+        return inputs_embeds
 
     def logits(self, local: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
         return local["lm_head"](local["final_norm"](hidden))
 
     def build_span_extras(self, skeleton: PreTrainedModel, device: torch.device) -> nn.ModuleDict:
-        """Parameter-free modules a span needs besides its layers (e.g. rotary embeddings)."""
-        return nn.ModuleDict()
+        """Parameter-free modules a span needs besides its layers: the family's own rotary module, if any.
+
+        Built on the real device, since its buffers are computed at construction and are not in the checkpoint."""
+        if self.rotary_path is None:
+            return nn.ModuleDict()
+        rotary_class = type(skeleton.get_submodule(self.rotary_path))
+        with torch.device(device):
+            return nn.ModuleDict({"rotary": rotary_class(config=self.config)})
+
+    def restore_buffers(self, layers: nn.ModuleList, device: torch.device) -> None:
+        """Recompute the layers' non-persistent buffers: the checkpoint lacks them, so loading leaves them on meta.
+
+        Families whose layers have such buffers override this; the others must have none left."""
+        left = [name for name, buffer in layers.named_buffers() if buffer.is_meta]
+        if left:
+            raise NotImplementedError(f"{type(self).__name__} does not restore the layer buffers {left}")
 
     @abstractmethod
     def run_span(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from swarm.models.base import ModelAdapter
@@ -15,11 +14,7 @@ class LlamaAdapter(ModelAdapter):
     layers_path = "model.layers"
     embed_path = "model.embed_tokens"
     final_norm_path = "model.norm"
-
-    def build_span_extras(self, skeleton: PreTrainedModel, device: torch.device) -> nn.ModuleDict:
-        rotary_class = type(skeleton.get_submodule("model.rotary_emb"))
-        with torch.device(device):
-            return nn.ModuleDict({"rotary": rotary_class(config=self.config)})
+    rotary_path = "model.rotary_emb"
 
     def run_span(
         self,

@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from swarm.checkpoint import CheckpointIndex, read_tensors
 from swarm.errors import CheckpointError
@@ -14,6 +17,22 @@ from swarm.errors import CheckpointError
 def module_tensor_names(module: nn.Module, prefix: str) -> list[str]:
     """Checkpoint names of a module's parameters and persistent buffers."""
     return [prefix + name for name in module.state_dict()]
+
+
+def checkpoint_aliases(skeleton: PreTrainedModel, index: CheckpointIndex) -> dict[str, str]:
+    """Model tensor name -> the name the checkpoint stores it under, where the two differ.
+
+    Published checkpoints keep layouts that `from_pretrained` renames on load: GPT-NeoX's `embed_out` (which
+    `save_pretrained` still writes), GPT-2 or BLOOM files without the `transformer.` prefix. This applies
+    `transformers`' own renaming rules to the index's names, so no tensor is read to find out."""
+    renamings = [rule for rule in get_model_conversion_mapping(skeleton) if isinstance(rule, WeightRenaming)]
+    model_names = skeleton.state_dict()
+    aliases: dict[str, str] = {}
+    for stored in index.shard_of:
+        name, _ = rename_source_key(stored, renamings, [], skeleton.base_model_prefix, model_names)
+        if name != stored:
+            aliases.setdefault(name, stored)
+    return aliases
 
 
 def materialize(

@@ -1,0 +1,53 @@
+"""BLOOM: ALiBi instead of positions (built from the 2D padding mask), a norm right after the embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+from swarm.models.base import ModelAdapter
+
+
+class BloomAdapter(ModelAdapter):
+    model_types = ("bloom",)
+    layers_path = "transformer.h"
+    embed_path = "transformer.word_embeddings"
+    final_norm_path = "transformer.ln_f"
+    attention = "eager"
+
+    def local_module_paths(self) -> dict[str, str]:
+        return {**super().local_module_paths(), "embed_norm": "transformer.word_embeddings_layernorm"}
+
+    def embed(self, local: nn.ModuleDict, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return local["embed_norm"](inputs_embeds)
+
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        """ALiBi spans cache + new tokens and counts real tokens only, so left padding shifts nothing."""
+        alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            layer_idx=first_layer,
+        )
+        for layer in layers:
+            hidden, _ = layer(
+                hidden,
+                layer_past=cache,
+                attention_mask=mask,
+                use_cache=cache is not None,
+                alibi=alibi,
+            )
+        return hidden

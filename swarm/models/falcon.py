@@ -1,0 +1,63 @@
+"""Falcon, both layouts: the old one (`new_decoder_architecture=False`, multi-query, rotary or ALiBi) and the
+new one (grouped KV heads, two layer norms)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+from swarm.models.base import ModelAdapter
+
+
+class FalconAdapter(ModelAdapter):
+    model_types = ("falcon",)
+    layers_path = "transformer.h"
+    embed_path = "transformer.word_embeddings"
+    final_norm_path = "transformer.ln_f"
+    rotary_path = "transformer.rotary_emb"
+
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        alibi = None
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            layer_idx=first_layer,
+            allow_is_causal_skip=False,
+        )
+        if self.config.alibi:
+            alibi = build_alibi_tensor(attention_mask, self.config.num_attention_heads, dtype=hidden.dtype)
+            mask = self._alibi_mask(mask, alibi, hidden)
+        position_embeddings = extras["rotary"](hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden, _ = layer(
+                hidden,
+                layer_past=cache,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=cache is not None,
+                alibi=alibi,
+                position_embeddings=position_embeddings,
+            )
+        return hidden
+
+    def _alibi_mask(self, causal_mask: torch.Tensor, alibi: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """SDPA takes ALiBi inside the additive mask, scaled like the scores. `FalconModel.forward` builds it
+        inline (no helper to call), so this mirrors it: the bias where the boolean mask allows, else the minimum."""
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        bias = alibi.reshape(hidden.shape[0], -1, *alibi.shape[1:]) / math.sqrt(head_dim)
+        return torch.masked_fill(bias, ~causal_mask, torch.finfo(hidden.dtype).min)

@@ -1,0 +1,50 @@
+"""GPT-2: learned absolute positions (`wpe`), added on the client before the first layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from swarm.models.base import ModelAdapter
+
+
+class GPT2Adapter(ModelAdapter):
+    model_types = ("gpt2",)
+    layers_path = "transformer.h"
+    embed_path = "transformer.wte"
+    final_norm_path = "transformer.ln_f"
+
+    def local_module_paths(self) -> dict[str, str]:
+        return {**super().local_module_paths(), "positions": "transformer.wpe"}
+
+    def embed(self, local: nn.ModuleDict, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return inputs_embeds + local["positions"](position_ids)
+
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first_layer,
+        )
+        for layer in layers:
+            hidden = layer(
+                hidden,
+                past_key_values=cache,
+                attention_mask=mask,
+                use_cache=cache is not None,
+                position_ids=position_ids,
+            )
+        return hidden

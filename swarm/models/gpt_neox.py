@@ -1,0 +1,47 @@
+"""GPT-NeoX (Pythia): rotary attention over part of each head, parallel or sequential residuals."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from swarm.models.base import ModelAdapter
+
+
+class GPTNeoXAdapter(ModelAdapter):
+    model_types = ("gpt_neox",)
+    layers_path = "gpt_neox.layers"
+    embed_path = "gpt_neox.embed_in"
+    final_norm_path = "gpt_neox.final_layer_norm"
+    rotary_path = "gpt_neox.rotary_emb"
+
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first_layer,
+        )
+        position_embeddings = extras["rotary"](hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                layer_past=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden

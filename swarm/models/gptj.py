@@ -1,0 +1,52 @@
+"""GPT-J: rotary positions from a sinusoid table each attention layer keeps; eager attention only."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
+
+from swarm.models.base import ModelAdapter
+
+
+class GPTJAdapter(ModelAdapter):
+    model_types = ("gptj",)
+    layers_path = "transformer.h"
+    embed_path = "transformer.wte"
+    final_norm_path = "transformer.ln_f"
+    attention = "eager"
+
+    def restore_buffers(self, layers: nn.ModuleList, device: torch.device) -> None:
+        for layer in layers:
+            attention = layer.attn
+            table = create_sinusoidal_positions(attention.max_positions, attention.pos_embd_dim)
+            attention.embed_positions = table.to(device)
+
+    def run_span(
+        self,
+        layers: list[nn.Module],
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> torch.Tensor:
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first_layer,
+        )
+        for layer in layers:
+            hidden, _ = layer(
+                hidden,
+                layer_past=cache,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=cache is not None,
+            )
+        return hidden
