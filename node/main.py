@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--step-timeout", type=float, help="a step computing longer ends its session (default 120)")
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
     add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    add("--quantize", choices=["int8"], help="store linear weights as int8 (CPU, float32 compute): ~4x less memory")
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar while loading")
     add(
         "--no-batching",
@@ -132,9 +133,10 @@ async def serve(settings: NodeSettings) -> None:
     device, dtype = resolve_device_and_dtype(settings, getattr(config, "dtype", None))
     model_name = model_name_from_path(model, settings.model_name)
     credentials = Credentials(settings.token, settings.tls_ca)
-    plan = await make_plan(settings, model, adapter, DTYPE_NAMES[dtype], model_name, credentials)
+    weights_dtype = settings.quantize or DTYPE_NAMES[dtype]
+    plan = await make_plan(settings, model, adapter, weights_dtype, model_name, credentials)
     start, end = plan.start, plan.end
-    print(plan.describe(adapter.num_layers, DTYPE_NAMES[dtype], settings.cache_tokens), file=sys.stderr, flush=True)
+    print(plan.describe(adapter.num_layers, weights_dtype, settings.cache_tokens), file=sys.stderr, flush=True)
     identity = NodeIdentity(
         peer_id=secrets.token_hex(8),
         model_name=model_name,
@@ -164,7 +166,7 @@ async def serve(settings: NodeSettings) -> None:
     log.info("node %s: loading layers %s of %s", identity.peer_id, format_layer_range(start, end), identity.model_name)
     loop = asyncio.get_running_loop()
     node.span = await loop.run_in_executor(
-        node.compute, LoadedSpan.load, model, start, end, device, dtype, settings.progress
+        node.compute, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize
     )
     node.throughput = await loop.run_in_executor(node.compute, node.span.measure_throughput)
     node.state = "online"

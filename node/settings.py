@@ -27,6 +27,7 @@ class NodeSettings(BaseSettings):
     cache_tokens: int = Field(65536, ge=1)
     max_batch_size: int = Field(64, ge=1)
     max_length: int = Field(8192, ge=1, description="longest sequence a session or forward may hold")
+    quantize: str | None = Field(None, description="int8: weight-only int8 linear layers (CPU)")
     batch_steps: bool = Field(True, description="run concurrent sessions' decode steps as one forward")
     max_message_bytes: int = Field(64 * 2**20, ge=1024)
     session_idle_timeout: float = Field(300.0, gt=0)

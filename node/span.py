@@ -40,8 +40,11 @@ class LoadedSpan:
         device: torch.device,
         dtype: torch.dtype,
         show_progress: bool = True,
+        quantize: str | None = None,
     ) -> LoadedSpan:
-        """Build layers [start, end) empty, then fill them from the checkpoint with a progress bar."""
+        """Build layers [start, end) empty, then fill them from the checkpoint with a progress bar.
+
+        `quantize="int8"` stores the layers' linear weights as int8 (torch's dynamic quantization)."""
         adapter = adapter_for(load_config(model))
         if not 0 <= start < end <= adapter.num_layers:
             raise ValueError(f"layers {start}-{end - 1} are outside the model's 0-{adapter.num_layers - 1}")
@@ -66,6 +69,8 @@ class LoadedSpan:
             modules = load_modules(index, wanted, device, dtype, on_tensor=advance, aliases=aliases)
         layers = nn.ModuleList(modules[str(i)] for i in range(start, end))
         adapter.restore_buffers(layers, device)
+        if quantize is not None:
+            layers = quantize_linear_layers(layers, quantize, device, dtype)
         return cls(adapter, start, end, layers, adapter.build_span_extras(skeleton, device), device, dtype, loaded)
 
     def new_cache(self) -> DynamicCache:
@@ -119,3 +124,16 @@ def _progress(enabled: bool) -> Progress:
         disable=not enabled,
         transient=False,
     )
+
+
+def quantize_linear_layers(
+    layers: nn.ModuleList, scheme: str, device: torch.device, dtype: torch.dtype
+) -> nn.ModuleList:
+    """Weight-only int8 for every `nn.Linear`, with torch's own dynamic quantization (CPU, float32 compute)."""
+    if scheme != "int8":
+        raise ValueError(f"unknown quantization {scheme!r}; supported: int8")
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError("--quantize int8 runs on CPU with float32 compute (torch's dynamic quantization)")
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8)

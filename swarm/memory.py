@@ -87,8 +87,8 @@ class ModelFootprint:
         return max(self.layer_params) * DTYPE_BYTES[dtype]
 
     def kv_bytes_per_token(self, dtype: str) -> int:
-        """Per layer; KV caches stay in the compute dtype even when weights are int8."""
-        return self.kv_values_per_token_per_layer * DTYPE_BYTES["float32" if dtype == "float32" else "bfloat16"]
+        """Per layer; KV caches stay in the compute dtype (float32 when weights are int8)."""
+        return self.kv_values_per_token_per_layer * DTYPE_BYTES["float32" if dtype == "int8" else dtype]
 
     def layers_that_fit(self, budget: int, dtype: str, cache_tokens: int) -> int:
         """How many layers' weights plus a `cache_tokens` KV cache fit in `budget` bytes."""
