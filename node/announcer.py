@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -56,10 +57,11 @@ class Announcer:
                         self._wakes[url].clear()
                         message = Announce(peer=self.peer_info(), ttl=self.interval * TTL_HEARTBEATS)
                         await request(connection, message, Ack, timeout=self.interval * 2, peer=url)
-                        try:
-                            await asyncio.wait_for(self._wakes[url].wait(), self.interval)
-                        except TimeoutError:
-                            pass
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                        # races with the event being set (announce_now during shutdown), hanging stop()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.interval):
+                                await self._wakes[url].wait()
             except (SwarmError, OSError) as exc:
                 log.info("registry %s unreachable (%s); retrying in %.1f s", url, exc, backoff)
                 await asyncio.sleep(backoff)

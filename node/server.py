@@ -228,7 +228,8 @@ class NodeServer:
         began = time.perf_counter()
         future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
         try:
-            result = await asyncio.wait_for(future, self.settings.step_timeout)
+            async with asyncio.timeout(self.settings.step_timeout):
+                result = await future
         except TimeoutError:
             raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
         self.metrics.step_seconds.observe(time.perf_counter() - began)

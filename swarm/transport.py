@@ -89,12 +89,10 @@ async def open_connection(
 ) -> tuple[ClientConnection, Welcome]:
     """Connect and exchange `hello`/`welcome`; the connection is closed again if that fails."""
     try:
-        connection = await asyncio.wait_for(
-            websockets.connect(
+        async with asyncio.timeout(timeout):
+            connection = await websockets.connect(
                 url, max_size=max_bytes, compression=None, open_timeout=timeout, ssl=credentials.ssl_context(url)
-            ),
-            timeout,
-        )
+            )
     except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
         raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
     try:

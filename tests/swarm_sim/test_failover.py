@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,6 +74,8 @@ def test_kill_9_of_a_redundant_node_mid_generation_changes_nothing(
     swarm.start_node(tiny_llama, "0-3", "--model-name", name)
     spares = [swarm.start_node(tiny_llama, "4-7", "--model-name", name) for _ in range(2)]
     swarm.wait_ready(name)
+    for spare in spares:
+        swarm.wait_online(spare)
     model = client(tiny_llama, swarm, name)
     killed: list[Process] = []
 
@@ -98,9 +99,8 @@ def test_a_lost_span_can_be_covered_by_two_smaller_nodes(
     swarm.start_node(tiny_llama, "0-3", "--model-name", name)
     whole = swarm.start_node(tiny_llama, "4-7", "--model-name", name)
     swarm.wait_ready(name)
-    swarm.start_node(tiny_llama, "4-5", "--model-name", name)
-    swarm.start_node(tiny_llama, "6-7", "--model-name", name)
-    time.sleep(8)  # let both smaller nodes come online before the kill
+    for layers in ("4-5", "6-7"):
+        swarm.wait_online(swarm.start_node(tiny_llama, layers, "--model-name", name))
     model = client(tiny_llama, swarm, name)
     chains: list[list[str]] = []
     try:
@@ -164,6 +164,8 @@ def test_sigterm_drains_a_node_and_clients_move_without_an_error(
     swarm.start_node(tiny_llama, "0-3", "--model-name", name)
     pair = [swarm.start_node(tiny_llama, "4-7", "--model-name", name) for _ in range(2)]
     swarm.wait_ready(name)
+    for node in pair:
+        swarm.wait_online(node)
     model = client(tiny_llama, swarm, name)
     drained: list[Process] = []
 
@@ -185,9 +187,12 @@ def test_a_full_node_sends_new_clients_elsewhere_and_then_says_the_swarm_is_full
 ) -> None:
     name = "fo-budget"
     session_tokens = PROMPT.shape[1] + 20
-    for _ in range(2):
+    nodes = [
         swarm.start_node(tiny_llama, "0-7", "--model-name", name, "--cache-tokens", str(session_tokens))
-    swarm.wait_ready(name)
+        for _ in range(2)
+    ]
+    for node in nodes:
+        swarm.wait_online(node)
     models = [client(tiny_llama, swarm, name) for _ in range(3)]
     try:
         sessions = [m.inference_session(max_length=session_tokens) for m in models]
