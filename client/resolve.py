@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.chain import fetch_peers
 from swarm.checkpoint import model_name_from_path
 from swarm.errors import CheckpointError, RegistryUnavailableError
 from swarm.transport import Credentials
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from client.model import DistributedModelForCausalLM
 
 SEARCH_DIRS = ("models", ".")
 
@@ -43,3 +49,24 @@ async def resolve_model(model: str | None, registries: list[str], credentials: C
 def _search_dirs() -> list[Path]:
     extra = os.environ.get("SWARM_MODELS_DIR")
     return ([Path(extra)] if extra else []) + [Path(d) for d in SEARCH_DIRS]
+
+
+def open_model(
+    model: str | None, model_name: str | None, registries: list[str], credentials: Credentials
+) -> tuple[DistributedModelForCausalLM, PreTrainedTokenizerBase]:
+    """The checkpoint a command means, loaded as a swarm client, with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from client.loop import EventLoopThread
+    from client.model import DistributedModelForCausalLM
+
+    resolver = EventLoopThread()
+    try:
+        path = resolver.run(resolve_model(model, registries, credentials))
+    finally:
+        resolver.close()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    distributed = DistributedModelForCausalLM.from_pretrained(
+        path, registries, model_name=model_name, token=credentials.token, tls_ca=credentials.ca_file
+    )
+    return distributed, tokenizer

@@ -60,6 +60,15 @@ class UnsupportedModelError(SwarmError):
     """The checkpoint's `model_type` has no adapter in `swarm.models`."""
 
 
+class InvalidRequestError(SwarmError, ValueError):
+    """A generation request asks for something this model cannot do (a prompt longer than its context, a token
+    outside its vocabulary); the message names the limit."""
+
+
+class UnknownModelError(SwarmError):
+    """A request names a model this gateway does not serve; the message lists the one it does."""
+
+
 def format_layer_range(start: int, end: int) -> str:
     """Half-open [start, end) as the inclusive form users type on the command line ("4-7")."""
     return f"{start}-{end - 1}" if end - start > 1 else f"{start}"

@@ -36,3 +36,40 @@ def test_explicit_model_and_environment_win(monkeypatch: pytest.MonkeyPatch) -> 
 def test_without_a_registry_the_embedded_model_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SWARM_MODEL", raising=False)
     assert asyncio.run(resolve_model(None, ["ws://127.0.0.1:9"], Credentials())) == default_model_path()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["serve", "--port", "9000", "--api-key", "k"], {"port": 9000, "api_key": "k", "host": "127.0.0.1"}),
+        (["chat", "--temperature", "0", "--system", "Be brief."], {"temperature": 0.0, "max_length": 2048}),
+        (["score", "f.txt", "--choices", "yes,no"], {"file": "f.txt", "choices": "yes,no", "separator": " "}),
+        (["batch", "in.jsonl", "out.jsonl"], {"input": "in.jsonl", "output": "out.jsonl", "concurrency": 4}),
+    ],
+)
+def test_every_command_takes_the_common_and_model_flags(argv: list[str], expected: dict[str, object]) -> None:
+    args = build_parser().parse_args([*argv, "--model", "m", "--registry", "ws://r:1", "--token", "t"])
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert (args.model, args.registry, args.token) == ("m", "ws://r:1", "t")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "score", "batch", "serve"])
+def test_help_shows_runnable_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    help_text = capsys.readouterr().out
+    assert "examples:" in help_text and f"  swarm-client {command} " in help_text
+
+
+def test_estimate_reports_sizes_and_nodes_needed(capsys) -> None:
+    import json
+
+    from client.cli import main
+
+    assert main(["estimate", "--memory", "2MiB", "--cache-tokens", "1024", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_layers"] == 8 and report["parameters"] > 1_000_000
+    float32 = report["dtypes"]["float32"]
+    assert float32["layers_per_node"] >= 1
+    assert float32["nodes_to_cover"] == -(-8 // float32["layers_per_node"])
+    assert report["dtypes"]["int8"]["layer_bytes"] * 4 == float32["layer_bytes"]

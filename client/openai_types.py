@@ -1,0 +1,241 @@
+"""The OpenAI completions and chat completions API as pydantic models: what the gateway and `batch` accept
+and return. Bounds live on the fields, so invalid requests fail validation (HTTP 422) before any work, and
+the OpenAPI schema at `/openapi.json` documents them. Unknown fields are refused rather than silently ignored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_CHOICES = 16
+MAX_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 4
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices before [DONE].")
+
+
+class SamplingRequest(BaseModel):
+    """Fields that completions and chat completions share. JSON `null` means "the default", as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model to use; the gateway serves one, listed by GET /v1/models.")
+    max_tokens: int | None = Field(
+        None, ge=0, description="Most tokens to generate per choice (completions default 16; chat: up to the context)."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 picks the likeliest token.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: sample from this probability mass.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to return for each prompt.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end a choice; the text excludes them."
+    )
+    seed: int | None = Field(None, ge=0, description="Makes sampling reproducible for the same request.")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token generated at least once."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Times each token's count so far, subtracted from its logit."
+    )
+    stream: bool = Field(False, description="Send choices as server-sent events as they are generated.")
+    stream_options: StreamOptions | None = Field(None, description="Options for streaming (`include_usage`).")
+    user: str | None = Field(None, description="End-user identifier; accepted for compatibility, not used.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data: Any) -> Any:
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> SamplingRequest:
+        stops = self.stop_sequences
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}")
+        if any(not stop for stop in stops):
+            raise ValueError("stop: sequences must not be empty")
+        return self
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions, and one line of a `swarm-client batch` input file."""
+
+    prompt: Prompt = Field(
+        description="Text to continue: a string, a list of strings (one result set each), or token ids.",
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return each token's log-probability and this many alternatives."
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs if asked).")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Generate this many, return the `n` with the best mean logprob."
+    )
+
+    @model_validator(mode="after")
+    def _check_best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and (self.best_of or self.n) > self.n:
+            raise ValueError("best_of cannot be combined with stream")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: give at least one prompt")
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="The message text, or a list of text parts.")
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
+    max_completion_tokens: int | None = Field(None, ge=0, description="Newer name for `max_tokens`.")
+    logprobs: bool = Field(False, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Alternatives to return per token (needs `logprobs`)."
+    )
+
+    @model_validator(mode="after")
+    def _check_top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """Per token, as OpenAI's legacy completions API: text, log-probability, alternatives, character offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="None for the first prompt token (nothing precedes it).")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="Where each token starts in prompt + completion text.")
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """A completions response, or one streamed chunk of it (then `usage` is null until the end)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "swarm"
+    max_model_len: int = Field(description="Context length: prompt plus generated tokens.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the gateway returns, shaped like OpenAI's so its clients show the message."""
+
+    error: ErrorDetail
