@@ -57,7 +57,7 @@ def test_sixteen_sessions_survive_a_minute_of_random_node_deaths(
         kills = 0
         deadline = time.monotonic() + CHAOS_SECONDS
         while time.monotonic() < deadline and not failures:
-            time.sleep(chaos.uniform(3.0, 6.0))
+            time.sleep(chaos.uniform(0.5, 2.0))
             span = chaos.choice(sorted(replicas))
             index = chaos.randrange(2)
             victim = replicas[span][index]
@@ -72,7 +72,7 @@ def test_sixteen_sessions_survive_a_minute_of_random_node_deaths(
         model.close()
         assert not any(worker.is_alive() for worker in workers), "a session hung"
     assert not failures, failures
-    assert kills >= 8
+    assert kills >= 4  # a restarted node needs several seconds to load and announce
     assert all(count >= 1 for count in rounds), rounds
 
 
