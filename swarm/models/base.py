@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
 
 
 class ModelAdapter(ABC):
@@ -60,6 +61,27 @@ class ModelAdapter(ABC):
 
     def logits(self, local: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
         return local["lm_head"](local["final_norm"](hidden))
+
+    def causal_mask(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        position_ids: torch.Tensor | None,
+        first_layer: int,
+        allow_is_causal_skip: bool = True,
+    ) -> object:
+        """The mask exactly as the family's own model builds it, sized against the cache of `first_layer`
+        (a node's cache only holds its own layers). Families whose model passes no positions pass None."""
+        return create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first_layer,
+            allow_is_causal_skip=allow_is_causal_skip,
+        )
 
     def build_span_extras(self, skeleton: PreTrainedModel, device: torch.device) -> nn.ModuleDict:
         """Parameter-free modules a span needs besides its layers: the family's own rotary module, if any.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from swarm.models.base import ModelAdapter
@@ -35,13 +34,7 @@ class BloomAdapter(ModelAdapter):
     ) -> torch.Tensor:
         """ALiBi spans cache + new tokens and counts real tokens only, so left padding shifts nothing."""
         alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=first_layer,
-        )
+        mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer)
         for layer in layers:
             hidden, _ = layer(
                 hidden,

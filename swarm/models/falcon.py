@@ -7,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from swarm.models.base import ModelAdapter
@@ -31,14 +30,7 @@ class FalconAdapter(ModelAdapter):
         first_layer: int,
     ) -> torch.Tensor:
         alibi = None
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=first_layer,
-            allow_is_causal_skip=False,
-        )
+        mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer, allow_is_causal_skip=False)
         if self.config.alibi:
             alibi = build_alibi_tensor(attention_mask, self.config.num_attention_heads, dtype=hidden.dtype)
             mask = self._alibi_mask(mask, alibi, hidden)

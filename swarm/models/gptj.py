@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
 
 from swarm.models.base import ModelAdapter
@@ -33,14 +32,7 @@ class GPTJAdapter(ModelAdapter):
         cache: object | None,
         first_layer: int,
     ) -> torch.Tensor:
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=first_layer,
-        )
+        mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
         for layer in layers:
             hidden, _ = layer(
                 hidden,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from swarm.models.base import ModelAdapter
 
@@ -26,14 +25,7 @@ class LlamaAdapter(ModelAdapter):
         cache: object | None,
         first_layer: int,
     ) -> torch.Tensor:
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=first_layer,
-        )
+        mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
         position_embeddings = extras["rotary"](hidden, position_ids)
         for layer in layers:
             hidden = layer(

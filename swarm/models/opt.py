@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from swarm.models.base import ModelAdapter
 
@@ -48,13 +47,7 @@ class OPTAdapter(ModelAdapter):
         cache: object | None,
         first_layer: int,
     ) -> torch.Tensor:
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            layer_idx=first_layer,
-        )
+        mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer)
         for layer in layers:
             hidden = layer(
                 hidden,
