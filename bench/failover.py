@@ -48,7 +48,7 @@ class KillAndClock(LogitsProcessor):
 
 def kill_node_in_use(model: DistributedModelForCausalLM, candidates: list[Process], killed: list[Process]) -> None:
     """kill -9 whichever candidate the running generation's chain goes through."""
-    in_use = {link.link.peer.address for link in model._owned_caches()[-1].session.links}
+    in_use = set(model.current_chain())
     killed.append(next(node for node in candidates if node.address in in_use))
     killed[-1].kill()
 

@@ -145,6 +145,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self._generate_caches.stack = []
         return self._generate_caches.stack
 
+    def current_chain(self) -> list[str]:
+        """Peer addresses the `generate()` running on this thread goes through (e.g. from a logits processor)."""
+        owned = self._owned_caches()
+        if not owned or owned[-1].session is None:
+            return []
+        return [link.link.peer.address for link in owned[-1].session.links]
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         owned = self._owned_caches()
         depth = len(owned)

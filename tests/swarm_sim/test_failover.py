@@ -51,13 +51,8 @@ def client(tiny_llama: Path, swarm: LocalSwarm, name: str, **kwargs: object) -> 
     )
 
 
-def chain_addresses(model: DistributedModelForCausalLM) -> list[str]:
-    """Addresses in the chain of the generation running on this thread (test-only introspection)."""
-    return [link.link.peer.address for link in model._owned_caches()[-1].session.links]
-
-
 def serving(nodes: list[Process], model: DistributedModelForCausalLM) -> Process:
-    in_use = set(chain_addresses(model))
+    in_use = set(model.current_chain())
     [node] = [node for node in nodes if node.address in in_use]
     return node
 
@@ -104,7 +99,7 @@ def test_a_lost_span_can_be_covered_by_two_smaller_nodes(
     model = client(tiny_llama, swarm, name)
     chains: list[list[str]] = []
     try:
-        output = generate_with(model, 30, lambda: (chains.append(chain_addresses(model)), whole.kill()))
+        output = generate_with(model, 30, lambda: (chains.append(model.current_chain()), whole.kill()))
     finally:
         model.close()
     assert whole.address in chains[0] and len(chains[0]) == 2
