@@ -10,7 +10,6 @@ error, next-token agreement, and whether 32-token greedy continuations stay iden
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 from pathlib import Path
@@ -36,13 +35,6 @@ PROMPTS = [
     "The bird sang a happy song",
     "Ben found a shiny rock. He",
 ]
-
-
-def state_bytes(module: torch.nn.Module) -> int:
-    """Serialized size of the module's state, which counts packed int8 weights too."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.tell()
 
 
 def greedy(model: AutoModelForCausalLM, span: LoadedSpan, ids: torch.Tensor, new_tokens: int) -> list[int]:
@@ -82,7 +74,7 @@ def main() -> int:
             errors.append((approx - reference).abs().max().item())
             agreement.append((approx.argmax(-1) == reference.argmax(-1)).float().mean().item())
             identical += greedy(model, exact, ids, args.new_tokens) == greedy(model, int8, ids, args.new_tokens)
-    memory = {"float32": state_bytes(exact.layers), "int8": state_bytes(int8.layers)}
+    memory = {"float32": exact.weight_bytes, "int8": int8.weight_bytes}
     result = {
         "layer_bytes": memory,
         "memory_ratio": memory["int8"] / memory["float32"],

@@ -44,7 +44,7 @@ class LoadedSpan:
     ) -> LoadedSpan:
         """Build layers [start, end) empty, then fill them from the checkpoint with a progress bar.
 
-        `quantize="int8"` stores the layers' linear weights as int8 (torch's dynamic quantization)."""
+        `quantize="int8"` stores the layers' linear weights as int8 (torchao, weight-only)."""
         adapter = adapter_for(load_config(model))
         if not 0 <= start < end <= adapter.num_layers:
             raise ValueError(f"layers {start}-{end - 1} are outside the model's 0-{adapter.num_layers - 1}")
@@ -72,6 +72,12 @@ class LoadedSpan:
         if quantize is not None:
             layers = quantize_linear_layers(layers, quantize, device, dtype)
         return cls(adapter, start, end, layers, adapter.build_span_extras(skeleton, device), device, dtype, loaded)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Memory the layers' parameters and buffers take, int8 weights and their scales included."""
+        tensors = [*self.layers.parameters(), *self.layers.buffers()]
+        return sum(tensor_storage_bytes(tensor) for tensor in tensors)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.adapter.config)
@@ -129,11 +135,21 @@ def _progress(enabled: bool) -> Progress:
 def quantize_linear_layers(
     layers: nn.ModuleList, scheme: str, device: torch.device, dtype: torch.dtype
 ) -> nn.ModuleList:
-    """Weight-only int8 for every `nn.Linear`, with torch's own dynamic quantization (CPU, float32 compute)."""
+    """Weight-only int8 for every `nn.Linear`, with torchao (`Int8WeightOnlyConfig`): int8 weights with one
+    scale per output channel, activations and compute stay in `dtype`; the same on CPU and GPU."""
     if scheme != "int8":
         raise ValueError(f"unknown quantization {scheme!r}; supported: int8")
-    if device.type != "cpu" or dtype != torch.float32:
-        raise ValueError("--quantize int8 runs on CPU with float32 compute (torch's dynamic quantization)")
-    from torch.ao.quantization import quantize_dynamic
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ValueError("--quantize int8 needs torchao: pip install torchao") from exc
+    quantize_(layers, Int8WeightOnlyConfig(), device=device)
+    return layers
 
-    return quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8)
+
+def tensor_storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes behind a tensor; a quantized tensor subclass (torchao) counts the tensors it is made of."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_storage_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
