@@ -5,6 +5,12 @@ those that are plain single-token decode steps over the same layers run together
 left-padded into one temporary batch (padding masked out), the span runs once, and each session's
 new keys/values are appended back to its own cache. Everything else (prefills, beam reorders,
 caches of other layer types) runs alone, exactly as before.
+
+A step longer than `chunk_tokens` (`--prefill-chunk`) runs one chunk per round: after each chunk it
+goes back in the queue behind the steps that arrived meanwhile, so a long prompt delays other
+sessions' decode steps by one chunk, not by the whole prompt. Its reply is the chunks' outputs
+joined along the token dimension. A step that fails, whole or in any chunk, leaves its session as it
+was before the step (`SessionCheckpoint`). A session's steps run in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from node.chunking import ChunkedStep, SessionCheckpoint
 from node.sessions import Session
 from node.span import LoadedSpan
 from node.validation import StepInputs
@@ -31,6 +38,7 @@ class PendingStep:
     session: Session
     inputs: StepInputs
     done: asyncio.Future[torch.Tensor] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    chunked: ChunkedStep | None = None
 
     @property
     def batchable(self) -> bool:
@@ -41,19 +49,35 @@ class PendingStep:
         return self.session.start, self.session.end
 
 
-def run_alone(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:
-    """Apply one validated step to a session's cache; on failure the cache is cut back to before it."""
+def run_alone(
+    span: LoadedSpan, session: Session, inputs: StepInputs, checkpoint: SessionCheckpoint | None = None
+) -> torch.Tensor:
+    """Apply one validated step (or chunk of one) to a session's cache; on failure the session goes back to
+    `checkpoint`, by default its state before this call."""
+    if checkpoint is None:
+        checkpoint = SessionCheckpoint.of(session, inputs.hypo_ids is not None)
+    try:
+        return _apply(span, session, inputs)
+    except BaseException:
+        checkpoint.restore(session)
+        raise
+
+
+def run_next_chunk(span: LoadedSpan, session: Session, step: ChunkedStep) -> torch.Tensor | None:
+    """The next chunk of a long step; after the last one, the whole step's output (joined here, on the
+    compute thread, rather than on the event loop)."""
+    step.outputs.append(run_alone(span, session, step.next_chunk, step.checkpoint))
+    return torch.cat(step.outputs, dim=1) if step.finished else None
+
+
+def _apply(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:
     if inputs.hypo_ids is not None:
         session.cache.reorder_cache(inputs.hypo_ids.to(span.device))
         session.attention_mask = session.attention_mask[inputs.hypo_ids]
         if session.last_positions is not None:
             session.last_positions = session.last_positions[inputs.hypo_ids]
     mask = torch.cat([session.attention_mask, inputs.attention_mask], dim=1)
-    try:
-        hidden = span.forward(inputs.hidden, inputs.position_ids, mask, session.cache, session.start, session.end)
-    except BaseException:
-        session.cache.crop(session.length)
-        raise
+    hidden = span.forward(inputs.hidden, inputs.position_ids, mask, session.cache, session.start, session.end)
     _advance(session, mask, inputs)
     return hidden
 
@@ -127,7 +151,8 @@ def _advance(session: Session, mask: torch.Tensor, inputs: StepInputs) -> None:
 
 
 class StepBatcher:
-    """Queues steps and feeds the compute thread one round at a time, batching what it can."""
+    """Queues steps and feeds the compute thread one round at a time: batching what it can, and cutting
+    steps longer than `chunk_tokens` into chunks that take turns with other steps (0: never cut)."""
 
     def __init__(
         self,
@@ -135,20 +160,35 @@ class StepBatcher:
         span: Callable[[], LoadedSpan],
         on_batch: Callable[[int], None],
         enabled: bool = True,
+        chunk_tokens: int = 256,
     ) -> None:
         self._compute = compute
         self._span = span
         self._on_batch = on_batch
         self.enabled = enabled
+        self.chunk_tokens = chunk_tokens
         self._queue: asyncio.Queue[PendingStep] = asyncio.Queue()
+        self._latest: dict[int, PendingStep] = {}  # by id(session): its last submitted step, which the next awaits
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, session: Session, inputs: StepInputs) -> torch.Tensor:
+        """The step's output, computed only after every step submitted earlier on the same session."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work())
-        pending = PendingStep(session, inputs)
-        await self._queue.put(pending)
-        return await pending.done
+        pending, key = PendingStep(session, inputs), id(session)
+        ahead, self._latest[key] = self._latest.get(key), pending
+        queued = False
+        try:
+            if ahead is not None:
+                await asyncio.wait([ahead.done])
+            self._queue.put_nowait(pending)
+            queued = True
+            return await pending.done
+        finally:
+            if not queued:  # cancelled while waiting its turn: the step behind it must not wait forever
+                pending.done.cancel()
+            if self._latest.get(key) is pending:
+                del self._latest[key]
 
     async def _work(self) -> None:
         while True:
@@ -169,7 +209,15 @@ class StepBatcher:
         return [group for group in groups.values()] + alone
 
     async def _run(self, group: list[PendingStep]) -> None:
-        span = self._span()
+        group = [step for step in group if not _abandoned(step)]
+        if not group:
+            return
+        try:
+            span = self._span()
+        except ProtocolError as exc:  # the node stopped taking work while these steps waited
+            for step in group:
+                _fail_waiting(step, exc)
+            return
         if can_batch(group):
             try:
                 outputs = await self._compute(run_batched, span, group)
@@ -185,12 +233,46 @@ class StepBatcher:
                     _settle(step, output)
                 return
         for step in group:
+            if step.chunked is not None or 0 < self.chunk_tokens < step.inputs.hidden.shape[1]:
+                await self._run_chunk(span, step)
+                continue
             try:
                 output = await self._compute(run_alone, span, step.session, step.inputs)
             except Exception as exc:  # handed to the step's own request
                 _settle(step, exc)
             else:
                 _settle(step, output)
+
+    async def _run_chunk(self, span: LoadedSpan, step: PendingStep) -> None:
+        """One chunk of a long step; while chunks remain, the step goes back in the queue behind what waits."""
+        if step.chunked is None:
+            step.chunked = ChunkedStep.start(step.session, step.inputs, self.chunk_tokens)
+        try:
+            output = await self._compute(run_next_chunk, span, step.session, step.chunked)
+        except Exception as exc:  # the chunk already put the session back (past --step-timeout, the session ends)
+            _settle(step, exc)
+            return
+        if output is None:
+            self._queue.put_nowait(step)
+        else:
+            _settle(step, output)
+
+
+def _abandoned(step: PendingStep) -> bool:
+    """Nobody awaits the step any more (its request was cancelled): it is skipped, and the chunks of it
+    already run are undone, so the session's next step finds the session as its client last saw it."""
+    if not step.done.cancelled():
+        return False
+    if step.chunked is not None:
+        step.chunked.checkpoint.restore(step.session)
+    return True
+
+
+def _fail_waiting(step: PendingStep, error: BaseException) -> None:
+    """Fail a step that is not on the compute thread, undoing the chunks it has already run."""
+    if step.chunked is not None:
+        step.chunked.checkpoint.restore(step.session)
+    _settle(step, error)
 
 
 def _settle(step: PendingStep, outcome: torch.Tensor | BaseException) -> None:

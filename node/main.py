@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="run every session's step alone (batching concurrent decode steps is on by default)",
     )
+    add(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="compute steps longer than N tokens (long prompts) N tokens at a time, letting other sessions' "
+        "steps run in between; 0 never splits (default 256)",
+    )
     add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return parser
 

@@ -84,7 +84,11 @@ class NodeServer:
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.metrics = NodeMetrics(self.sessions, lambda: self.state)
         self.batcher = StepBatcher(
-            self._compute, self._ready_span, self.metrics.batched_steps.inc, enabled=settings.batch_steps
+            self._compute,
+            self._ready_span,
+            self.metrics.batched_steps.inc,
+            enabled=settings.batch_steps,
+            chunk_tokens=settings.prefill_chunk,
         )
 
     def peer_info(self) -> PeerInfo:
