@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--step-timeout", type=float, help="a step computing longer ends its session (default 120)")
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
     add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
-    add("--quantize", choices=["int8"], help="store linear weights as int8 (CPU, float32 compute): ~4x less memory")
+    add("--quantize", choices=["int8"], help="store linear weights as int8 (torchao, weight-only; CPU or GPU)")
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar while loading")
     add(
         "--no-batching",
