@@ -6,6 +6,7 @@ and the report is the ratio swarm/local plus the overhead each hop adds per toke
     python bench/latency.py --preset tiny
     python bench/latency.py --preset 250m --nodes 1,2,3 --repeats 3
     python bench/latency.py --preset tiny --family bloom    # any supported model_type, at the preset's size
+    python bench/latency.py --preset tiny --compression int8-block   # 8-bit hidden states on the wire
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def time_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
     return intervals
 
 
+def logits_error(remote: torch.nn.Module, local: torch.nn.Module, prompt: torch.Tensor) -> float:
+    """||swarm - local|| / ||local|| over the prompt's logits: 0 without compression (float32 nodes)."""
+    with torch.inference_mode():
+        reference = local(prompt).logits
+        return ((remote(prompt).logits - reference).norm() / reference.norm()).item()
+
+
 def spans(num_layers: int, parts: int) -> list[str]:
     bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
     return [f"{a}-{b - 1}" for a, b in itertools.pairwise(bounds)]
@@ -60,6 +68,12 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--compression",
+        choices=["none", "int8-block"],
+        default="none",
+        help="hidden states on the wire; the report adds the logits' error against the local model",
+    )
     parser.add_argument("--json", type=Path, help="where to write results (default bench/results/latency-PRESET.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -67,6 +81,7 @@ def main() -> int:
     model_path = args.model or build_random_model(args.preset, cache_dir / f"{args.family}-{args.preset}", args.family)
     random_name = args.preset if args.family == "llama" else f"{args.family}-{args.preset}"
     label = args.model.name if args.model else random_name
+    suffix = "" if args.compression == "none" else f"-{args.compression}"
 
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers
@@ -83,22 +98,26 @@ def main() -> int:
             for layers in spans(num_layers, parts):
                 swarm.start_node(model_path, layers)
             swarm.wait_ready()
-            remote = DistributedModelForCausalLM.from_pretrained(model_path, registry=swarm.registry_url)
+            remote = DistributedModelForCausalLM.from_pretrained(
+                model_path, registry=swarm.registry_url, compression=args.compression
+            )
             try:
                 time_generate(remote, prompt, 4, 1)
                 swarm_ms = median(time_generate(remote, prompt, args.new_tokens, args.repeats))
+                error = logits_error(remote, local, prompt)
             finally:
                 remote.close()
         local_intervals += time_generate(local, prompt, args.new_tokens, 1)  # baseline spread over the run
-        rows.append({"nodes": parts, "swarm_ms_per_token": swarm_ms})
+        rows.append({"nodes": parts, "swarm_ms_per_token": swarm_ms, "logits_relative_error": error})
     local_ms = median(local_intervals)
     for row in rows:
         row["local_ms_per_token"] = local_ms
         row["ratio"] = row["swarm_ms_per_token"] / local_ms
         row["overhead_ms_per_hop"] = (row["swarm_ms_per_token"] - local_ms) / row["nodes"]
 
-    table = Table(title=f"decode latency, {label} ({num_layers} layers), {args.new_tokens} new tokens, medians")
-    for column in ("nodes", "local ms/token", "swarm ms/token", "swarm/local", "overhead ms/hop"):
+    title = f"decode latency, {label} ({num_layers} layers), {args.new_tokens} new tokens, medians"
+    table = Table(title=f"{title}, compression {args.compression}")
+    for column in ("nodes", "local ms/token", "swarm ms/token", "swarm/local", "overhead ms/hop", "logits rel. err"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -107,9 +126,10 @@ def main() -> int:
             f"{row['swarm_ms_per_token']:.2f}",
             f"{row['ratio']:.3f}",
             f"{row['overhead_ms_per_hop']:.3f}",
+            f"{row['logits_relative_error']:.2e}",
         )
     Console().print(table)
-    out = args.json or Path(__file__).parent / "results" / f"latency-{label}.json"
+    out = args.json or Path(__file__).parent / "results" / f"latency-{label}{suffix}.json"
     write_json(
         out,
         {
@@ -119,6 +139,7 @@ def main() -> int:
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
+            "compression": args.compression,
             "results": rows,
         },
     )

@@ -153,6 +153,7 @@ def run(args: argparse.Namespace, registries: list[str], credentials: Credential
     try:
         errors = run_batch(engine, inputs, Path(args.output), args.concurrency)
     finally:
+        engine.close()
         model.close()
     if errors:
         print(f"swarm-client: {errors} line(s) failed; their errors are in {args.output}", file=sys.stderr)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from swarm.errors import MissingLayersError, RegistryUnavailableError
+from swarm.protocol import Codec, PeerInfo
 from swarm.registry_client import fetch_peers
 from swarm.routing import Link, missing_ranges, plan_route
 from swarm.transport import Credentials
@@ -29,7 +30,12 @@ class ChainPlanner:
     num_layers: int
     credentials: Credentials = field(default_factory=Credentials)
     failover_wait: float = DEFAULT_FAILOVER_WAIT
+    compression: Codec = "raw"
+    """Codec for hidden states sent to peers that advertise it; the others get `raw`."""
     _bans: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer_id -> (until, duration)
+
+    def codec_for(self, peer: PeerInfo) -> Codec:
+        return self.compression if self.compression in peer.codecs else "raw"
 
     def ban(self, peer_id: str, now: float | None = None) -> float:
         """Keep a failed peer out of new chains for a while, longer each time it fails again."""

@@ -2,8 +2,9 @@
 the gateway (`swarm-client serve`) and `swarm-client batch`.
 
 A request becomes a `GenerationJob` (prompts as token ids, checked against the context length), then one
-batched `generate()` call over every prompt times every choice, on its own swarm session. Calls are
-synchronous and thread-safe, so a server runs several at once in worker threads.
+batched decoding job over every prompt times every choice, on its own swarm session. Calls are synchronous
+and thread-safe, so a server runs several at once in worker threads; their jobs share the `DecodeScheduler`'s
+ticks, so the client's per-token work and the nodes' forwards are batched across requests.
 """
 
 from __future__ import annotations
@@ -12,14 +13,23 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+)
 
 from client.chat_format import chat_prompt_ids, chat_stop_strings, render_chat
 from client.decoding import ChoiceTracker, StepLogprobs, TextAssembler, TokenEntry
 from client.model import DistributedModelForCausalLM
 from client.openai_types import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest, Usage
 from client.sampling import PresenceFrequencyPenalty, sampling_processors
+from client.scheduler import DecodeScheduler
 from client.scoring import left_pad, score_sequences, token_entries
 from swarm.errors import InvalidRequestError, UnknownModelError
 
@@ -89,6 +99,9 @@ class CompletionEngine:
         self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.generation_config.pad_token_id
         self.pad_id: int = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.scheduler = DecodeScheduler(model) if isinstance(model, DistributedModelForCausalLM) else None
+        self.decode = self.scheduler.generate if self.scheduler is not None else partial(greedy_generate, model)
+        """Runs decoding: concurrent requests share the scheduler's ticks (a plain local model decodes alone)."""
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.name:
@@ -215,21 +228,48 @@ class CompletionEngine:
             processors.append(PresenceFrequencyPenalty(input_ids.shape[1], job.presence_penalty, job.frequency_penalty))
         processors += sampling_processors(job.temperature, job.top_p, seed=job.seed)
         tracker = ChoiceTracker(assemblers, recorder, job.logprobs or 0, on_step, cancel)
-        config = GenerationConfig(
+        self.decode(
+            input_ids,
+            mask,
             max_new_tokens=job.max_new_tokens,
-            do_sample=False,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([tracker]),
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
         )
-        self.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList(processors),
-            stopping_criteria=StoppingCriteriaList([tracker]),
-        )
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+
+def greedy_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    eos_token_id: list[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """`DecodeScheduler.generate`'s contract on a model of one process (no swarm): Hugging Face's own loop."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+    )
 
 
 class _Releases:

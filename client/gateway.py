@@ -1,9 +1,10 @@
 """`swarm-client serve`: an HTTP gateway that speaks OpenAI's completions and chat completions API (and the
 GPT-API style `POST /generate`) for one model served by the swarm.
 
-`generate()` blocks, so every request runs in a worker thread (at most `--max-concurrency` at once), each on
-its own swarm session; one `DistributedModelForCausalLM` serves them all. Streaming responses are server-sent
-events fed from `generate()` step by step. Errors are JSON shaped like OpenAI's, with status codes a client can
+Decoding blocks, so every request runs in a worker thread (at most `--max-concurrency` at once), each on its
+own swarm session; one `DistributedModelForCausalLM` serves them all, and the engine's `DecodeScheduler`
+advances concurrent requests together (batched on the client and on the nodes). Streaming responses are
+server-sent events fed step by step. Errors are JSON shaped like OpenAI's, with status codes a client can
 act on: 422/400 invalid request, 401 wrong key, 404 unknown model, 429 swarm full, 503 layers missing.
 """
 
@@ -258,5 +259,6 @@ def run(args: argparse.Namespace, registries: list[str], credentials: Credential
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:
+        engine.close()
         model.close()
     return 0

@@ -21,13 +21,15 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.chain import DEFAULT_FAILOVER_WAIT, ChainPlanner
+from client.channel import ChannelPool
 from client.loop import EventLoopThread
 from client.remote_cache import RemoteSessionCache
-from client.session import ChainSession, forward_through
+from client.session import STEP_TIMEOUT, ChainSession, forward_through
 from swarm.checkpoint import CheckpointIndex, checkpoint_dir, load_config, model_name_from_path
 from swarm.errors import SwarmError
 from swarm.models import ModelAdapter, adapter_for
 from swarm.models.loading import checkpoint_aliases, load_modules
+from swarm.protocol import CODECS, Codec
 from swarm.settings import parse_registries
 from swarm.transport import Credentials
 
@@ -38,6 +40,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as `generate()` derives them: count real tokens, padding sits at 0."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
+
+
+def parse_compression(compression: str | None) -> Codec:
+    """The codec behind a `compression` option: None or "none" sends raw tensors."""
+    if compression in (None, "none"):
+        return "raw"
+    if compression not in CODECS:
+        raise ValueError(f"unknown compression {compression!r}; use one of none, {', '.join(CODECS[1:])}")
+    return compression  # type: ignore[return-value]
 
 
 def load_local_modules(model: str | Path, adapter: ModelAdapter, dtype: torch.dtype) -> nn.ModuleDict:
@@ -73,6 +84,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.local = local
         self.planner = planner
         self.runner = EventLoopThread()
+        self.channels = ChannelPool(planner.credentials, STEP_TIMEOUT)
         self._generate_caches = threading.local()
 
     @classmethod
@@ -86,11 +98,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tls_ca: str | None = None,
         dtype: torch.dtype = torch.float32,
         failover_wait: float = DEFAULT_FAILOVER_WAIT,
+        compression: str | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the local modules of checkpoint `model` and route its layers through `registry`.
 
         `token` enters a private swarm; `tls_ca` trusts a private CA for `wss://` peers;
-        `failover_wait` is how long to wait for a lost span to be served again."""
+        `failover_wait` is how long to wait for a lost span to be served again; `compression="int8-block"`
+        sends hidden states as 8-bit blocks (~1/4 of float32's bytes, slightly inexact) to peers that
+        advertise it."""
+        codec = parse_compression(compression)
         config = load_config(model)
         adapter = adapter_for(config)
         local = load_local_modules(model, adapter, dtype)
@@ -100,6 +116,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             adapter.num_layers,
             Credentials(token, tls_ca),
             failover_wait,
+            codec,
         )
         instance = cls(config, adapter, local, planner)
         generation_file = checkpoint_dir(model) / "generation_config.json"
@@ -185,7 +202,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
-            hidden = self.adapter.embed(self.local, inputs_embeds.to(self.dtype), position_ids)
+            hidden = self.first_hidden(inputs_embeds, position_ids)
             if isinstance(past_key_values, RemoteSessionCache):
                 hidden = self.runner.run(
                     self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])
@@ -197,11 +214,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 hidden = hidden[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden = hidden[:, logits_to_keep]
-            logits = self.adapter.logits(self.local, hidden).float()
+            logits = self.head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def first_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """What enters the first remote layer: token embeddings plus whatever the family adds locally."""
+        return self.adapter.embed(self.local, inputs_embeds.to(self.dtype), position_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits from the last remote layer's hidden states (final norm and LM head, run here)."""
+        return self.adapter.logits(self.local, hidden.to(self.dtype)).float()
 
     async def _session_step(
         self,
@@ -214,11 +239,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
         if cache.session is None:
             max_length = cache.max_length or self.config.max_position_embeddings
-            cache.session = await ChainSession.open(self.planner, max_length, hidden.shape[0])
+            cache.session = await ChainSession.open(self.planner, self.channels, max_length, hidden.shape[0])
         out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
         cache.seen_tokens += hidden.shape[1]
         return out
 
     def close(self) -> None:
         """Stop the client's network thread; sessions still open are dropped by their peers."""
+        if self.runner.loop.is_running():
+            self.runner.run(self.channels.close(), timeout=10)
         self.runner.close()

@@ -52,7 +52,11 @@ def _search_dirs() -> list[Path]:
 
 
 def open_model(
-    model: str | None, model_name: str | None, registries: list[str], credentials: Credentials
+    model: str | None,
+    model_name: str | None,
+    registries: list[str],
+    credentials: Credentials,
+    compression: str | None = None,
 ) -> tuple[DistributedModelForCausalLM, PreTrainedTokenizerBase]:
     """The checkpoint a command means, loaded as a swarm client, with its tokenizer."""
     from transformers import AutoTokenizer
@@ -67,6 +71,11 @@ def open_model(
         resolver.close()
     tokenizer = AutoTokenizer.from_pretrained(path)
     distributed = DistributedModelForCausalLM.from_pretrained(
-        path, registries, model_name=model_name, token=credentials.token, tls_ca=credentials.ca_file
+        path,
+        registries,
+        model_name=model_name,
+        token=credentials.token,
+        tls_ca=credentials.ca_file,
+        compression=compression,
     )
     return distributed, tokenizer

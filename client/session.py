@@ -14,9 +14,9 @@ import secrets
 from dataclasses import dataclass
 
 import torch
-from websockets.asyncio.client import ClientConnection
 
 from client.chain import ChainPlanner, describe_chain
+from client.channel import ChannelPool, PeerChannel
 from swarm.errors import (
     MissingLayersError,
     PeerUnreachableError,
@@ -28,13 +28,13 @@ from swarm.errors import (
 from swarm.protocol import (
     WIRE_DTYPES,
     CloseSession,
+    Codec,
     Forward,
     ForwardResult,
     OpenSession,
     SessionClosed,
     SessionOpened,
     Step,
-    StepResult,
     WireTensor,
 )
 from swarm.routing import Link
@@ -50,9 +50,9 @@ RETRYABLE_CODES = frozenset({"busy", "internal", "unknown_session"})
 """Error codes after which another peer may well succeed (full, draining, crashed, restarted)."""
 
 
-def wire_hidden(hidden: torch.Tensor, peer_dtype: str) -> WireTensor:
+def wire_hidden(hidden: torch.Tensor, peer_dtype: str, codec: Codec = "raw") -> WireTensor:
     """Hidden states in the dtype the peer computes in, so it never converts them again."""
-    return WireTensor.from_torch(hidden.to(WIRE_DTYPES[peer_dtype]))
+    return WireTensor.from_torch(hidden.to(WIRE_DTYPES[peer_dtype]), codec)
 
 
 @dataclass(frozen=True)
@@ -66,65 +66,67 @@ class StepInputs:
 
 
 class LinkSession:
-    """One link of a chain: a session on one peer over layers [start, end), on its own connection."""
+    """One link of a chain: a session on one peer over layers [start, end), on the channel this client
+    shares with every other session it holds on that peer.
 
-    def __init__(self, link: Link, connection: ClientConnection, session_id: str) -> None:
+    Hidden states go out in `codec` (which the peer must advertise); the peer answers in the same one."""
+
+    def __init__(self, link: Link, channel: PeerChannel, session_id: str, codec: Codec = "raw") -> None:
         self.link = link
-        self.connection = connection
+        self.channel = channel
         self.session_id = session_id
+        self.codec = codec
         self.history: list[StepInputs] = []
         self._step_ids = itertools.count()
 
     @classmethod
-    async def open(cls, link: Link, max_length: int, batch_size: int, credentials: Credentials) -> LinkSession:
-        connection, _ = await open_connection(link.peer.address, credentials, agent="swarm-client")
+    async def open(
+        cls, link: Link, max_length: int, batch_size: int, channels: ChannelPool, codec: Codec = "raw"
+    ) -> LinkSession:
+        channel = await channels.get(link.peer.address)
         session_id = secrets.token_hex(8)
-        try:
-            message = OpenSession(
-                session_id=session_id, start=link.start, end=link.end, max_length=max_length, batch_size=batch_size
-            )
-            await request(connection, message, SessionOpened, timeout=STEP_TIMEOUT, peer=link.peer.address)
-        except BaseException:
-            await connection.close()
-            raise
-        return cls(link, connection, session_id)
+        message = OpenSession(
+            session_id=session_id, start=link.start, end=link.end, max_length=max_length, batch_size=batch_size
+        )
+        await channel.request(message, SessionOpened, timeout=STEP_TIMEOUT)
+        return cls(link, channel, session_id, codec)
 
     async def step(self, inputs: StepInputs) -> torch.Tensor:
         message = Step.model_construct(
             type="step",
             session_id=self.session_id,
             step_id=next(self._step_ids),
-            hidden=wire_hidden(inputs.hidden, self.link.peer.dtype),
+            hidden=wire_hidden(inputs.hidden, self.link.peer.dtype, self.codec),
             position_ids=inputs.position_ids,
             attention_mask=inputs.attention_mask,
             hypo_ids=inputs.hypo_ids,
         )
-        reply = await request(self.connection, message, StepResult, timeout=STEP_TIMEOUT, peer=self.link.peer.address)
+        reply = await self.channel.step(message)
         self.history.append(inputs)
         return reply.hidden.to_torch()
 
     async def close(self) -> None:
+        if not self.channel.alive:  # the peer freed the session with the connection
+            return
         try:
-            message = CloseSession(session_id=self.session_id)
-            await request(self.connection, message, SessionClosed, timeout=5.0, peer=self.link.peer.address)
+            await self.channel.request(CloseSession(session_id=self.session_id), SessionClosed, timeout=5.0)
         except Exception as exc:  # best effort: the node frees the session when the socket drops anyway
             log.debug("closing session on %s: %s", self.link.peer.address, exc)
-        finally:
-            await self.connection.close()
 
 
 class ChainSession:
     """A session over a whole chain of links that survives the loss of any of them."""
 
-    def __init__(self, planner: ChainPlanner, max_length: int, batch_size: int) -> None:
+    def __init__(self, planner: ChainPlanner, channels: ChannelPool, max_length: int, batch_size: int) -> None:
         self.planner = planner
+        self.channels = channels
         self.max_length = max_length
         self.batch_size = batch_size
         self.links: list[LinkSession] = []
 
     @classmethod
-    async def open(cls, planner: ChainPlanner, max_length: int, batch_size: int) -> ChainSession:
-        session = cls(planner, max_length, batch_size)
+    async def open(cls, planner: ChainPlanner, channels: ChannelPool, max_length: int, batch_size: int) -> ChainSession:
+        session = cls(planner, channels, max_length, batch_size)
         try:
             session.links = await session._open_span(0, planner.num_layers, history=[], wait=False)
         except BaseException:
@@ -208,9 +210,8 @@ class ChainSession:
             try:
                 for link in chain:
                     culprit = link.peer
-                    opened.append(
-                        await LinkSession.open(link, self.max_length, self.batch_size, self.planner.credentials)
-                    )
+                    codec = self.planner.codec_for(link.peer)
+                    opened.append(await LinkSession.open(link, self.max_length, self.batch_size, self.channels, codec))
                 for past in history:
                     hidden = past.hidden
                     for session in opened:
@@ -262,7 +263,8 @@ async def forward_through(
         current, link = hidden, chain[0]
         try:
             for link in chain:
-                current = await _forward_link(link, current, positions, mask, planner.credentials)
+                codec = planner.codec_for(link.peer)
+                current = await _forward_link(link, current, positions, mask, planner.credentials, codec)
             return current
         except LinkFailure as exc:
             if not _worth_failing_over(exc):
@@ -273,7 +275,12 @@ async def forward_through(
 
 
 async def _forward_link(
-    link: Link, hidden: torch.Tensor, positions: WireTensor, mask: WireTensor, credentials: Credentials
+    link: Link,
+    hidden: torch.Tensor,
+    positions: WireTensor,
+    mask: WireTensor,
+    credentials: Credentials,
+    codec: Codec = "raw",
 ) -> torch.Tensor:
     connection, _ = await open_connection(link.peer.address, credentials, agent="swarm-client")
     async with connection:
@@ -281,7 +288,7 @@ async def _forward_link(
             type="forward",
             start=link.start,
             end=link.end,
-            hidden=wire_hidden(hidden, link.peer.dtype),
+            hidden=wire_hidden(hidden, link.peer.dtype, codec),
             position_ids=positions,
             attention_mask=mask,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,6 +34,7 @@ from node.validation import (
 from swarm.errors import ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (
+    CODECS,
     DTYPE_NAMES,
     PROTOCOL_VERSION,
     CloseSession,
@@ -47,6 +48,8 @@ from swarm.protocol import (
     SessionClosed,
     SessionOpened,
     Step,
+    StepMany,
+    StepManyResult,
     StepResult,
     Welcome,
     WireTensor,
@@ -107,6 +110,7 @@ class NodeServer:
             cache_tokens_total=self.sessions.cache_tokens,
             sessions=len(self.sessions),
             version=swarm.__version__,
+            codecs=list(CODECS),
         )
 
     def limits(self) -> NodeLimits:
@@ -138,11 +142,20 @@ class NodeServer:
                 log.info("session %s freed: its connection closed", session_id)
 
     async def _answer(self, frame: bytes | str, owner: int) -> Message:
-        session_id = None
         try:
             message = decode_message(frame, self.settings.max_message_bytes)
-            session_id = getattr(message, "session_id", None)
-            return await self._dispatch(message, owner)
+        except ProtocolError as exc:
+            self.metrics.errors.labels(exc.code).inc()
+            return error_frame(exc)
+        if isinstance(message, StepMany):  # each step succeeds or fails on its own; they share one round
+            answers = [self._guarded(self._step(step, owner), step.session_id, owner) for step in message.steps]
+            return StepManyResult.model_construct(type="step_many_result", results=await asyncio.gather(*answers))
+        return await self._guarded(self._dispatch(message, owner), getattr(message, "session_id", None), owner)
+
+    async def _guarded(self, answer: Awaitable[Message], session_id: str | None, owner: int) -> Message:
+        """The answer, or the error frame it ended in; an error ends the session it happened in."""
+        try:
+            return await answer
         except ProtocolError as exc:
             if session_id is not None and exc.code not in ("unknown_session", "busy") and self._owns(session_id, owner):
                 self.sessions.close(session_id)
@@ -207,7 +220,8 @@ class NodeServer:
         session.last_used = time.monotonic()
         hidden = await self.batcher.submit(session, inputs)
         self.metrics.steps.labels("step").inc()
-        return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=WireTensor.from_torch(hidden))
+        reply = WireTensor.from_torch(hidden, message.hidden.codec)  # replies mirror the request's codec
+        return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=reply)
 
     async def _forward(self, message: Forward) -> ForwardResult:
         span = self._ready_span()
@@ -218,7 +232,7 @@ class NodeServer:
         mask = decode_mask(message.attention_mask, shape)
         out = await self._compute(span.forward, hidden, positions, mask, None, message.start, message.end)
         self.metrics.steps.labels("forward").inc()
-        return ForwardResult(hidden=WireTensor.from_torch(out))
+        return ForwardResult(hidden=WireTensor.from_torch(out, message.hidden.codec))
 
     def expire_sessions(self) -> None:
         settings = self.settings

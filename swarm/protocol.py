@@ -2,19 +2,27 @@
 
 Every frame is one binary websocket message holding a msgpack map; the map's `type` field names
 one of the pydantic models below. Tensors travel as raw little-endian bytes with their dtype and
-shape, never pickled. Decoding validates everything, so code past `decode_message` can trust types
-and tensor sizes (semantic checks such as "does this shape fit the session" stay with the node).
+shape (or, for hidden states, optionally 8-bit compressed), never pickled. Decoding validates
+everything, so code past `decode_message` can trust types and tensor sizes (semantic checks such as
+"does this shape fit the session" stay with the node).
+
+Fields added to version 1 after its release (`WireTensor.codec`/`scales`, `PeerInfo.codecs`) are
+optional: frames without them stay valid, and they are left out of a frame while they hold their
+default, so such frames are byte-for-byte what older peers send. Older peers refuse frames that carry
+them (extra fields are refused), which includes the `PeerInfo` of any node that advertises a codec.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import msgpack
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from swarm import compression
 from swarm.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -37,6 +45,11 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 WireDType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
+FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+CODECS = ("raw", "int8-block")
+"""Tensor encodings every node decodes (and advertises in `PeerInfo.codecs`)."""
+Codec = Literal["raw", "int8-block"]
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
@@ -49,40 +62,74 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    omitted_when_default: ClassVar[frozenset[str]] = frozenset()
+    """Fields added after v1 shipped: left out of frames at their default, so older peers still accept them."""
+
 
 class WireTensor(_Strict):
-    """A tensor as `{dtype, shape, data}`; `data` holds exactly prod(shape) * itemsize bytes."""
+    """A tensor as `{dtype, shape, data}`, plus `{codec, scales}` when compressed.
+
+    `raw` (the default, `codec` then omitted): `data` holds exactly prod(shape) * itemsize bytes.
+    `int8-block` (floating dtypes, at least one dimension): the last dimension is cut into blocks of 64
+    values (a row's last block may be shorter); `data` holds one int8 per value, `q = round(x / s * 127)`,
+    in row-major order, and `scales` one float32 `s` (the block's absmax) per block, row by row. Decoding
+    gives `q * s / 127` in `dtype`; a NaN scale marks a block that held non-finite values.
+    """
+
+    omitted_when_default = frozenset({"codec", "scales"})
 
     dtype: WireDType
     shape: Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(max_length=4)]
     data: bytes
+    codec: Codec = "raw"
+    scales: bytes | None = None
 
     @model_validator(mode="after")
     def _data_matches_shape(self) -> WireTensor:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        expected = numel * WIRE_DTYPES[self.dtype].itemsize
-        if len(self.data) != expected:
-            raise ValueError(
-                f"tensor data has {len(self.data)} bytes, shape {self.shape} of {self.dtype} needs {expected}"
-            )
+        if self.codec == "raw":
+            if self.scales is not None:
+                raise ValueError("a raw tensor carries no scales")
+            expected = math.prod(self.shape) * WIRE_DTYPES[self.dtype].itemsize
+            _check_length("data", self.data, expected, self)
+            return self
+        if self.dtype not in FLOAT_DTYPE_NAMES or not self.shape:
+            raise ValueError(f"{self.codec} encodes floating tensors of at least one dimension, not {self.dtype}")
+        data_bytes, scale_bytes = compression.encoded_sizes(self.shape)
+        _check_length("data", self.data, data_bytes, self)
+        _check_length("scales", self.scales or b"", scale_bytes, self)
         return self
 
     @classmethod
-    def from_torch(cls, tensor: torch.Tensor) -> WireTensor:
+    def from_torch(cls, tensor: torch.Tensor, codec: Codec = "raw") -> WireTensor:
+        """`tensor` as it travels: bit-exact (`raw`), or 8-bit blocks that decode to its dtype (`int8-block`)."""
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.dtype not in DTYPE_NAMES:
             raise TypeError(f"dtype {tensor.dtype} cannot travel on the wire")
+        name = DTYPE_NAMES[tensor.dtype]
+        if codec == "int8-block":
+            if name not in FLOAT_DTYPE_NAMES or tensor.dim() == 0:
+                raise TypeError(f"int8-block encodes floating tensors of at least one dimension, not {tensor.dtype}")
+            data, scales = compression.quantize(tensor)
+            return cls.model_construct(dtype=name, shape=list(tensor.shape), data=data, codec=codec, scales=scales)
         raw = tensor.view(torch.uint8) if tensor.dtype != torch.bool and tensor.numel() else tensor
         data = raw.numpy().tobytes() if tensor.numel() else b""
-        return cls.model_construct(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
+        return cls.model_construct(dtype=name, shape=list(tensor.shape), data=data)
 
     def to_torch(self) -> torch.Tensor:
         dtype = WIRE_DTYPES[self.dtype]
+        if self.codec == "int8-block":
+            return compression.dequantize(self.data, self.scales or b"", self.shape, dtype)
         if not self.data:
             return torch.empty(self.shape, dtype=dtype)
         return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)
+
+
+def _check_length(field: str, value: bytes, expected: int, tensor: WireTensor) -> None:
+    if len(value) != expected:
+        raise ValueError(
+            f"tensor {field} has {len(value)} bytes, {tensor.codec} shape {tensor.shape} of {tensor.dtype} "
+            f"needs {expected}"
+        )
 
 
 class PeerInfo(_Strict):
@@ -101,6 +148,10 @@ class PeerInfo(_Strict):
     cache_tokens_total: Count
     sessions: Count = 0
     version: Annotated[str, Field(max_length=64)] = ""
+    codecs: Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=16)] = ["raw"]
+    """Tensor codecs the node decodes; names this version does not know are allowed and ignored."""
+
+    omitted_when_default = frozenset({"codecs"})
 
     @model_validator(mode="after")
     def _span_is_valid(self) -> PeerInfo:
@@ -236,6 +287,30 @@ class Error(_Strict):
     session_id: Id | None = None
 
 
+MAX_STEPS_PER_FRAME = 1024
+
+
+class StepMany(_Strict):
+    """Steps of several sessions opened on this connection, in one frame: the node validates each on its
+    own and runs them as one round (a client's concurrent sessions; see client/channel.py)."""
+
+    type: Literal["step_many"] = "step_many"
+    steps: Annotated[list[Step], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
+
+    @model_validator(mode="after")
+    def _one_step_per_session(self) -> StepMany:
+        if len({step.session_id for step in self.steps}) != len(self.steps):
+            raise ValueError("a session may appear only once per frame (its next step needs this one's result)")
+        return self
+
+
+class StepManyResult(_Strict):
+    """One entry per step of a `StepMany`, in its order: its result, or the error that ended that step only."""
+
+    type: Literal["step_many_result"] = "step_many_result"
+    results: list[Annotated[StepResult | Error, Field(discriminator="type")]]
+
+
 Message = Annotated[
     Union[
         Hello,
@@ -249,6 +324,8 @@ Message = Annotated[
         SessionOpened,
         Step,
         StepResult,
+        StepMany,
+        StepManyResult,
         CloseSession,
         SessionClosed,
         Forward,
@@ -267,7 +344,12 @@ def encode_message(message: BaseModel) -> bytes:
 
 def _to_plain(value: object) -> object:
     if isinstance(value, BaseModel):
-        return {name: _to_plain(getattr(value, name)) for name in type(value).model_fields}
+        omitted: frozenset[str] = getattr(value, "omitted_when_default", frozenset())
+        return {
+            name: _to_plain(getattr(value, name))
+            for name, field in type(value).model_fields.items()
+            if name not in omitted or getattr(value, name) != field.default
+        }
     if isinstance(value, list):
         return [_to_plain(item) for item in value]
     return value

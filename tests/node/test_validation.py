@@ -72,3 +72,19 @@ def test_layer_ranges_must_lie_inside_the_span() -> None:
     for start, end in ((0, 5), (3, 3), (-1, 2)):
         with pytest.raises(ProtocolError, match="span"):
             check_layer_range(start, end, (0, 4))
+
+
+def test_compressed_hidden_states_decode_and_non_finite_scales_are_refused() -> None:
+    positions = torch.arange(3).expand(2, 3)
+    hidden = WireTensor.from_torch(torch.randn(2, 3, HIDDEN), "int8-block")
+    inputs = validate_step(session(), hidden, wire(positions), None, None, HIDDEN)
+    assert inputs.hidden.dtype == torch.float32 and inputs.hidden.shape == (2, 3, HIDDEN)
+    for bad in (float("nan"), float("inf")):
+        scales = torch.full((2 * 3,), bad).numpy().tobytes()
+        forged = hidden.model_copy(update={"scales": scales})
+        with pytest.raises(ProtocolError, match="NaN") as info:
+            validate_step(session(), forged, wire(positions), None, None, HIDDEN)
+        assert info.value.code == "bad_request"
+    nan_input = WireTensor.from_torch(torch.full((2, 3, HIDDEN), float("nan")), "int8-block")
+    with pytest.raises(ProtocolError, match="NaN"):
+        validate_step(session(), nan_input, wire(positions), None, None, HIDDEN)

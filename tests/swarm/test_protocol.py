@@ -13,6 +13,9 @@ from swarm.protocol import (
     Hello,
     PeerInfo,
     Step,
+    StepMany,
+    StepManyResult,
+    StepResult,
     WireTensor,
     decode_message,
     encode_message,
@@ -120,3 +123,34 @@ def test_peer_span_must_fit_the_model() -> None:
         peer(start=4, end=4)
     with pytest.raises(ValueError):
         peer(end=9)
+
+
+def a_step(session_id: str) -> Step:
+    return Step(
+        session_id=session_id,
+        step_id=0,
+        hidden=WireTensor.from_torch(torch.zeros(1, 1, 4)),
+        position_ids=WireTensor.from_torch(torch.zeros(1, 1, dtype=torch.long)),
+    )
+
+
+def test_step_many_round_trips_with_a_result_or_an_error_per_step() -> None:
+    many = StepMany(steps=[a_step("a"), a_step("b")])
+    assert decode_message(encode_message(many)) == many
+    answer = StepManyResult(
+        results=[
+            StepResult(session_id="a", step_id=0, hidden=WireTensor.from_torch(torch.ones(1, 1, 4))),
+            Error(code="bad_request", message="wrong shape", session_id="b"),
+        ]
+    )
+    decoded = decode_message(encode_message(answer))
+    assert isinstance(decoded, StepManyResult)
+    assert [type(result) for result in decoded.results] == [StepResult, Error]
+
+
+@pytest.mark.parametrize("sessions", [[], ["a", "a"]], ids=["empty", "same session twice"])
+def test_step_many_needs_distinct_sessions_and_at_least_one_step(sessions: list[str]) -> None:
+    frame = msgpack.packb({"type": "step_many", "steps": [a_step(s).model_dump() for s in sessions]})
+    with pytest.raises(ProtocolError) as caught:
+        decode_message(frame)
+    assert caught.value.code == "bad_request"

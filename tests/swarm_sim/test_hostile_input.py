@@ -25,6 +25,7 @@ from swarm.protocol import (
     Hello,
     OpenSession,
     Step,
+    StepMany,
     WireTensor,
     decode_message,
     encode_message,
@@ -138,6 +139,47 @@ def test_sessions_are_private_to_their_connection(node: Process) -> None:
         assert ask(owner, good_step("mine")).type == "step_result"
 
 
+def test_a_bad_step_inside_step_many_ends_only_its_own_session(node: Process) -> None:
+    with raw_connection(node) as connection, raw_connection(node) as other:
+        for session_id in ("m1", "m2", "m3"):
+            open_session(connection, session_id)
+        open_session(other, "theirs")
+        steps = [
+            Step(
+                session_id="m1",
+                step_id=0,
+                hidden=wire(torch.randn(1, 1, HIDDEN)),
+                position_ids=wire(torch.tensor([[0]])),
+            ),
+            Step(
+                session_id="m2",
+                step_id=0,
+                hidden=wire(torch.randn(1, 1, HIDDEN + 1)),
+                position_ids=wire(torch.tensor([[0]])),
+            ),
+            Step(
+                session_id="theirs",
+                step_id=0,
+                hidden=wire(torch.randn(1, 1, HIDDEN)),
+                position_ids=wire(torch.tensor([[0]])),
+            ),
+            Step(
+                session_id="m3",
+                step_id=0,
+                hidden=wire(torch.randn(1, 1, HIDDEN)),
+                position_ids=wire(torch.tensor([[0]])),
+            ),
+        ]
+        reply = ask(connection, encode_message(StepMany(steps=steps)))
+        assert reply.type == "step_many_result"
+        assert [r.type for r in reply.results] == ["step_result", "error", "error", "step_result"]
+        assert [r.code for r in reply.results if r.type == "error"] == ["bad_request", "unknown_session"]
+        assert ask(connection, good_step("m1", 1)).type == "step_result"
+        assert ask(connection, good_step("m3", 1)).type == "step_result"
+        expect_error(connection, good_step("m2", 0), "unknown_session")
+        assert ask(other, good_step("theirs", 0)).type == "step_result"
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -152,6 +194,7 @@ message_types = st.sampled_from(
     [
         "hello",
         "step",
+        "step_many",
         "open_session",
         "close_session",
         "forward",

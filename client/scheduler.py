@@ -1,0 +1,245 @@
+"""Continuous batching on the client: concurrent generation jobs advance together, one tick at a time.
+
+A server (the gateway, `swarm-client batch`) answers many requests at once. Run as one Hugging Face
+`generate()` per thread, every request pays the whole per-token Python cost on its own, under one GIL. Here
+each job keeps its own swarm session (its own caches on the peers, its own failover), but the jobs share
+ticks: each tick embeds every job's new tokens in one call, sends every job's step at the same moment (so a
+node runs them as one batched forward), and applies the LM head to every job's last hidden state in one call.
+Jobs join and leave between ticks.
+
+Decoding is `generate()`'s greedy loop: the job's logits processors, then argmax, finished rows padded, the
+job's stopping criteria after each token. Sampling is a processor (`client.sampling.SeededSampler`), so the
+same loop serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
+from client.model import DistributedModelForCausalLM, position_ids_from_mask
+from client.session import ChainSession
+
+log = logging.getLogger("swarm.client")
+
+
+@dataclass
+class DecodeJob:
+    """One `generate` call: its rows (left-padded), how to pick and stop tokens, and where it stands."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    max_new_tokens: int
+    processors: LogitsProcessorList
+    stopping: StoppingCriteriaList
+    eos_ids: torch.Tensor
+    pad_id: int
+    result: Future[torch.Tensor] = field(default_factory=Future)
+    session: ChainSession | None = None
+    generated: int = 0
+    unfinished: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.unfinished = torch.ones(self.input_ids.shape[0], dtype=torch.bool)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prefilled(self) -> bool:
+        return self.session is not None
+
+    def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids the swarm has not seen yet, their positions, and their part of the attention mask."""
+        new = self.input_ids.shape[1] if not self.prefilled else 1
+        positions = position_ids_from_mask(self.attention_mask)[:, -new:]
+        return self.input_ids[:, -new:], positions, self.attention_mask[:, -new:]
+
+    def choose(self, logits: torch.Tensor) -> None:
+        """Pick every row's next token from the last position's logits, exactly as greedy `generate()` does."""
+        scores = self.processors(self.input_ids, logits)
+        tokens = scores.argmax(dim=-1)
+        tokens = torch.where(self.unfinished, tokens, torch.full_like(tokens, self.pad_id))
+        self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+        self.generated += 1
+        stop = self.stopping(self.input_ids, scores) if self.stopping else torch.zeros(self.rows, dtype=torch.bool)
+        stop = stop | torch.isin(tokens, self.eos_ids)
+        self.unfinished &= ~stop
+
+    @property
+    def done(self) -> bool:
+        return self.generated >= self.max_new_tokens or not bool(self.unfinished.any())
+
+
+class DecodeScheduler:
+    """Runs concurrent `generate` calls (from any threads) as one continuously batched decoding loop."""
+
+    def __init__(self, model: DistributedModelForCausalLM) -> None:
+        self.model = model
+        self._arrivals: queue.SimpleQueue[DecodeJob | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.ticks = 0
+        """Ticks run so far; with concurrent jobs it grows slower than their tokens (the point of batching)."""
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Like greedy `model.generate(...)`: the prompt rows followed by their new tokens. Blocks until done."""
+        vocab = self.model.config.vocab_size
+        if input_ids.ndim != 2 or input_ids.numel() == 0 or input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise ValueError(
+                f"input_ids must be a non-empty [batch, tokens] tensor of ids in the vocabulary [0, {vocab})"
+            )
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        job = DecodeJob(
+            input_ids=input_ids.long(),
+            attention_mask=(attention_mask if attention_mask is not None else torch.ones_like(input_ids)).long(),
+            max_new_tokens=max_new_tokens,
+            processors=logits_processor or LogitsProcessorList(),
+            stopping=stopping_criteria or StoppingCriteriaList(),
+            eos_ids=torch.tensor(eos, dtype=torch.long),
+            pad_id=pad,
+        )
+        if max_new_tokens <= 0:
+            return job.input_ids
+        self._ensure_running()
+        self._arrivals.put(job)
+        return job.result.result()
+
+    def close(self) -> None:
+        """Stop the loop once the jobs it holds have finished."""
+        with self._start_lock:
+            if self._thread is not None:
+                self._arrivals.put(None)
+                self._thread.join()
+                self._thread = None
+
+    def _ensure_running(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="swarm-decode-scheduler", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        running: list[DecodeJob] = []
+        closing = False
+        while running or not closing:
+            try:
+                arrival = self._arrivals.get(block=not running)
+                while True:
+                    if arrival is None:
+                        closing = True
+                    else:
+                        running.append(arrival)
+                    arrival = self._arrivals.get_nowait()
+            except queue.Empty:
+                pass
+            if running:
+                try:
+                    running = self._tick(running)
+                except Exception as exc:  # a bug or a broken input must not leave callers waiting forever
+                    log.exception("decoding tick failed; ending its %d job(s)", len(running))
+                    self._fail_all(running, exc)
+                    running = []
+
+    def _fail_all(self, jobs: list[DecodeJob], error: Exception) -> None:
+        try:
+            self.model.runner.run(self._close_all(jobs))
+        finally:
+            for job in jobs:
+                if not job.result.done():
+                    job.result.set_exception(error)
+
+    def _tick(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
+        """Advance every job by one token; returns the jobs still running."""
+        self.ticks += 1
+        failed: dict[int, BaseException] = {}
+        with torch.inference_mode():
+            hidden, positions, masks = self._embed(jobs)
+            outcomes = self.model.runner.run(self._step_all(jobs, hidden, positions, masks))
+            stepped = []
+            for index, (job, out) in enumerate(zip(jobs, outcomes, strict=True)):
+                if isinstance(out, BaseException):
+                    failed[index] = out
+                else:
+                    stepped.append((index, job, out))
+            if stepped:
+                logits = self.model.head(torch.cat([out[:, -1:] for _, _, out in stepped]))[:, -1]
+                row = 0
+                for index, job, _ in stepped:
+                    try:
+                        job.choose(logits[row : row + job.rows])
+                    except Exception as exc:  # a processor or stopping criterion failed: only its job ends
+                        failed[index] = exc
+                    row += job.rows
+        ending = {index for index, job in enumerate(jobs) if index in failed or job.done}
+        if ending:
+            self.model.runner.run(self._close_all([jobs[index] for index in sorted(ending)]))
+        for index in sorted(ending):
+            if index in failed:
+                jobs[index].result.set_exception(failed[index])
+            else:
+                jobs[index].result.set_result(jobs[index].input_ids)
+        return [job for index, job in enumerate(jobs) if index not in ending]
+
+    def _embed(self, jobs: list[DecodeJob]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Hidden states entering the first layer for every job; decode steps share one embedding call."""
+        inputs = [job.next_inputs() for job in jobs]
+        hidden: dict[int, torch.Tensor] = {}
+        decoding = [index for index, job in enumerate(jobs) if job.prefilled]
+        if decoding:
+            ids = torch.cat([inputs[index][0] for index in decoding])
+            positions = torch.cat([inputs[index][1] for index in decoding])
+            merged = self.model.first_hidden(self.model.local["embed"](ids), positions)
+            row = 0
+            for index in decoding:
+                hidden[index] = merged[row : row + jobs[index].rows]
+                row += jobs[index].rows
+        for index, (ids, positions, _) in enumerate(inputs):
+            if index not in hidden:
+                hidden[index] = self.model.first_hidden(self.model.local["embed"](ids), positions)
+        return [hidden[index] for index in range(len(jobs))], [p for _, p, _ in inputs], [m for _, _, m in inputs]
+
+    async def _step_all(
+        self,
+        jobs: list[DecodeJob],
+        hidden: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        masks: list[torch.Tensor],
+    ) -> list[torch.Tensor | BaseException]:
+        steps = [self._step(job, *args) for job, *args in zip(jobs, hidden, positions, masks, strict=True)]
+        return await asyncio.gather(*steps, return_exceptions=True)
+
+    async def _step(
+        self, job: DecodeJob, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        if job.session is None:
+            max_length = job.input_ids.shape[1] + job.max_new_tokens
+            job.session = await ChainSession.open(self.model.planner, self.model.channels, max_length, job.rows)
+        return await job.session.step(hidden, positions, mask)
+
+    @staticmethod
+    async def _close_all(jobs: list[DecodeJob]) -> None:
+        closing = [job.session.close() for job in jobs if job.session is not None]
+        for outcome in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(outcome, BaseException):  # peers drop a session when its connection closes anyway
+                log.debug("closing a finished job's session: %s", outcome)
