@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -81,15 +82,23 @@ class DecodeJob:
 
 
 class DecodeScheduler:
-    """Runs concurrent `generate` calls (from any threads) as one continuously batched decoding loop."""
+    """Runs concurrent `generate` calls (from any threads) as continuously batched decoding loops.
 
-    def __init__(self, model: DistributedModelForCausalLM) -> None:
+    Jobs are spread over `lanes` loops that tick independently, each on its own thread: while one lane's
+    steps are on one peer, another lane's can be on the next, so the peers of a chain (and the client)
+    work at the same time instead of in turn."""
+
+    def __init__(self, model: DistributedModelForCausalLM, lanes: int = 2) -> None:
+        if lanes < 1:
+            raise ValueError("a scheduler needs at least one lane")
         self.model = model
-        self._arrivals: queue.SimpleQueue[DecodeJob | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self.ticks = 0
-        """Ticks run so far; with concurrent jobs it grows slower than their tokens (the point of batching)."""
+        self._lanes = [_Lane(self._tick, self._fail_all, f"swarm-decode-{index}") for index in range(lanes)]
+        self._assign_lock = threading.Lock()
+
+    @property
+    def ticks(self) -> int:
+        """Ticks run so far over all lanes; with concurrent jobs it grows slower than their tokens."""
+        return sum(lane.ticks for lane in self._lanes)
 
     def generate(
         self,
@@ -121,45 +130,15 @@ class DecodeScheduler:
         )
         if max_new_tokens <= 0:
             return job.input_ids
-        self._ensure_running()
-        self._arrivals.put(job)
+        with self._assign_lock:
+            lane = min(self._lanes, key=lambda lane: lane.rows)
+            lane.submit(job)
         return job.result.result()
 
     def close(self) -> None:
-        """Stop the loop once the jobs it holds have finished."""
-        with self._start_lock:
-            if self._thread is not None:
-                self._arrivals.put(None)
-                self._thread.join()
-                self._thread = None
-
-    def _ensure_running(self) -> None:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="swarm-decode-scheduler", daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        running: list[DecodeJob] = []
-        closing = False
-        while running or not closing:
-            try:
-                arrival = self._arrivals.get(block=not running)
-                while True:
-                    if arrival is None:
-                        closing = True
-                    else:
-                        running.append(arrival)
-                    arrival = self._arrivals.get_nowait()
-            except queue.Empty:
-                pass
-            if running:
-                try:
-                    running = self._tick(running)
-                except Exception as exc:  # a bug or a broken input must not leave callers waiting forever
-                    log.exception("decoding tick failed; ending its %d job(s)", len(running))
-                    self._fail_all(running, exc)
-                    running = []
+        """Stop the loops once the jobs they hold have finished."""
+        for lane in self._lanes:
+            lane.close()
 
     def _fail_all(self, jobs: list[DecodeJob], error: Exception) -> None:
         try:
@@ -171,7 +150,6 @@ class DecodeScheduler:
 
     def _tick(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
         """Advance every job by one token; returns the jobs still running."""
-        self.ticks += 1
         failed: dict[int, BaseException] = {}
         with torch.inference_mode():
             hidden, positions, masks = self._embed(jobs)
@@ -243,3 +221,68 @@ class DecodeScheduler:
         for outcome in await asyncio.gather(*closing, return_exceptions=True):
             if isinstance(outcome, BaseException):  # peers drop a session when its connection closes anyway
                 log.debug("closing a finished job's session: %s", outcome)
+
+
+class _Lane:
+    """Jobs that tick together, on a thread of their own that runs while the lane has jobs."""
+
+    def __init__(
+        self,
+        tick: Callable[[list[DecodeJob]], list[DecodeJob]],
+        fail_all: Callable[[list[DecodeJob], Exception], None],
+        name: str,
+    ) -> None:
+        self._tick = tick
+        self._fail_all = fail_all
+        self._name = name
+        self._arrivals: queue.SimpleQueue[DecodeJob | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._rows_lock = threading.Lock()
+        self.rows = 0
+        """Rows of the jobs given to this lane and not finished yet (the scheduler fills the emptiest lane)."""
+        self.ticks = 0
+
+    def submit(self, job: DecodeJob) -> None:
+        with self._rows_lock:
+            self.rows += job.rows
+        job.result.add_done_callback(lambda _: self._finished(job))
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+        self._arrivals.put(job)
+
+    def _finished(self, job: DecodeJob) -> None:
+        with self._rows_lock:
+            self.rows -= job.rows
+
+    def close(self) -> None:
+        with self._start_lock:
+            if self._thread is not None:
+                self._arrivals.put(None)
+                self._thread.join()
+                self._thread = None
+
+    def _loop(self) -> None:
+        running: list[DecodeJob] = []
+        closing = False
+        while running or not closing:
+            try:
+                arrival = self._arrivals.get(block=not running)
+                while True:
+                    if arrival is None:
+                        closing = True
+                    else:
+                        running.append(arrival)
+                    arrival = self._arrivals.get_nowait()
+            except queue.Empty:
+                pass
+            if running:
+                self.ticks += 1
+                try:
+                    running = self._tick(running)
+                except Exception as exc:  # a bug or a broken input must not leave callers waiting forever
+                    log.exception("decoding tick failed; ending its %d job(s)", len(running))
+                    self._fail_all(running, exc)
+                    running = []

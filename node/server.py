@@ -59,6 +59,9 @@ from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.node")
 
+INLINE_SECONDS = 0.002
+"""Lone decode steps faster than this on average skip the hop to the compute thread (see `_compute`)."""
+
 T = TypeVar("T")
 
 
@@ -85,6 +88,8 @@ class NodeServer:
         self.throughput = 0.0
         self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self._computing = 0  # calls on the compute thread now (or waiting for it)
+        self._quick_seconds = 0.0  # moving average of how long quick calls take
         self.metrics = NodeMetrics(self.sessions, lambda: self.state)
         self.batcher = StepBatcher(
             self._compute,
@@ -241,16 +246,30 @@ class NodeServer:
         ):
             log.info("session %s expired (idle or past its maximum age)", session_id)
 
-    async def _compute(self, function: Callable[..., T], *args: object) -> T:
-        """Run on the compute thread, bounded by `--step-timeout` (the step's session then ends)."""
+    async def _compute(self, function: Callable[..., T], *args: object, quick: bool = False) -> T:
+        """Run on the compute thread, bounded by `--step-timeout` (the step's session then ends).
+
+        `quick` work (a lone single-token step) runs right here on the event loop instead, while the compute
+        thread is idle and such work has lately taken under `INLINE_SECONDS`: handing it to the thread and
+        back costs more than a small model's decode step itself, and blocking the loop that briefly delays
+        nothing that matters."""
         began = time.perf_counter()
-        future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
-        try:
-            async with asyncio.timeout(self.settings.step_timeout):
-                result = await future
-        except TimeoutError:
-            raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
-        self.metrics.step_seconds.observe(time.perf_counter() - began)
+        if quick and not self._computing and self._quick_seconds < INLINE_SECONDS:
+            result = function(*args)
+        else:
+            self._computing += 1
+            try:
+                future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
+                async with asyncio.timeout(self.settings.step_timeout):
+                    result = await future
+            except TimeoutError:
+                raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
+            finally:
+                self._computing -= 1
+        took = time.perf_counter() - began
+        if quick:
+            self._quick_seconds += 0.2 * (took - self._quick_seconds)
+        self.metrics.step_seconds.observe(took)
         return result
 
     def http_routes(self) -> dict[str, Route]:

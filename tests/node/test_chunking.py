@@ -20,7 +20,7 @@ PROMPT_TOKENS = 11
 TOLERANCE = dict(atol=1e-5, rtol=1.3e-6)  # float32; chunks change matmul shapes, so bits may differ
 
 
-async def inline(function: Callable[..., object], *args: object) -> object:
+async def inline(function: Callable[..., object], *args: object, quick: bool = False) -> object:
     """Stands for the node's compute thread: runs the work at once, in order."""
     return function(*args)
 
@@ -149,7 +149,7 @@ def test_another_sessions_decode_step_runs_between_prefill_chunks(span: LoadedSp
 
     decode: list[asyncio.Task[torch.Tensor]] = []
 
-    async def recording(function: Callable[..., object], *args: object) -> object:
+    async def recording(function: Callable[..., object], *args: object, quick: bool = False) -> object:
         session = args[1]
         assert isinstance(session, Session)
         computed.append(session.session_id)
@@ -216,7 +216,7 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
 
     monkeypatch.setattr(layer, "forward", second_layer)
 
-    async def compute(function: Callable[..., object], *args: object) -> object:
+    async def compute(function: Callable[..., object], *args: object, quick: bool = False) -> object:
         nonlocal fail_now
         chunked = args[-1]
         fail_now = isinstance(chunked, ChunkedStep) and len(chunked.outputs) == 1
@@ -264,7 +264,7 @@ def test_a_long_step_whose_request_is_cancelled_stops_between_chunks_and_is_undo
     computed: list[str] = []
     requests: list[asyncio.Task[torch.Tensor]] = []
 
-    async def compute(function: Callable[..., object], *args: object) -> object:
+    async def compute(function: Callable[..., object], *args: object, quick: bool = False) -> object:
         computed.append(function.__name__)
         result = function(*args)
         if len(computed) == 1:  # the client goes away while the first chunk computes

@@ -96,11 +96,12 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
     for result, prompt, new_tokens in zip(results, PROMPTS, NEW_TOKENS, strict=True):
         assert isinstance(result, torch.Tensor), result
         assert result[0].tolist() == local_greedy(local_llama, prompt, new_tokens)
-    assert scheduler.ticks < sum(NEW_TOKENS) / 2, "jobs should share ticks"
+    assert scheduler.ticks <= 2 * max(NEW_TOKENS) + len(PROMPTS) < sum(NEW_TOKENS), "jobs should share ticks"
     channels = list(model.channels._channels.values())
     frames = sum(channel.frames_sent for channel in channels) - frames_before
     steps = sum(channel.steps_sent for channel in channels) - steps_before
-    assert steps >= 2 * sum(NEW_TOKENS) and frames < steps / 2, "concurrent steps should travel together"
+    assert steps >= 2 * sum(NEW_TOKENS), "every token crosses both nodes"
+    assert frames <= 2 * scheduler.ticks + len(PROMPTS) < 0.7 * steps, "a tick's steps should travel together"
 
 
 def test_a_job_joining_late_and_a_padded_batch_job_match_local_generate(
