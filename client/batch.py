@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, registries: list[str], credentials: Credential
     from client.resolve import open_model
 
     inputs = read_inputs(Path(args.input))
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials)
+    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
     engine = CompletionEngine(model, tokenizer, model.planner.model_name)
     try:
         errors = run_batch(engine, inputs, Path(args.output), args.concurrency)

@@ -134,7 +134,7 @@ def converse(
 
 
 def run(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials)
+    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
     settings = ChatSettings(
         max_new_tokens=args.max_new_tokens,
         max_length=min(args.max_length, model.config.max_position_embeddings),

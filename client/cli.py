@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or the only model the swarm serves)",
     )
     model.add_argument("--model-name", help="name in the swarm (default: last component of --model)")
+    model.add_argument(
+        "--compression",
+        choices=["none", "int8-block"],
+        default="none",
+        help="int8-block: send hidden states as 8-bit blocks to nodes that support it "
+        "(about 1/4 of float32's bytes, slightly inexact; default none)",
+    )
 
     def command(name: str, summary: str, examples: str) -> argparse.ArgumentParser:
         return commands.add_parser(
@@ -108,13 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     generate.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
     generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    generate.add_argument(
-        "--compression",
-        choices=["none", "int8-block"],
-        default="none",
-        help="int8-block: send hidden states as 8-bit blocks to nodes that support it "
-        "(about 1/4 of float32's bytes, slightly inexact; default none)",
-    )
 
     _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
     _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))

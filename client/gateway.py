@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, registries: list[str], credentials: Credential
 
     from client.resolve import open_model
 
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials)
+    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
     engine = CompletionEngine(model, tokenizer, model.planner.model_name)
     app = create_app(engine, args.api_key or os.environ.get("SWARM_API_KEY") or None, args.max_concurrency)
     print(f"swarm gateway for {engine.name}: http://{args.host}:{args.port}/v1 (API docs at /docs)", file=sys.stderr)

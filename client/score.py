@@ -83,7 +83,7 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def run(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
     texts = list(read_texts(Path(args.file)))
     choices = [choice.strip() for choice in args.choices.split(",") if choice.strip()] if args.choices else []
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials)
+    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
     try:
         if choices:
             records = score_choices(model, tokenizer, texts, choices, args.separator, args.batch_size)

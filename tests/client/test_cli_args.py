@@ -50,7 +50,8 @@ def test_without_a_registry_the_embedded_model_is_the_default(monkeypatch: pytes
 def test_every_command_takes_the_common_and_model_flags(argv: list[str], expected: dict[str, object]) -> None:
     args = build_parser().parse_args([*argv, "--model", "m", "--registry", "ws://r:1", "--token", "t"])
     assert {key: getattr(args, key) for key in expected} == expected
-    assert (args.model, args.registry, args.token) == ("m", "ws://r:1", "t")
+    assert (args.model, args.registry, args.token, args.compression) == ("m", "ws://r:1", "t", "none")
+    assert build_parser().parse_args([*argv, "--compression", "int8-block"]).compression == "int8-block"
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "score", "batch", "serve"])
