@@ -257,20 +257,24 @@ class NodeServer:
         if quick and not self._computing and self._quick_seconds < INLINE_SECONDS:
             result = function(*args)
         else:
+            future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
             self._computing += 1
+            future.add_done_callback(self._computed)  # when the thread is done, even with a step that timed out
             try:
-                future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
                 async with asyncio.timeout(self.settings.step_timeout):
-                    result = await future
+                    result = await asyncio.shield(future)
             except TimeoutError:
                 raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
-            finally:
-                self._computing -= 1
         took = time.perf_counter() - began
         if quick:
             self._quick_seconds += 0.2 * (took - self._quick_seconds)
         self.metrics.step_seconds.observe(took)
         return result
+
+    def _computed(self, future: asyncio.Future[object]) -> None:
+        self._computing -= 1
+        if not future.cancelled():
+            future.exception()  # a step that timed out may fail later; nobody awaits it any more
 
     def http_routes(self) -> dict[str, Route]:
         return {

@@ -7,10 +7,12 @@ import asyncio
 import threading
 import time
 
+import pytest
 import torch
 
 from node.server import INLINE_SECONDS, NodeIdentity, NodeServer
 from node.settings import NodeSettings
+from swarm.errors import ProtocolError
 
 
 def server() -> NodeServer:
@@ -62,3 +64,19 @@ def test_quick_work_waits_its_turn_while_the_compute_thread_is_busy() -> None:
 
     busy, quick = asyncio.run(scenario())
     assert busy == quick != threading.main_thread().name
+
+
+def test_work_past_the_step_timeout_fails_with_an_internal_error() -> None:
+    identity = NodeIdentity("node", "model", 8, 0, 4, torch.float32, 64)
+    node = NodeServer(NodeSettings(registry=["ws://127.0.0.1:9"], step_timeout=0.5), identity)
+
+    async def scenario() -> str:
+        with pytest.raises(ProtocolError) as caught:
+            await node._compute(time.sleep, 0.8)
+        assert caught.value.code == "internal" and "longer than" in caught.value.message
+        # the thread still runs the late step: quick work waits for it instead of running beside it
+        return await node._compute(thread_name, quick=True)
+
+    began = time.perf_counter()
+    assert asyncio.run(scenario()) != threading.main_thread().name
+    assert time.perf_counter() - began < 3.0
