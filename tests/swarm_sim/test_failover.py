@@ -10,27 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 
 from client import DistributedModelForCausalLM
 from swarm.errors import SwarmFullError
 from swarm.launcher import LocalSwarm, Process, free_port, wait_for_port
+from tests.processors import AtStep
 
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
 NEW_TOKENS = 100
-
-
-class AtStep(LogitsProcessor):
-    """Calls `action` once, right after decoding step `step`, without touching the scores."""
-
-    def __init__(self, step: int, action: Callable[[], None]) -> None:
-        self.step, self.action, self.calls = step, action, 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.calls += 1
-        if self.calls == self.step:
-            self.action()
-        return scores
 
 
 @pytest.fixture(scope="module")

@@ -80,10 +80,12 @@ def open_session(connection: ClientConnection, session_id: str, max_length: int 
     assert ask(connection, frame).type == "session_opened"
 
 
+def step_message(session_id: str, hidden: torch.Tensor, positions: torch.Tensor, step_id: int = 0) -> Step:
+    return Step(session_id=session_id, step_id=step_id, hidden=wire(hidden), position_ids=wire(positions))
+
+
 def step(session_id: str, hidden: torch.Tensor, positions: torch.Tensor, step_id: int = 0) -> bytes:
-    return encode_message(
-        Step(session_id=session_id, step_id=step_id, hidden=wire(hidden), position_ids=wire(positions))
-    )
+    return encode_message(step_message(session_id, hidden, positions, step_id))
 
 
 def good_step(session_id: str, position: int = 0) -> bytes:
@@ -144,31 +146,12 @@ def test_a_bad_step_inside_step_many_ends_only_its_own_session(node: Process) ->
         for session_id in ("m1", "m2", "m3"):
             open_session(connection, session_id)
         open_session(other, "theirs")
+        first = torch.tensor([[0]])
         steps = [
-            Step(
-                session_id="m1",
-                step_id=0,
-                hidden=wire(torch.randn(1, 1, HIDDEN)),
-                position_ids=wire(torch.tensor([[0]])),
-            ),
-            Step(
-                session_id="m2",
-                step_id=0,
-                hidden=wire(torch.randn(1, 1, HIDDEN + 1)),
-                position_ids=wire(torch.tensor([[0]])),
-            ),
-            Step(
-                session_id="theirs",
-                step_id=0,
-                hidden=wire(torch.randn(1, 1, HIDDEN)),
-                position_ids=wire(torch.tensor([[0]])),
-            ),
-            Step(
-                session_id="m3",
-                step_id=0,
-                hidden=wire(torch.randn(1, 1, HIDDEN)),
-                position_ids=wire(torch.tensor([[0]])),
-            ),
+            step_message("m1", torch.randn(1, 1, HIDDEN), first),
+            step_message("m2", torch.randn(1, 1, HIDDEN + 1), first),  # wrong hidden size
+            step_message("theirs", torch.randn(1, 1, HIDDEN), first),  # another connection's session
+            step_message("m3", torch.randn(1, 1, HIDDEN), first),
         ]
         reply = ask(connection, encode_message(StepMany(steps=steps)))
         assert reply.type == "step_many_result"

@@ -14,6 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from client import DistributedModelForCausalLM
 from client.scheduler import DecodeScheduler
 from swarm.launcher import LocalSwarm, Process
+from tests.processors import AtStep
 
 PROMPTS = [
     [1, 45, 67, 89, 120, 33],
@@ -109,16 +110,6 @@ def test_a_job_joining_late_and_a_padded_batch_job_match_local_generate(
 ) -> None:
     joined = threading.Event()
 
-    class JoinAfter(LogitsProcessor):
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-            self.calls += 1
-            if self.calls == 5:
-                joined.set()
-            return scores
-
     rows = torch.tensor([[0, 0, 1, 45, 67], [1, 300, 8, 5, 17]])
     mask = (rows != 0).long()
     mask[1, 0] = 1
@@ -127,7 +118,7 @@ def test_a_job_joining_late_and_a_padded_batch_job_match_local_generate(
         joined.wait(timeout=30)
         return scheduler.generate(rows, mask, max_new_tokens=9, eos_token_id=2, pad_token_id=0)
 
-    first, second = run_concurrently([job(scheduler, PROMPTS[0], 24, JoinAfter()), late])
+    first, second = run_concurrently([job(scheduler, PROMPTS[0], 24, AtStep(5, joined.set)), late])
     assert isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
     assert first[0].tolist() == local_greedy(local_llama, PROMPTS[0], 24)
     expected = local_llama.generate(rows, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
@@ -160,21 +151,14 @@ def test_jobs_survive_the_loss_of_the_peer_they_use(
     _, started = nodes
     killed: list[Process] = []
 
-    class KillAtStep(LogitsProcessor):
-        def __init__(self) -> None:
-            self.calls = 0
+    def kill_a_node_in_use() -> None:
+        in_use = {channel.address for channel in model.channels._channels.values() if channel.alive}
+        victim = next(node for node in started[1:] if node.address in in_use and node.alive())
+        victim.kill()
+        killed.append(victim)
 
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-            self.calls += 1
-            if self.calls == 6:
-                in_use = {channel.address for channel in model.channels._channels.values() if channel.alive}
-                victim = next(node for node in started[1:] if node.address in in_use and node.alive())
-                victim.kill()
-                killed.append(victim)
-            return scores
-
-    calls = [job(scheduler, PROMPTS[0], 30, KillAtStep())] + [job(scheduler, p, 30) for p in PROMPTS[1:4]]
-    results = run_concurrently(calls)
+    killer = job(scheduler, PROMPTS[0], 30, AtStep(6, kill_a_node_in_use))
+    results = run_concurrently([killer] + [job(scheduler, p, 30) for p in PROMPTS[1:4]])
     assert killed, "a node serving layers 4-7 should have been killed"
     for result, prompt in zip(results, PROMPTS[:4], strict=True):
         assert isinstance(result, torch.Tensor), result
