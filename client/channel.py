@@ -149,6 +149,11 @@ class ChannelPool:
         self._channels: dict[str, PeerChannel] = {}
         self._opening: dict[str, asyncio.Future[PeerChannel]] = {}
 
+    @property
+    def channels(self) -> list[PeerChannel]:
+        """Channels opened so far, the dropped ones included until they are replaced."""
+        return list(self._channels.values())
+
     async def get(self, address: str) -> PeerChannel:
         channel = self._channels.get(address)
         if channel is not None and channel.alive:
@@ -169,10 +174,6 @@ class ChannelPool:
         self._channels[address] = channel
         opening.set_result(channel)
         return channel
-
-    def drop(self, address: str) -> None:
-        """Forget a channel that failed, so the next session there connects afresh."""
-        self._channels.pop(address, None)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

@@ -90,7 +90,7 @@ def job(scheduler: DecodeScheduler, prompt: list[int], new_tokens: int, *process
 def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens(
     scheduler: DecodeScheduler, model: DistributedModelForCausalLM, local_llama: PreTrainedModel
 ) -> None:
-    channels = list(model.channels._channels.values())
+    channels = model.channels.channels
     frames_before = sum(channel.frames_sent for channel in channels)
     steps_before = sum(channel.steps_sent for channel in channels)
     results = run_concurrently([job(scheduler, p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)])
@@ -98,7 +98,7 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
         assert isinstance(result, torch.Tensor), result
         assert result[0].tolist() == local_greedy(local_llama, prompt, new_tokens)
     assert scheduler.ticks <= 2 * max(NEW_TOKENS) + len(PROMPTS) < sum(NEW_TOKENS), "jobs should share ticks"
-    channels = list(model.channels._channels.values())
+    channels = model.channels.channels
     frames = sum(channel.frames_sent for channel in channels) - frames_before
     steps = sum(channel.steps_sent for channel in channels) - steps_before
     assert steps >= 2 * sum(NEW_TOKENS), "every token crosses both nodes"
@@ -152,7 +152,7 @@ def test_jobs_survive_the_loss_of_the_peer_they_use(
     killed: list[Process] = []
 
     def kill_a_node_in_use() -> None:
-        in_use = {channel.address for channel in model.channels._channels.values() if channel.alive}
+        in_use = {channel.address for channel in model.channels.channels if channel.alive}
         victim = next(node for node in started[1:] if node.address in in_use and node.alive())
         victim.kill()
         killed.append(victim)
