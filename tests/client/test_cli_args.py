@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,9 @@ def test_estimate_reports_sizes_and_nodes_needed(capsys) -> None:
     assert float32["layers_per_node"] >= 1
     assert float32["nodes_to_cover"] == -(-8 // float32["layers_per_node"])
     assert report["dtypes"]["int8"]["layer_bytes"] * 4 == float32["layer_bytes"]
+
+
+def test_the_cli_starts_without_loading_transformers() -> None:
+    """`swarm-client --help` and commands that load no model stay quick: the model's imports wait until used."""
+    probe = "import sys, client, client.cli; sys.exit('transformers' in sys.modules or 'client.model' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
