@@ -101,7 +101,6 @@ class ModelAdapter(ABC):
         if left:
             raise NotImplementedError(f"{type(self).__name__} does not restore the layer buffers {left}")
 
-    @abstractmethod
     def run_span(
         self,
         layers: list[nn.Module],
@@ -116,3 +115,21 @@ class ModelAdapter(ABC):
 
         `attention_mask` is the 2D padding mask over everything the cache holds plus the new positions.
         """
+        inputs = self.layer_inputs(extras, hidden, position_ids, attention_mask, cache, first_layer)
+        for layer in layers:
+            output = layer(hidden, **inputs)
+            hidden = output[0] if isinstance(output, tuple) else output  # some families return (hidden, weights)
+        return hidden
+
+    @abstractmethod
+    def layer_inputs(
+        self,
+        extras: nn.ModuleDict,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: object | None,
+        first_layer: int,
+    ) -> dict[str, object]:
+        """The keyword arguments every layer of the span gets besides the hidden states, in the family's own
+        names: its mask exactly as its model builds it, positions, the cache, and rotary or ALiBi terms."""

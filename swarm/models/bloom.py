@@ -22,25 +22,21 @@ class BloomAdapter(ModelAdapter):
     def embed(self, local: nn.ModuleDict, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return local["embed_norm"](inputs_embeds)
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         """ALiBi spans cache + new tokens and counts real tokens only, so left padding shifts nothing."""
         alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
         mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer)
-        for layer in layers:
-            hidden, _ = layer(
-                hidden,
-                layer_past=cache,
-                attention_mask=mask,
-                use_cache=cache is not None,
-                alibi=alibi,
-            )
-        return hidden
+        return {
+            "layer_past": cache,
+            "attention_mask": mask,
+            "use_cache": cache is not None,
+            "alibi": alibi,
+        }

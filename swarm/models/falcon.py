@@ -19,33 +19,29 @@ class FalconAdapter(ModelAdapter):
     final_norm_path = "transformer.ln_f"
     rotary_path = "transformer.rotary_emb"
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         alibi = None
         mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer, allow_is_causal_skip=False)
         if self.config.alibi:
             alibi = build_alibi_tensor(attention_mask, self.config.num_attention_heads, dtype=hidden.dtype)
             mask = self._alibi_mask(mask, alibi, hidden)
         position_embeddings = extras["rotary"](hidden, position_ids=position_ids)
-        for layer in layers:
-            hidden, _ = layer(
-                hidden,
-                layer_past=cache,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=cache is not None,
-                alibi=alibi,
-                position_embeddings=position_embeddings,
-            )
-        return hidden
+        return {
+            "layer_past": cache,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "use_cache": cache is not None,
+            "alibi": alibi,
+            "position_embeddings": position_embeddings,
+        }
 
     def _alibi_mask(self, causal_mask: torch.Tensor, alibi: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """SDPA takes ALiBi inside the additive mask, scaled like the scores. `FalconModel.forward` builds it

@@ -20,23 +20,19 @@ class GPT2Adapter(ModelAdapter):
     def embed(self, local: nn.ModuleDict, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return inputs_embeds + local["positions"](position_ids)
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
-        for layer in layers:
-            hidden = layer(
-                hidden,
-                past_key_values=cache,
-                attention_mask=mask,
-                use_cache=cache is not None,
-                position_ids=position_ids,
-            )
-        return hidden
+        return {
+            "past_key_values": cache,
+            "attention_mask": mask,
+            "use_cache": cache is not None,
+            "position_ids": position_ids,
+        }

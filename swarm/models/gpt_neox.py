@@ -15,25 +15,21 @@ class GPTNeoXAdapter(ModelAdapter):
     final_norm_path = "gpt_neox.final_layer_norm"
     rotary_path = "gpt_neox.rotary_emb"
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
         position_embeddings = extras["rotary"](hidden, position_ids=position_ids)
-        for layer in layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                layer_past=cache,
-                use_cache=cache is not None,
-                position_embeddings=position_embeddings,
-            )
-        return hidden
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "layer_past": cache,
+            "use_cache": cache is not None,
+            "position_embeddings": position_embeddings,
+        }

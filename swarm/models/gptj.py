@@ -22,23 +22,19 @@ class GPTJAdapter(ModelAdapter):
             table = create_sinusoidal_positions(attention.max_positions, attention.pos_embd_dim)
             attention.embed_positions = table.to(device)
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
-        for layer in layers:
-            hidden, _ = layer(
-                hidden,
-                layer_past=cache,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=cache is not None,
-            )
-        return hidden
+        return {
+            "layer_past": cache,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "use_cache": cache is not None,
+        }

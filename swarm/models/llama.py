@@ -15,25 +15,21 @@ class LlamaAdapter(ModelAdapter):
     final_norm_path = "model.norm"
     rotary_path = "model.rotary_emb"
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
         position_embeddings = extras["rotary"](hidden, position_ids)
-        for layer in layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                position_embeddings=position_embeddings,
-            )
-        return hidden
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "past_key_values": cache,
+            "use_cache": cache is not None,
+            "position_embeddings": position_embeddings,
+        }

@@ -37,23 +37,19 @@ class OPTAdapter(ModelAdapter):
             hidden = local["project_out"](hidden)
         return local["lm_head"](hidden)
 
-    def run_span(
+    def layer_inputs(
         self,
-        layers: list[nn.Module],
         extras: nn.ModuleDict,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: object | None,
         first_layer: int,
-    ) -> torch.Tensor:
+    ) -> dict[str, object]:
         mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer)
-        for layer in layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
-        return hidden
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "past_key_values": cache,
+            "use_cache": cache is not None,
+        }
