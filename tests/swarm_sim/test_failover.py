@@ -45,6 +45,18 @@ def serving(nodes: list[Process], model: DistributedModelForCausalLM) -> Process
     return node
 
 
+def redundant_swarm(
+    tiny_llama: Path, swarm: LocalSwarm, name: str
+) -> tuple[list[Process], DistributedModelForCausalLM]:
+    """`name` served as 0-3 plus two online nodes for 4-7 (returned), and a client of it."""
+    swarm.start_node(tiny_llama, "0-3", "--model-name", name)
+    spares = [swarm.start_node(tiny_llama, "4-7", "--model-name", name) for _ in range(2)]
+    swarm.wait_ready(name)
+    for spare in spares:
+        swarm.wait_online(spare)
+    return spares, client(tiny_llama, swarm, name)
+
+
 def generate_with(model: DistributedModelForCausalLM, step: int, action: Callable[[], None]) -> list[list[int]]:
     processors = LogitsProcessorList([AtStep(step, action)])
     return model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=processors).tolist()
@@ -54,12 +66,7 @@ def test_kill_9_of_a_redundant_node_mid_generation_changes_nothing(
     tiny_llama: Path, swarm: LocalSwarm, expected: list[list[int]]
 ) -> None:
     name = "fo-redundant"
-    swarm.start_node(tiny_llama, "0-3", "--model-name", name)
-    spares = [swarm.start_node(tiny_llama, "4-7", "--model-name", name) for _ in range(2)]
-    swarm.wait_ready(name)
-    for spare in spares:
-        swarm.wait_online(spare)
-    model = client(tiny_llama, swarm, name)
+    spares, model = redundant_swarm(tiny_llama, swarm, name)
     killed: list[Process] = []
 
     def kill_the_one_in_use() -> None:
@@ -144,12 +151,7 @@ def test_sigterm_drains_a_node_and_clients_move_without_an_error(
     tiny_llama: Path, swarm: LocalSwarm, expected: list[list[int]]
 ) -> None:
     name = "fo-drain"
-    swarm.start_node(tiny_llama, "0-3", "--model-name", name)
-    pair = [swarm.start_node(tiny_llama, "4-7", "--model-name", name) for _ in range(2)]
-    swarm.wait_ready(name)
-    for node in pair:
-        swarm.wait_online(node)
-    model = client(tiny_llama, swarm, name)
+    pair, model = redundant_swarm(tiny_llama, swarm, name)
     drained: list[Process] = []
 
     def drain() -> None:
