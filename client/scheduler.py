@@ -141,12 +141,20 @@ class DecodeScheduler:
             lane.close()
 
     def _fail_all(self, jobs: list[DecodeJob], error: Exception) -> None:
+        self._end([(job, error) for job in jobs])
+
+    def _end(self, endings: list[tuple[DecodeJob, torch.Tensor | BaseException]]) -> None:
+        """Close the jobs' swarm sessions, then hand each caller its output or its error."""
         try:
-            self.model.runner.run(self._close_all(jobs))
+            self.model.runner.run(self._close_all([job for job, _ in endings]))
         finally:
-            for job in jobs:
-                if not job.result.done():
-                    job.result.set_exception(error)
+            for job, outcome in endings:
+                if job.result.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.result.set_exception(outcome)
+                else:
+                    job.result.set_result(outcome)
 
     def _tick(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
         """Advance every job by one token; returns the jobs still running."""
@@ -169,14 +177,9 @@ class DecodeScheduler:
                     except Exception as exc:  # a processor or stopping criterion failed: only its job ends
                         failed[index] = exc
                     row += job.rows
-        ending = {index for index, job in enumerate(jobs) if index in failed or job.done}
+        ending = [index for index, job in enumerate(jobs) if index in failed or job.done]
         if ending:
-            self.model.runner.run(self._close_all([jobs[index] for index in sorted(ending)]))
-        for index in sorted(ending):
-            if index in failed:
-                jobs[index].result.set_exception(failed[index])
-            else:
-                jobs[index].result.set_result(jobs[index].input_ids)
+            self._end([(jobs[index], failed.get(index, jobs[index].input_ids)) for index in ending])
         return [job for index, job in enumerate(jobs) if index not in ending]
 
     def _embed(self, jobs: list[DecodeJob]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
