@@ -102,7 +102,8 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
     frames = sum(channel.frames_sent for channel in channels) - frames_before
     steps = sum(channel.steps_sent for channel in channels) - steps_before
     assert steps >= 2 * sum(NEW_TOKENS), "every token crosses both nodes"
-    assert frames <= 2 * scheduler.ticks + len(PROMPTS) < 0.7 * steps, "a tick's steps should travel together"
+    # two hops a tick, plus a first step per job and hop that leaves alone as soon as its session has opened
+    assert frames <= 2 * (scheduler.ticks + len(PROMPTS)) < 0.7 * steps, "a tick's steps should travel together"
 
 
 def test_a_job_joining_late_and_a_padded_batch_job_match_local_generate(
