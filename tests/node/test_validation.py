@@ -58,6 +58,32 @@ def test_wrong_shapes_dtypes_and_values_are_refused() -> None:
     rejects("hypo_ids", session(), torch.randn(2, 3, HIDDEN), positions, None, torch.tensor([0, 5]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_non_finite_value_anywhere_is_refused_in_every_float_dtype(dtype: torch.dtype) -> None:
+    positions = torch.arange(3).expand(2, 3)
+    info = torch.finfo(dtype)
+    extremes = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, -0.0, 0.0, 1.0, -1.0])
+    hidden = extremes.repeat(6).reshape(2, 3, HIDDEN).to(dtype)
+    inputs = check(session(), hidden, positions)
+    assert torch.equal(inputs.hidden, hidden)  # the largest, subnormal and signed-zero values all pass unchanged
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        poisoned = hidden.clone()
+        poisoned[1, 2, 5] = bad
+        rejects("NaN", session(), poisoned, positions)
+
+
+def test_integer_and_bool_inputs_arrive_as_torch_tensors_of_the_dtype_the_layers_use() -> None:
+    hidden = torch.randn(2, 3, HIDDEN)
+    for mask_dtype in (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64):
+        mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=mask_dtype)
+        inputs = check(session(), hidden, torch.arange(3).expand(2, 3).int(), mask, torch.tensor([1, 0]))
+        assert inputs.attention_mask.dtype == torch.bool and inputs.attention_mask.tolist() == mask.bool().tolist()
+        assert inputs.position_ids.dtype == torch.int64 and inputs.position_ids.tolist() == [[0, 1, 2]] * 2
+        assert inputs.hypo_ids is not None and inputs.hypo_ids.tolist() == [1, 0]
+        inputs.position_ids.add_(1)  # writable copies, not views of the frame's bytes
+        inputs.attention_mask[0, 0] = True
+
+
 def test_positions_stay_inside_the_session_and_move_forward() -> None:
     rejects("max_length", session(length=15), torch.randn(2, 2, HIDDEN), torch.tensor([[15, 16], [15, 16]]))
     rejects(r"\[0, 16\)", session(), torch.randn(2, 1, HIDDEN), torch.tensor([[16], [0]]))
