@@ -48,6 +48,11 @@ class PendingStep:
         return self.inputs.hidden.shape[1] == 1 and self.inputs.hypo_ids is None and self.session.length > 0
 
     @property
+    def quick(self) -> bool:
+        """A single-token step of at most `QUICK_ROWS` rows: the kind that may skip the compute thread."""
+        return self.inputs.hidden.shape[1] == 1 and self.inputs.hidden.shape[0] <= QUICK_ROWS
+
+    @property
     def group(self) -> tuple[int, int]:
         return self.session.start, self.session.end
 
@@ -155,7 +160,11 @@ def _advance(session: Session, mask: torch.Tensor, inputs: StepInputs) -> None:
 
 class StepBatcher:
     """Queues steps and feeds the compute thread one round at a time: batching what it can, and cutting
-    steps longer than `chunk_tokens` into chunks that take turns with other steps (0: never cut)."""
+    steps longer than `chunk_tokens` into chunks that take turns with other steps (0: never cut).
+
+    A quick step (see `PendingStep.quick`) that finds nothing queued, no round running and nothing ahead of
+    it on its session has nobody to batch with: while `runs_inline()` says `compute` would run it at once on
+    the event loop, it runs right in `submit`, skipping the queue and the worker's turn of the loop."""
 
     def __init__(
         self,
@@ -164,15 +173,18 @@ class StepBatcher:
         on_batch: Callable[[int], None],
         enabled: bool = True,
         chunk_tokens: int = 256,
+        runs_inline: Callable[[], bool] = lambda: False,
     ) -> None:
         self._compute = compute
         self._span = span
         self._on_batch = on_batch
         self.enabled = enabled
         self.chunk_tokens = chunk_tokens
+        self._runs_inline = runs_inline
         self._queue: asyncio.Queue[PendingStep] = asyncio.Queue()
         self._latest: dict[int, PendingStep] = {}  # by id(session): its last submitted step, which the next awaits
         self._worker: asyncio.Task[None] | None = None
+        self._in_round = False
 
     async def submit(self, session: Session, inputs: StepInputs) -> torch.Tensor:
         """The step's output, computed only after every step submitted earlier on the same session."""
@@ -182,6 +194,10 @@ class StepBatcher:
         ahead, self._latest[key] = self._latest.get(key), pending
         queued = False
         try:
+            if ahead is None and pending.quick and self._idle() and self._runs_inline():
+                queued = True
+                await self._run([pending])
+                return await pending.done
             if ahead is not None:
                 await asyncio.wait([ahead.done])
             self._queue.put_nowait(pending)
@@ -198,8 +214,15 @@ class StepBatcher:
             round_ = [await self._queue.get()]
             while not self._queue.empty():
                 round_.append(self._queue.get_nowait())
-            for group in self._groups(round_):
-                await self._run(group)
+            self._in_round = True
+            try:
+                for group in self._groups(round_):
+                    await self._run(group)
+            finally:
+                self._in_round = False
+
+    def _idle(self) -> bool:
+        return self._queue.empty() and not self._in_round
 
     def _groups(self, steps: list[PendingStep]) -> list[list[PendingStep]]:
         groups: dict[tuple[int, int], list[PendingStep]] = {}
@@ -240,8 +263,7 @@ class StepBatcher:
                 await self._run_chunk(span, step)
                 continue
             try:
-                quick = step.inputs.hidden.shape[1] == 1 and step.inputs.hidden.shape[0] <= QUICK_ROWS
-                output = await self._compute(run_alone, span, step.session, step.inputs, quick=quick)
+                output = await self._compute(run_alone, span, step.session, step.inputs, quick=step.quick)
             except Exception as exc:  # handed to the step's own request
                 _settle(step, exc)
             else:

@@ -59,7 +59,7 @@ from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.node")
 
-INLINE_SECONDS = 0.002
+INLINE_SECONDS = 0.005
 """Lone decode steps faster than this on average skip the hop to the compute thread (see `_compute`)."""
 
 T = TypeVar("T")
@@ -97,6 +97,7 @@ class NodeServer:
             self.metrics.batched_steps.inc,
             enabled=settings.batch_steps,
             chunk_tokens=settings.prefill_chunk,
+            runs_inline=self._runs_inline,
         )
 
     def peer_info(self) -> PeerInfo:
@@ -226,7 +227,9 @@ class NodeServer:
         hidden = await self.batcher.submit(session, inputs)
         self.metrics.steps.labels("step").inc()
         reply = WireTensor.from_torch(hidden, message.hidden.codec)  # replies mirror the request's codec
-        return StepResult(session_id=session.session_id, step_id=message.step_id, hidden=reply)
+        return StepResult.model_construct(
+            type="step_result", session_id=session.session_id, step_id=message.step_id, hidden=reply
+        )
 
     async def _forward(self, message: Forward) -> ForwardResult:
         span = self._ready_span()
@@ -254,7 +257,7 @@ class NodeServer:
         back costs more than a small model's decode step itself, and blocking the loop that briefly delays
         nothing that matters."""
         began = time.perf_counter()
-        if quick and not self._computing and self._quick_seconds < INLINE_SECONDS:
+        if quick and self._runs_inline():
             result = function(*args)
         else:
             future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
@@ -270,6 +273,10 @@ class NodeServer:
             self._quick_seconds += 0.2 * (took - self._quick_seconds)
         self.metrics.step_seconds.observe(took)
         return result
+
+    def _runs_inline(self) -> bool:
+        """Whether quick work would run right on the event loop now (see `_compute`)."""
+        return not self._computing and self._quick_seconds < INLINE_SECONDS
 
     def _computed(self, future: asyncio.Future[object]) -> None:
         self._computing -= 1

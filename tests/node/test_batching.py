@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
 
-from node.batching import PendingStep, can_batch, run_alone, run_batched
+from node.batching import PendingStep, StepBatcher, can_batch, run_alone, run_batched
 from node.sessions import SessionTable
 from node.span import LoadedSpan
 from node.validation import StepInputs
@@ -39,8 +40,6 @@ def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
     async def pending() -> list[PendingStep]:
         return [PendingStep(s, step_inputs(d, s.length)) for s, d in zip(batched_sessions, decodes, strict=True)]
 
-    import asyncio
-
     steps = asyncio.run(pending())
     assert can_batch(steps)
     batched = run_batched(span, steps)
@@ -59,3 +58,45 @@ def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
             atol=1e-5,
             rtol=0,
         )
+
+
+def test_a_lone_quick_step_runs_in_its_own_request_while_inline_compute_is_allowed(tiny_llama: Path) -> None:
+    """With nothing queued or running, a decode step has nobody to batch with: it skips the queue and the
+    worker's turn. Once work is queued or a round runs, steps queue up again and batch."""
+    span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
+    table = SessionTable(cache_tokens=10_000, max_sessions=8)
+    sessions = [table.open(f"s{i}", 1, (2, 6), 64, 1, 0.0, span.new_cache) for i in range(3)]
+    for session in sessions:
+        run_alone(span, session, step_inputs(torch.randn(1, 4, 64), 0))
+    ran_in: list[tuple[asyncio.Task, int]] = []
+    release = asyncio.Event()
+    inline_allowed = True
+    batcher: StepBatcher
+
+    async def compute(function, *args, quick: bool = False):
+        task = asyncio.current_task()
+        ran_in.append((task, len(args[1]) if function is run_batched else 1))  # type: ignore[arg-type]
+        if task is batcher._worker and not release.is_set():
+            await release.wait()  # the worker's first round holds the compute thread until released
+        return function(*args)
+
+    async def scenario() -> list[tuple[str, int]]:
+        nonlocal inline_allowed, batcher
+        batcher = StepBatcher(compute, lambda: span, lambda size: None, runs_inline=lambda: inline_allowed)
+
+        def decode(session, name: str) -> asyncio.Task:
+            inputs = step_inputs(torch.randn(1, 1, 64), session.length)
+            return asyncio.create_task(batcher.submit(session, inputs), name=name)
+
+        await decode(sessions[0], "lone")  # nothing else around: computed inside its own request
+        inline_allowed = False
+        first = decode(sessions[0], "queued")  # the compute thread is busy: it goes through the worker
+        await asyncio.sleep(0.01)
+        inline_allowed = True  # even where inline compute is allowed, a running round makes the others queue
+        late = [decode(sessions[1], "late-1"), decode(sessions[2], "late-2")]
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, *late)
+        return [("worker" if task is batcher._worker else task.get_name(), size) for task, size in ran_in]
+
+    assert asyncio.run(scenario()) == [("lone", 1), ("worker", 1), ("worker", 2)]
