@@ -162,9 +162,9 @@ class StepBatcher:
     """Queues steps and feeds the compute thread one round at a time: batching what it can, and cutting
     steps longer than `chunk_tokens` into chunks that take turns with other steps (0: never cut).
 
-    A quick step (see `PendingStep.quick`) that finds nothing queued, no round running and nothing ahead of
-    it on its session has nobody to batch with: while `runs_inline()` says `compute` would run it at once on
-    the event loop, it runs right in `submit`, skipping the queue and the worker's turn of the loop."""
+    A quick step (see `PendingStep.quick`) submitted `alone` that finds nothing queued, no round running and
+    nothing ahead of it on its session has nobody to batch with: while `runs_inline()` says `compute` would
+    run it at once on the event loop, it runs right in `submit`, skipping the queue and the worker's turn."""
 
     def __init__(
         self,
@@ -186,15 +186,17 @@ class StepBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._in_round = False
 
-    async def submit(self, session: Session, inputs: StepInputs) -> torch.Tensor:
-        """The step's output, computed only after every step submitted earlier on the same session."""
+    async def submit(self, session: Session, inputs: StepInputs, alone: bool = False) -> torch.Tensor:
+        """The step's output, computed only after every step submitted earlier on the same session.
+
+        `alone`: no other step is being submitted with this one (it came in a frame of its own)."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work())
         pending, key = PendingStep(session, inputs), id(session)
         ahead, self._latest[key] = self._latest.get(key), pending
         queued = False
         try:
-            if ahead is None and pending.quick and self._idle() and self._runs_inline():
+            if alone and ahead is None and pending.quick and self._idle() and self._runs_inline():
                 queued = True
                 await self._run([pending])
                 return await pending.done

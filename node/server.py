@@ -184,7 +184,7 @@ class NodeServer:
 
     async def _dispatch(self, message: Message, owner: int) -> Message:
         if isinstance(message, Step):
-            return await self._step(message, owner)
+            return await self._step(message, owner, alone=True)
         if isinstance(message, OpenSession):
             span = self._ready_span()
             check_layer_range(message.start, message.end, (span.start, span.end))
@@ -212,7 +212,8 @@ class NodeServer:
             raise ProtocolError("busy", f"node is {self.state}, not taking work; try another peer")
         return self.span
 
-    async def _step(self, message: Step, owner: int) -> StepResult:
+    async def _step(self, message: Step, owner: int, alone: bool = False) -> StepResult:
+        """`alone`: the step came in a frame of its own (a `step_many` frame's steps are meant to batch)."""
         self._ready_span()  # refuses work unless online
         session = self.sessions.get(message.session_id, owner)
         inputs = validate_step(
@@ -224,7 +225,7 @@ class NodeServer:
             self.identity.hidden_size,
         )
         session.last_used = time.monotonic()
-        hidden = await self.batcher.submit(session, inputs)
+        hidden = await self.batcher.submit(session, inputs, alone=alone)
         self.metrics.steps.labels("step").inc()
         reply = WireTensor.from_torch(hidden, message.hidden.codec)  # replies mirror the request's codec
         return StepResult.model_construct(

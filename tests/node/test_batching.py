@@ -60,9 +60,9 @@ def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
         )
 
 
-def test_a_lone_quick_step_runs_in_its_own_request_while_inline_compute_is_allowed(tiny_llama: Path) -> None:
-    """With nothing queued or running, a decode step has nobody to batch with: it skips the queue and the
-    worker's turn. Once work is queued or a round runs, steps queue up again and batch."""
+def test_a_lone_quick_step_runs_in_its_own_request_and_steps_that_came_together_batch(tiny_llama: Path) -> None:
+    """With nothing queued or running, a decode step that came alone has nobody to batch with: it skips the
+    queue and the worker's turn. Steps of one frame, or arriving while a round runs, queue up and batch."""
     span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
     sessions = [table.open(f"s{i}", 1, (2, 6), 64, 1, 0.0, span.new_cache) for i in range(3)]
@@ -76,19 +76,21 @@ def test_a_lone_quick_step_runs_in_its_own_request_while_inline_compute_is_allow
     async def compute(function, *args, quick: bool = False):
         task = asyncio.current_task()
         ran_in.append((task, len(args[1]) if function is run_batched else 1))  # type: ignore[arg-type]
-        if task is batcher._worker and not release.is_set():
-            await release.wait()  # the worker's first round holds the compute thread until released
+        if task is batcher._worker and not inline_allowed and not release.is_set():
+            await release.wait()  # this round holds the compute thread until released
         return function(*args)
 
     async def scenario() -> list[tuple[str, int]]:
         nonlocal inline_allowed, batcher
         batcher = StepBatcher(compute, lambda: span, lambda size: None, runs_inline=lambda: inline_allowed)
 
-        def decode(session, name: str) -> asyncio.Task:
+        def decode(session, name: str, alone: bool = True) -> asyncio.Task:
             inputs = step_inputs(torch.randn(1, 1, 64), session.length)
-            return asyncio.create_task(batcher.submit(session, inputs), name=name)
+            return asyncio.create_task(batcher.submit(session, inputs, alone=alone), name=name)
 
         await decode(sessions[0], "lone")  # nothing else around: computed inside its own request
+        # steps that arrived together (one step_many frame) are not alone: they wait for the worker and batch
+        await asyncio.gather(decode(sessions[1], "frame-1", alone=False), decode(sessions[2], "frame-2", alone=False))
         inline_allowed = False
         first = decode(sessions[0], "queued")  # the compute thread is busy: it goes through the worker
         await asyncio.sleep(0.01)
@@ -99,4 +101,4 @@ def test_a_lone_quick_step_runs_in_its_own_request_while_inline_compute_is_allow
         await asyncio.gather(first, *late)
         return [("worker" if task is batcher._worker else task.get_name(), size) for task, size in ran_in]
 
-    assert asyncio.run(scenario()) == [("lone", 1), ("worker", 1), ("worker", 2)]
+    assert asyncio.run(scenario()) == [("lone", 1), ("worker", 2), ("worker", 1), ("worker", 2)]
