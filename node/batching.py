@@ -2,9 +2,11 @@
 
 Steps that arrive while the compute thread is busy queue up; the next round takes them all, and
 those that are plain single-token decode steps over the same layers run together: their caches are
-left-padded into one temporary batch (padding masked out), the span runs once, and each session's
-new keys/values are appended back to its own cache. Everything else (prefills, beam reorders,
-caches of other layer types) runs alone, exactly as before.
+left-padded into one batch cache (padding masked out) and the span runs once. Each session's cache
+then becomes a view of its rows of that batch cache, so when the same sessions step together again
+(a client's concurrent generations, tick after tick) the merge is skipped; a session that steps alone
+or leaves the batch gets caches of its own again. Everything else (prefills, beam reorders, caches of
+other layer types) runs alone, exactly as before.
 
 A step longer than `chunk_tokens` (`--prefill-chunk`) runs one chunk per round: after each chunk it
 goes back in the queue behind the steps that arrived meanwhile, so a long prompt delays other
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +37,10 @@ log = logging.getLogger("swarm.node")
 
 QUICK_ROWS = 8
 """A lone decode step of at most this many rows may run without the hop to the compute thread."""
+
+PADDING_SLACK = 1.25
+"""Batched sessions keep views into the round's merged cache only while its left padding makes it at most
+this much larger than their own caches together: the views keep the padding alive."""
 
 
 @dataclass
@@ -90,16 +97,51 @@ def _apply(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tens
     return hidden
 
 
-def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor]:
-    """One forward for several sessions' single-token steps over the same layers."""
+class SharedCaches:
+    """Which sessions hold views into which merged cache (by the storage of its first layer's keys), so that
+    when some of them move to a new merged cache, the others get caches of their own: an idle session must
+    not keep a whole batch's cache alive. Only the compute thread touches it."""
+
+    def __init__(self) -> None:
+        self._members: dict[int, list[weakref.ref[Session]]] = {}
+
+    def leaving(self, sessions: Sequence[Session], layer: int) -> None:
+        """`sessions` are about to be merged anew: whoever else shared their old merged caches moves out."""
+        moving = {id(session) for session in sessions}
+        for session in sessions:
+            keys = session.cache.layers[layer].keys  # type: ignore[attr-defined]
+            for ref in self._members.pop(keys.untyped_storage().data_ptr(), []):
+                other = ref()
+                if other is not None and id(other) not in moving:
+                    _own_copies(other)
+
+    def share(self, sessions: Sequence[Session], keys: torch.Tensor) -> None:
+        self._members = {ptr: refs for ptr, refs in self._members.items() if any(ref() for ref in refs)}
+        self._members[keys.untyped_storage().data_ptr()] = [weakref.ref(session) for session in sessions]
+
+
+def run_batched(span: LoadedSpan, steps: list[PendingStep], shared: SharedCaches | None = None) -> list[torch.Tensor]:
+    """One forward for several sessions' single-token steps over the same layers.
+
+    The sessions' caches are merged into one left-padded batch cache, unless they are still the views this
+    function left them last round over the same rows (the same sessions stepping together again): then that
+    round's merged cache is used as it is. Afterwards each session's cache becomes a view of its rows of the
+    new merged cache, unless padding would make those views hold much more than the sessions' own caches
+    (`PADDING_SLACK`); then each session's new keys and values are appended to its own cache instead.
+    `shared` tracks who shares which merged cache across calls (see `SharedCaches`)."""
+    shared = shared if shared is not None else SharedCaches()
     start, end = steps[0].group
     longest = max(step.session.length for step in steps)
+    rows = sum(step.session.batch_size for step in steps)
+    resident = [_resident(steps, index, rows, longest) for index in range(start, end)]
+    if not all(resident):
+        shared.leaving([step.session for step in steps], start)
     cache = DynamicCache(config=span.adapter.config)
-    for index in range(start, end):
-        keys, values = zip(*(_padded(step.session.cache.layers[index], longest) for step in steps), strict=True)
+    for index, reused in zip(range(start, end), resident, strict=True):
+        keys, values = reused or _merged(steps, index, longest)
         layer = cache.layers[index]
-        layer.lazy_initialization(keys[0], values[0])
-        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
     masks = [
         torch.cat(
             [
@@ -119,16 +161,82 @@ def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor
         start,
         end,
     )
+    own_tokens = sum(step.session.batch_size * (step.session.length + 1) for step in steps)
+    as_views = rows * (longest + 1) <= PADDING_SLACK * own_tokens and all(
+        cache.layers[index].keys.is_contiguous() and cache.layers[index].values.is_contiguous()
+        for index in range(start, end)
+    )
     outputs, row = [], 0
     for step in steps:
-        rows = slice(row, row + step.session.batch_size)
+        session = step.session
+        rows_of = slice(row, row + session.batch_size)
+        _advance(session, torch.cat([session.attention_mask, step.inputs.attention_mask], dim=1), step.inputs)
         for index in range(start, end):
-            merged = cache.layers[index]
-            step.session.cache.layers[index].update(merged.keys[rows, :, -1:], merged.values[rows, :, -1:])
-        _advance(step.session, torch.cat([step.session.attention_mask, step.inputs.attention_mask], dim=1), step.inputs)
-        outputs.append(hidden[rows])
-        row += step.session.batch_size
+            merged, own = cache.layers[index], session.cache.layers[index]
+            if as_views:
+                own.keys = merged.keys[rows_of, :, -session.length :]
+                own.values = merged.values[rows_of, :, -session.length :]
+            else:
+                own.update(merged.keys[rows_of, :, -1:], merged.values[rows_of, :, -1:])
+        outputs.append(hidden[rows_of])
+        row += session.batch_size
+    if as_views:
+        shared.share([step.session for step in steps], cache.layers[start].keys)
     return outputs
+
+
+def _merged(steps: list[PendingStep], index: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = zip(*(_padded(step.session.cache.layers[index], longest) for step in steps), strict=True)
+    return torch.cat(keys), torch.cat(values)
+
+
+def _resident(
+    steps: list[PendingStep], index: int, rows: int, longest: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Layer `index`'s merged keys and values of the previous round, if every step's session cache is still
+    exactly the view of its rows that `run_batched` left (same sessions, same order, nothing stepped alone
+    or rolled back since); None otherwise. (Inference tensors do not record `_base`, so the merged tensors
+    are found from the views' storage.)"""
+    first = steps[0].session.cache.layers[index]
+    keys, values = _whole(first.keys, rows, longest), _whole(first.values, rows, longest)
+    if keys is None or values is None:
+        return None
+    row = 0
+    for step in steps:
+        layer, session = step.session.cache.layers[index], step.session
+        for view, whole in ((layer.keys, keys), (layer.values, values)):
+            expected = whole[row : row + session.batch_size, :, longest - session.length :]
+            if (
+                view.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+                or view.data_ptr() != expected.data_ptr()
+                or view.shape != expected.shape
+                or view.stride() != expected.stride()
+            ):
+                return None
+        row += session.batch_size
+    return keys, values
+
+
+def _whole(view: torch.Tensor, rows: int, length: int) -> torch.Tensor | None:
+    """The contiguous [rows, heads, length, head_dim] tensor that `view` was cut from, if its storage holds
+    exactly that many values."""
+    if view.dim() != 4:
+        return None
+    heads, dim = view.shape[1], view.shape[3]
+    if view.untyped_storage().nbytes() != rows * heads * length * dim * view.element_size():
+        return None
+    return view.as_strided((rows, heads, length, dim), (heads * length * dim, length * dim, dim, 1), 0)
+
+
+def _own_copies(session: Session) -> None:
+    """Give a session that left a batch its own cache tensors instead of views into the batch's."""
+    for layer in session.cache.layers[session.start : session.end]:  # type: ignore[attr-defined]
+        if type(layer) is DynamicLayer and layer.is_initialized and _is_slice(layer.keys):
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+
+
+def _is_slice(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
 
 
 def can_batch(steps: list[PendingStep]) -> bool:
@@ -185,6 +293,7 @@ class StepBatcher:
         self._latest: dict[int, PendingStep] = {}  # by id(session): its last submitted step, which the next awaits
         self._worker: asyncio.Task[None] | None = None
         self._in_round = False
+        self._shared = SharedCaches()
 
     async def submit(self, session: Session, inputs: StepInputs, alone: bool = False) -> torch.Tensor:
         """The step's output, computed only after every step submitted earlier on the same session.
@@ -248,7 +357,7 @@ class StepBatcher:
             return
         if can_batch(group):
             try:
-                outputs = await self._compute(run_batched, span, group)
+                outputs = await self._compute(run_batched, span, group, self._shared)
             except ProtocolError as exc:  # the round ran past --step-timeout: every step in it failed
                 for step in group:
                     _settle(step, exc)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
+from node import batching
 from node.batching import PendingStep, StepBatcher, can_batch, run_alone, run_batched
 from node.sessions import SessionTable
 from node.span import LoadedSpan
@@ -102,3 +104,67 @@ def test_a_lone_quick_step_runs_in_its_own_request_and_steps_that_came_together_
         return [("worker" if task is batcher._worker else task.get_name(), size) for task, size in ran_in]
 
     assert asyncio.run(scenario()) == [("lone", 1), ("worker", 2), ("worker", 1), ("worker", 2)]
+
+
+def test_sessions_that_keep_stepping_together_reuse_the_merged_cache_and_stay_exact(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a batched round each session's cache is a view of its rows of the merged cache, so the same
+    sessions stepping together again skip the merge. A session stepping alone, leaving the batch, or with a
+    length far from the others' falls back to caches of its own; every output stays what it is alone."""
+    span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
+    table = SessionTable(cache_tokens=10_000, max_sessions=16)
+    generator = torch.Generator().manual_seed(1)
+    shapes = ((1, 3), (2, 5), (1, 4), (1, 40))
+    prefills = [torch.randn(b, n, 64, generator=generator) for b, n in shapes]
+    merges = []
+    real_merged = batching._merged
+    monkeypatch.setattr(batching, "_merged", lambda *args: merges.append(1) or real_merged(*args))
+
+    def sessions(tag: str) -> list:
+        opened = [
+            table.open(f"{tag}{i}", 1, (2, 6), 64, p.shape[0], 0.0, span.new_cache) for i, p in enumerate(prefills)
+        ]
+        for session, prefill in zip(opened, prefills, strict=True):
+            run_alone(span, session, step_inputs(prefill, 0))
+        return opened
+
+    alone, batched = sessions("a"), sessions("b")
+
+    def views(session) -> bool:
+        return all(batching._is_slice(session.cache.layers[i].keys) for i in range(2, 6))
+
+    async def pending(chosen: list[int], hidden: list[torch.Tensor]) -> list[PendingStep]:
+        return [PendingStep(batched[i], step_inputs(h, batched[i].length)) for i, h in zip(chosen, hidden, strict=True)]
+
+    shared = batching.SharedCaches()
+
+    def round_(chosen: list[int]) -> int:
+        """Steps `chosen` sessions batched and alone, checks they agree; returns how many layers were merged."""
+        merges.clear()
+        hidden = [torch.randn(prefills[i].shape[0], 1, 64, generator=generator) for i in chosen]
+        expected = [
+            run_alone(span, alone[i], step_inputs(h, alone[i].length)) for i, h in zip(chosen, hidden, strict=True)
+        ]
+        steps = asyncio.run(pending(chosen, hidden))
+        got = run_batched(span, steps, shared)
+        for one, many in zip(expected, got, strict=True):
+            torch.testing.assert_close(many, one, atol=1e-5, rtol=0)
+        return len(merges)
+
+    assert round_([0, 1, 2]) == 4  # first round: merged, one call per layer
+    assert all(views(batched[i]) for i in (0, 1, 2))
+    assert round_([0, 1, 2]) == 0  # the same sessions again: the previous round's merged cache is used as is
+    assert round_([0, 1, 2]) == 0
+    assert round_([0, 2]) == 4  # session 1 left: merged again, and it got caches of its own
+    assert not views(batched[1]) and views(batched[0])
+    lone = torch.randn(1, 1, 64, generator=generator)
+    for side in (alone, batched):  # session 0 steps alone ...
+        run_alone(span, side[0], step_inputs(lone, side[0].length))
+    assert round_([0, 1, 2]) == 4  # ... so its cache is no longer a view: merged again
+    assert round_([0, 1, 2]) == 0
+    assert round_([0, 3]) == 4  # 40 tokens beside 5: views would keep too much padding, so none are made
+    assert not views(batched[3])
+    for a, b in zip(alone, batched, strict=True):
+        for index in range(2, 6):
+            torch.testing.assert_close(b.cache.layers[index].keys, a.cache.layers[index].keys, atol=1e-5, rtol=0)
