@@ -1,7 +1,9 @@
 """Per-token latency: local `generate` vs the same checkpoint through swarms of 1, 2 and 3 nodes.
 
 Every figure comes from one run on one machine: the local baseline is measured next to the swarm,
-and the report is the ratio swarm/local plus the overhead each hop adds per token (medians).
+and the report is the ratio swarm/local plus the overhead each hop adds per token (medians). Local and
+swarm generations alternate, and each swarm generation is compared with the local one just before it:
+a shared machine's speed drifts by up to 2x over seconds, and pairs taken side by side see the same drift.
 
     python bench/latency.py --preset tiny
     python bench/latency.py --preset 250m --nodes 1,2,3 --repeats 3
@@ -89,9 +91,9 @@ def main() -> int:
         3, local.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
     )
     time_generate(local, prompt, 4, 1)  # warm-up
-    local_intervals = time_generate(local, prompt, args.new_tokens, args.repeats)
 
     rows = []
+    local_intervals: list[float] = []
     for parts in (int(n) for n in args.nodes.split(",")):
         with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir)) as swarm:
             swarm.start_registry()
@@ -103,17 +105,28 @@ def main() -> int:
             )
             try:
                 time_generate(remote, prompt, 4, 1)
-                swarm_ms = median(time_generate(remote, prompt, args.new_tokens, args.repeats))
+                pairs = []
+                for _ in range(args.repeats):
+                    local_ms = time_generate(local, prompt, args.new_tokens, 1)
+                    swarm_ms = time_generate(remote, prompt, args.new_tokens, 1)
+                    local_intervals += local_ms
+                    pairs.append((median(local_ms), median(swarm_ms)))
                 error = logits_error(remote, local, prompt)
             finally:
                 remote.close()
-        local_intervals += time_generate(local, prompt, args.new_tokens, 1)  # baseline spread over the run
-        rows.append({"nodes": parts, "swarm_ms_per_token": swarm_ms, "logits_relative_error": error})
+        rows.append(
+            {
+                "nodes": parts,
+                "swarm_ms_per_token": median([swarm for _, swarm in pairs]),
+                "paired_local_ms_per_token": median([local for local, _ in pairs]),
+                "overhead_ms_per_hop": median([(swarm - local) / parts for local, swarm in pairs]),
+                "ratio": median([swarm / local for local, swarm in pairs]),
+                "logits_relative_error": error,
+            }
+        )
     local_ms = median(local_intervals)
     for row in rows:
         row["local_ms_per_token"] = local_ms
-        row["ratio"] = row["swarm_ms_per_token"] / local_ms
-        row["overhead_ms_per_hop"] = (row["swarm_ms_per_token"] - local_ms) / row["nodes"]
 
     title = f"decode latency, {label} ({num_layers} layers), {args.new_tokens} new tokens, medians"
     table = Table(title=f"{title}, compression {args.compression}")
