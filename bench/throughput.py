@@ -4,7 +4,8 @@ Each session is its own client thread generating greedily on its own swarm sessi
 through the client's `DecodeScheduler` (what the gateway and `batch` use: concurrent sessions share ticks)
 and as one Hugging Face `generate()` per thread. The baseline is local `generate` on the same checkpoint
 with the same batch size, in the same run. Reports aggregate tokens/s, p50/p99 per-token latency, and the
-swarm/local throughput ratio.
+swarm/local throughput ratio. Local and swarm runs alternate and each ratio compares runs taken side by
+side (a shared machine's speed drifts by up to 2x over seconds); the ratios reported are their medians.
 
     python bench/throughput.py --preset tiny --sessions 1,4,16,32
 """
@@ -105,6 +106,13 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return {**ordered[len(ordered) // 2], "runs_tokens_per_s": [run["tokens_per_s"] for run in runs]}
 
 
+def paired_ratio(runs: list[dict[str, float]], baselines: list[dict[str, float]]) -> float:
+    """Median of run/baseline throughput over runs taken side by side."""
+    return statistics.median(
+        run["tokens_per_s"] / base["tokens_per_s"] for run, base in zip(runs, baselines, strict=True)
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -135,21 +143,22 @@ def main() -> int:
             swarm_sessions(remote, prompts[:4], 4, scheduler)
             for count in counts:
                 batch = prompts[:count]
-                baseline = median_run([local_batch(local, batch, args.new_tokens) for _ in range(args.repeats)])
-                shared = median_run(
-                    [swarm_sessions(remote, batch, args.new_tokens, scheduler) for _ in range(args.repeats)]
-                )
-                threads = median_run([swarm_sessions(remote, batch, args.new_tokens) for _ in range(args.repeats)])
+                baselines, shared_runs, thread_runs = [], [], []
+                for _ in range(args.repeats):
+                    baselines.append(local_batch(local, batch, args.new_tokens))
+                    shared_runs.append(swarm_sessions(remote, batch, args.new_tokens, scheduler))
+                    thread_runs.append(swarm_sessions(remote, batch, args.new_tokens))
                 rows.append(
                     {
                         "sessions": count,
-                        "swarm_scheduler": shared,
-                        "swarm_generate_per_thread": threads,
-                        "local": baseline,
-                        "ratio": shared["tokens_per_s"] / baseline["tokens_per_s"],
-                        "ratio_generate_per_thread": threads["tokens_per_s"] / baseline["tokens_per_s"],
+                        "swarm_scheduler": median_run(shared_runs),
+                        "swarm_generate_per_thread": median_run(thread_runs),
+                        "local": median_run(baselines),
+                        "ratio": paired_ratio(shared_runs, baselines),
+                        "ratio_generate_per_thread": paired_ratio(thread_runs, baselines),
                     }
                 )
+                shared = rows[-1]["swarm_scheduler"]
                 print(f"{count} sessions: {shared['tokens_per_s']:.1f} tok/s", file=sys.stderr)
         finally:
             scheduler.close()
