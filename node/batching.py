@@ -38,6 +38,9 @@ log = logging.getLogger("swarm.node")
 QUICK_ROWS = 8
 """A lone decode step of at most this many rows may run without the hop to the compute thread."""
 
+QUICK_BATCH_ROWS = 64
+"""A batched round of decode steps with at most this many rows together may also skip that hop."""
+
 PADDING_SLACK = 1.25
 """Batched sessions keep views into the round's merged cache only while its left padding makes it at most
 this much larger than their own caches together: the views keep the padding alive."""
@@ -357,7 +360,8 @@ class StepBatcher:
             return
         if can_batch(group):
             try:
-                outputs = await self._compute(run_batched, span, group, self._shared)
+                quick = sum(step.session.batch_size for step in group) <= QUICK_BATCH_ROWS
+                outputs = await self._compute(run_batched, span, group, self._shared, quick=quick)
             except ProtocolError as exc:  # the round ran past --step-timeout: every step in it failed
                 for step in group:
                     _settle(step, exc)

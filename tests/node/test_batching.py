@@ -168,3 +168,26 @@ def test_sessions_that_keep_stepping_together_reuse_the_merged_cache_and_stay_ex
     for a, b in zip(alone, batched, strict=True):
         for index in range(2, 6):
             torch.testing.assert_close(b.cache.layers[index].keys, a.cache.layers[index].keys, atol=1e-5, rtol=0)
+
+
+def test_small_batched_rounds_may_skip_the_compute_thread_and_large_ones_do_not(tiny_llama: Path) -> None:
+    span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
+    table = SessionTable(cache_tokens=100_000, max_sessions=8)
+    rounds: list[tuple[int, bool]] = []
+
+    async def compute(function, *args, quick: bool = False):
+        if function is run_batched:
+            rounds.append((sum(step.session.batch_size for step in args[1]), quick))
+        return function(*args)
+
+    async def scenario() -> None:
+        batcher = StepBatcher(compute, lambda: span, lambda size: None)
+        for rows in (1, batching.QUICK_BATCH_ROWS // 2 + 1):
+            pair = [table.open(f"{rows}-{i}", 1, (2, 6), 64, rows, 0.0, span.new_cache) for i in range(2)]
+            for session in pair:
+                run_alone(span, session, step_inputs(torch.randn(rows, 2, 64), 0))
+            steps = [(session, step_inputs(torch.randn(rows, 1, 64), session.length)) for session in pair]
+            await asyncio.gather(*(batcher.submit(session, inputs) for session, inputs in steps))
+
+    asyncio.run(scenario())
+    assert rounds == [(2, True), (2 * (batching.QUICK_BATCH_ROWS // 2 + 1), False)]
