@@ -103,7 +103,7 @@ def _apply(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tens
 class SharedCaches:
     """Which sessions hold views into which merged cache (by the storage of its first layer's keys), so that
     when some of them move to a new merged cache, the others get caches of their own: an idle session must
-    not keep a whole batch's cache alive. Only the compute thread touches it."""
+    not keep a whole batch's cache alive. Only `run_batched` touches it, and rounds never overlap."""
 
     def __init__(self) -> None:
         self._members: dict[int, list[weakref.ref[Session]]] = {}
