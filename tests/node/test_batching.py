@@ -10,7 +10,7 @@ import torch
 
 from node import batching
 from node.batching import PendingStep, StepBatcher, can_batch, run_alone, run_batched
-from node.sessions import SessionTable
+from node.sessions import Session, SessionTable
 from node.span import LoadedSpan
 from node.validation import StepInputs
 
@@ -21,6 +21,16 @@ def step_inputs(hidden: torch.Tensor, start: int) -> StepInputs:
     return StepInputs(hidden, positions, torch.ones(batch, tokens, dtype=torch.bool), None)
 
 
+def prefilled(span: LoadedSpan, table: SessionTable, tag: str, prompts: list[torch.Tensor]) -> list[Session]:
+    """One session over layers 2-5 per prompt (hidden states [batch, tokens, 64]), each prefilled alone."""
+    sessions = [
+        table.open(f"{tag}{i}", 1, (2, 6), 64, prompt.shape[0], 0.0, span.new_cache) for i, prompt in enumerate(prompts)
+    ]
+    for session, prompt in zip(sessions, prompts, strict=True):
+        run_alone(span, session, step_inputs(prompt, 0))
+    return sessions
+
+
 def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
     span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
@@ -28,15 +38,7 @@ def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
     prefills = [torch.randn(b, n, 64, generator=generator) for b, n in ((1, 3), (2, 11), (1, 7))]
     decodes = [torch.randn(p.shape[0], 1, 64, generator=generator) for p in prefills]
 
-    def fresh_sessions(tag: str) -> list:
-        sessions = [
-            table.open(f"{tag}{i}", 1, (2, 6), 64, p.shape[0], 0.0, span.new_cache) for i, p in enumerate(prefills)
-        ]
-        for session, prefill in zip(sessions, prefills, strict=True):
-            run_alone(span, session, step_inputs(prefill, 0))
-        return sessions
-
-    alone_sessions, batched_sessions = fresh_sessions("a"), fresh_sessions("b")
+    alone_sessions, batched_sessions = prefilled(span, table, "a", prefills), prefilled(span, table, "b", prefills)
     alone = [run_alone(span, s, step_inputs(d, s.length)) for s, d in zip(alone_sessions, decodes, strict=True)]
 
     async def pending() -> list[PendingStep]:
@@ -67,9 +69,7 @@ def test_a_lone_quick_step_runs_in_its_own_request_and_steps_that_came_together_
     queue and the worker's turn. Steps of one frame, or arriving while a round runs, queue up and batch."""
     span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
-    sessions = [table.open(f"s{i}", 1, (2, 6), 64, 1, 0.0, span.new_cache) for i in range(3)]
-    for session in sessions:
-        run_alone(span, session, step_inputs(torch.randn(1, 4, 64), 0))
+    sessions = prefilled(span, table, "s", [torch.randn(1, 4, 64) for _ in range(3)])
     ran_in: list[tuple[asyncio.Task, int]] = []
     release = asyncio.Event()
     inline_allowed = True
@@ -121,15 +121,7 @@ def test_sessions_that_keep_stepping_together_reuse_the_merged_cache_and_stay_ex
     real_merged = batching._merged
     monkeypatch.setattr(batching, "_merged", lambda *args: merges.append(1) or real_merged(*args))
 
-    def sessions(tag: str) -> list:
-        opened = [
-            table.open(f"{tag}{i}", 1, (2, 6), 64, p.shape[0], 0.0, span.new_cache) for i, p in enumerate(prefills)
-        ]
-        for session, prefill in zip(opened, prefills, strict=True):
-            run_alone(span, session, step_inputs(prefill, 0))
-        return opened
-
-    alone, batched = sessions("a"), sessions("b")
+    alone, batched = prefilled(span, table, "a", prefills), prefilled(span, table, "b", prefills)
 
     def views(session) -> bool:
         return all(batching._is_slice(session.cache.layers[i].keys) for i in range(2, 6))
@@ -183,9 +175,7 @@ def test_small_batched_rounds_may_skip_the_compute_thread_and_large_ones_do_not(
     async def scenario() -> None:
         batcher = StepBatcher(compute, lambda: span, lambda size: None)
         for rows in (1, batching.QUICK_BATCH_ROWS // 2 + 1):
-            pair = [table.open(f"{rows}-{i}", 1, (2, 6), 64, rows, 0.0, span.new_cache) for i in range(2)]
-            for session in pair:
-                run_alone(span, session, step_inputs(torch.randn(rows, 2, 64), 0))
+            pair = prefilled(span, table, f"{rows}-", [torch.randn(rows, 2, 64) for _ in range(2)])
             steps = [(session, step_inputs(torch.randn(rows, 1, 64), session.length)) for session in pair]
             await asyncio.gather(*(batcher.submit(session, inputs) for session, inputs in steps))
 
