@@ -204,16 +204,19 @@ def _resident(
     keys, values = _whole(first.keys, rows, longest), _whole(first.values, rows, longest)
     if keys is None or values is None:
         return None
+    heads, dim = keys.shape[1], keys.shape[3]
+    row_bytes, token_bytes = heads * longest * dim * keys.element_size(), dim * keys.element_size()
     row = 0
     for step in steps:
         layer, session = step.session.cache.layers[index], step.session
+        shape = (session.batch_size, heads, session.length, dim)
+        offset = row * row_bytes + (longest - session.length) * token_bytes  # of rows[row:], tokens[-length:]
         for view, whole in ((layer.keys, keys), (layer.values, values)):
-            expected = whole[row : row + session.batch_size, :, longest - session.length :]
             if (
-                view.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
-                or view.data_ptr() != expected.data_ptr()
-                or view.shape != expected.shape
-                or view.stride() != expected.stride()
+                view.shape != shape
+                or view.stride() != whole.stride()
+                or view.data_ptr() != whole.data_ptr() + offset
+                or view.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
             ):
                 return None
         row += session.batch_size
