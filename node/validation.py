@@ -51,12 +51,11 @@ def decode_hidden(wire: WireTensor, hidden_size: int, max_batch: int) -> torch.T
     batch, tokens, _ = wire.shape
     if not 1 <= batch <= max_batch or tokens < 1:
         raise _bad(f"hidden states need 1..{max_batch} rows and at least one token, got {wire.shape}")
+    hidden = wire.to_torch()
     if wire.codec == "raw":
         bits, exponent = _EXPONENT_BITS[wire.dtype]
         finite = not ((np.frombuffer(wire.data, dtype=bits) & exponent) == exponent).any()
-        hidden = wire.to_torch()
     else:  # compressed: check what it decodes to (a forged scale can be NaN)
-        hidden = wire.to_torch()
         finite = bool(torch.isfinite(hidden).all())
     if not finite:
         raise _bad("hidden states contain NaN or infinite values")
