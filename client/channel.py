@@ -20,7 +20,16 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
 from swarm.errors import PeerUnreachableError, RemoteError
-from swarm.protocol import MAX_STEPS_PER_FRAME, Error, Step, StepMany, StepManyResult, StepResult
+from swarm.protocol import (
+    MAX_STEPS_PER_FRAME,
+    Error,
+    Step,
+    StepGroup,
+    StepGroupResult,
+    StepMany,
+    StepManyResult,
+    StepResult,
+)
 from swarm.transport import Credentials, open_connection, request
 
 log = logging.getLogger("swarm.client")
@@ -45,6 +54,8 @@ class PeerChannel:
     address: str
     connection: ClientConnection
     timeout: float
+    version: int = 1
+    """The protocol version the peer answered `hello` in: `step_group` frames need 2."""
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     _queued: list[_QueuedStep] = field(default_factory=list)
     _sender: asyncio.Task[None] | None = None
@@ -66,6 +77,20 @@ class PeerChannel:
             except Exception:
                 self._break()
                 raise
+
+    @property
+    def takes_groups(self) -> bool:
+        return self.version >= 2
+
+    async def step_group(self, group: StepGroup) -> StepGroupResult:
+        """Send a group of sessions' steps as one frame, between the other frames (see `client.group`)."""
+        self.frames_sent += 1
+        self.steps_sent += len(group.session_ids)
+        reply = await self.request(group, StepGroupResult)
+        if len(reply.errors) != len(group.session_ids) or reply.hidden.shape[:1] != [sum(group.rows)]:
+            self._break()
+            raise PeerUnreachableError(f"{self.address} answered a group of {len(group.session_ids)} steps wrongly")
+        return reply
 
     async def step(self, step: Step) -> StepResult:
         """Send `step` in the next frame to this peer and wait for its own result."""
@@ -163,14 +188,14 @@ class ChannelPool:
         opening = asyncio.get_running_loop().create_future()
         self._opening[address] = opening
         try:
-            connection, _ = await open_connection(address, self.credentials, agent="swarm-client")
+            connection, welcome = await open_connection(address, self.credentials, agent="swarm-client")
         except BaseException as exc:
             opening.set_exception(exc)
             opening.exception()  # retrieved here, so nobody else waiting is required
             raise
         finally:
             del self._opening[address]
-        channel = PeerChannel(address, connection, self.timeout)
+        channel = PeerChannel(address, connection, self.timeout, welcome.version)
         self._channels[address] = channel
         opening.set_result(channel)
         return channel

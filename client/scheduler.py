@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from client.group import step_together
 from client.model import DistributedModelForCausalLM, position_ids_from_mask
 from client.session import ChainSession
 
@@ -207,15 +208,41 @@ class DecodeScheduler:
         positions: list[torch.Tensor],
         masks: list[torch.Tensor],
     ) -> list[torch.Tensor | BaseException]:
-        steps = [self._step(job, *args) for job, *args in zip(jobs, hidden, positions, masks, strict=True)]
-        return await asyncio.gather(*steps, return_exceptions=True)
+        """Every job's step: the decode steps of prefilled jobs together (see `client.group`), the others'
+        prompts each on its own, all at the same time."""
+        decoding = [index for index, job in enumerate(jobs) if job.prefilled]
+        prefilling = [index for index, job in enumerate(jobs) if not job.prefilled]
+        together = self._step_decoding(
+            [jobs[index] for index in decoding],
+            [hidden[index] for index in decoding],
+            [positions[index] for index in decoding],
+            [masks[index] for index in decoding],
+        )
+        alone = [self._step(jobs[index], hidden[index], positions[index], masks[index]) for index in prefilling]
+        stepped, *prefilled = await asyncio.gather(together, *alone, return_exceptions=True)
+        if isinstance(stepped, BaseException):  # a bug in the group's own code: every decoding job fails with it
+            stepped = [stepped] * len(decoding)
+        outcomes: list[torch.Tensor | BaseException] = [torch.empty(0)] * len(jobs)
+        for index, outcome in zip(decoding, stepped, strict=True):
+            outcomes[index] = outcome
+        for index, outcome in zip(prefilling, prefilled, strict=True):
+            outcomes[index] = outcome
+        return outcomes
+
+    @staticmethod
+    async def _step_decoding(
+        jobs: list[DecodeJob], hidden: list[torch.Tensor], positions: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> list[torch.Tensor | BaseException]:
+        if not jobs:
+            return []
+        sessions = [job.session for job in jobs if job.session is not None]
+        return await step_together(sessions, torch.cat(hidden), torch.cat(positions), torch.cat(masks))
 
     async def _step(
         self, job: DecodeJob, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        if job.session is None:
-            max_length = job.input_ids.shape[1] + job.max_new_tokens
-            job.session = await ChainSession.open(self.model.planner, self.model.channels, max_length, job.rows)
+        max_length = job.input_ids.shape[1] + job.max_new_tokens
+        job.session = await ChainSession.open(self.model.planner, self.model.channels, max_length, job.rows)
         return await job.session.step(hidden, positions, mask)
 
     @staticmethod

@@ -57,12 +57,16 @@ def wire_hidden(hidden: torch.Tensor, peer_dtype: str, codec: Codec = "raw") -> 
 
 @dataclass(frozen=True)
 class StepInputs:
-    """One step as sent to a link; kept as history for replay after a failover."""
+    """One step as sent to a link (positions int64, mask bool); kept as history for replay after a failover."""
 
     hidden: torch.Tensor
-    position_ids: WireTensor
-    attention_mask: WireTensor
-    hypo_ids: WireTensor | None
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    hypo_ids: torch.Tensor | None
+
+    def following(self, hidden: torch.Tensor) -> StepInputs:
+        """The same step as the next link gets it: the same positions, this link's output."""
+        return StepInputs(hidden, self.position_ids, self.attention_mask, self.hypo_ids)
 
 
 class LinkSession:
@@ -91,15 +95,18 @@ class LinkSession:
         await channel.request(message, SessionOpened, timeout=STEP_TIMEOUT)
         return cls(link, channel, session_id, codec)
 
+    def next_step_id(self) -> int:
+        return next(self._step_ids)
+
     async def step(self, inputs: StepInputs) -> torch.Tensor:
         message = Step.model_construct(
             type="step",
             session_id=self.session_id,
-            step_id=next(self._step_ids),
+            step_id=self.next_step_id(),
             hidden=wire_hidden(inputs.hidden, self.link.peer.dtype, self.codec),
-            position_ids=inputs.position_ids,
-            attention_mask=inputs.attention_mask,
-            hypo_ids=inputs.hypo_ids,
+            position_ids=WireTensor.from_torch(inputs.position_ids),
+            attention_mask=WireTensor.from_torch(inputs.attention_mask),
+            hypo_ids=WireTensor.from_torch(inputs.hypo_ids) if inputs.hypo_ids is not None else None,
         )
         reply = await self.channel.step(message)
         self.history.append(inputs)
@@ -142,26 +149,26 @@ class ChainSession:
         hypo_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         inputs = StepInputs(
-            hidden,
-            WireTensor.from_torch(position_ids.long()),
-            WireTensor.from_torch(attention_mask.bool()),
-            WireTensor.from_torch(hypo_ids.long()) if hypo_ids is not None else None,
+            hidden, position_ids.long(), attention_mask.bool(), hypo_ids.long() if hypo_ids is not None else None
         )
         index = 0
         while index < len(self.links):
-            inputs = StepInputs(await self._step_link(index, inputs), *_step_metadata(inputs))
+            inputs = inputs.following(await self.step_link(index, inputs))
             index += 1
         return inputs.hidden
 
-    async def _step_link(self, index: int, inputs: StepInputs) -> torch.Tensor:
+    async def step_link(self, index: int, inputs: StepInputs, failure: Exception | None = None) -> torch.Tensor:
+        """Link `index`'s output for `inputs`, failing over as often as it takes. `failure`: how this very step
+        already failed on that link (sent in a group), so it fails over before trying again."""
         for _ in range(MAX_FAILOVERS_PER_STEP):
-            link = self.links[index]
+            if failure is not None:
+                if not _worth_failing_over(failure):
+                    raise failure
+                await self._replace(index, failure)
             try:
-                return await link.step(inputs)
+                return await self.links[index].step(inputs)
             except LinkFailure as exc:
-                if not _worth_failing_over(exc):
-                    raise
-                await self._replace(index, exc)
+                failure = exc
         raise SwarmError(
             f"gave up on layers [{self.links[index].link.start}, {self.links[index].link.end}) "
             f"after {MAX_FAILOVERS_PER_STEP} failovers in one step"
@@ -216,7 +223,7 @@ class ChainSession:
                     hidden = past.hidden
                     for session in opened:
                         culprit = session.link.peer
-                        hidden = await session.step(StepInputs(hidden, *_step_metadata(past)))
+                        hidden = await session.step(past.following(hidden))
             except LinkFailure as exc:
                 if not _worth_failing_over(exc):
                     raise
@@ -241,10 +248,6 @@ class ChainSession:
 def _worth_failing_over(exc: Exception) -> bool:
     """Lost peers and refusals move to another peer; a malformed request would fail anywhere."""
     return not isinstance(exc, RemoteError) or exc.code in RETRYABLE_CODES
-
-
-def _step_metadata(inputs: StepInputs) -> tuple[WireTensor, WireTensor, WireTensor | None]:
-    return inputs.position_ids, inputs.attention_mask, inputs.hypo_ids
 
 
 async def forward_through(

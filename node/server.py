@@ -25,10 +25,13 @@ from node.sessions import SessionTable
 from node.settings import NodeSettings
 from node.span import LoadedSpan
 from node.validation import (
+    StepInputs,
     check_layer_range,
+    decode_group,
     decode_hidden,
     decode_mask,
     decode_positions,
+    validate_group_member,
     validate_step,
 )
 from swarm.errors import ProtocolError
@@ -36,8 +39,8 @@ from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (
     CODECS,
     DTYPE_NAMES,
-    PROTOCOL_VERSION,
     CloseSession,
+    Error,
     Forward,
     ForwardResult,
     Message,
@@ -48,6 +51,8 @@ from swarm.protocol import (
     SessionClosed,
     SessionOpened,
     Step,
+    StepGroup,
+    StepGroupResult,
     StepMany,
     StepManyResult,
     StepResult,
@@ -132,13 +137,13 @@ class NodeServer:
         owner = id(connection)
         try:
             try:
-                check_hello(
+                version = check_hello(
                     decode_message(await connection.recv(), self.settings.max_message_bytes), self.settings.token
                 )
             except ProtocolError as exc:
                 await send(connection, error_frame(exc))
                 return
-            await send(connection, Welcome(version=PROTOCOL_VERSION, node=self.peer_info(), limits=self.limits()))
+            await send(connection, Welcome(version=version, node=self.peer_info(), limits=self.limits()))
             async for frame in connection:
                 await send(connection, await self._answer(frame, owner))
         except websockets.ConnectionClosed:
@@ -156,24 +161,32 @@ class NodeServer:
         if isinstance(message, StepMany):  # each step succeeds or fails on its own; they share one round
             answers = [self._guarded(self._step(step, owner), step.session_id, owner) for step in message.steps]
             return StepManyResult.model_construct(type="step_many_result", results=await asyncio.gather(*answers))
+        if isinstance(message, StepGroup):
+            return await self._step_group(message, owner)
         return await self._guarded(self._dispatch(message, owner), getattr(message, "session_id", None), owner)
 
     async def _guarded(self, answer: Awaitable[Message], session_id: str | None, owner: int) -> Message:
         """The answer, or the error frame it ended in; an error ends the session it happened in."""
         try:
             return await answer
-        except ProtocolError as exc:
+        except Exception as exc:
+            return self._failed(exc, session_id, owner)
+
+    def _failed(self, exc: Exception, session_id: str | None, owner: int) -> Error:
+        """The error frame for a failed request, after ending the session it happened in (if it was this
+        connection's): a malformed step may have been meant for another state of the session."""
+        if isinstance(exc, ProtocolError):
             if session_id is not None and exc.code not in ("unknown_session", "busy") and self._owns(session_id, owner):
                 self.sessions.close(session_id)
                 log.info("session %s ended after a bad frame: %s", session_id, exc.message)
             self.metrics.errors.labels(exc.code).inc()
             return error_frame(exc, session_id)
-        except Exception as exc:  # a bug or a device error: end the session, keep the node
-            log.exception("internal error while serving a frame")
-            if session_id is not None and self._owns(session_id, owner):
-                self.sessions.close(session_id)
-            self.metrics.errors.labels("internal").inc()
-            return error_frame(ProtocolError("internal", f"{type(exc).__name__}: {exc}"), session_id)
+        # a bug or a device error: end the session, keep the node
+        log.error("internal error while serving a frame", exc_info=exc)
+        if session_id is not None and self._owns(session_id, owner):
+            self.sessions.close(session_id)
+        self.metrics.errors.labels("internal").inc()
+        return error_frame(ProtocolError("internal", f"{type(exc).__name__}: {exc}"), session_id)
 
     def _owns(self, session_id: str, owner: int) -> bool:
         try:
@@ -231,6 +244,48 @@ class NodeServer:
         return StepResult.model_construct(
             type="step_result", session_id=session.session_id, step_id=message.step_id, hidden=reply
         )
+
+    async def _step_group(self, message: StepGroup, owner: int) -> StepGroupResult:
+        """Each session's rows of the group are a step of its own, checked, run and answered on its own (a bad
+        one ends only its session), but the group's tensors are decoded and checked once for all of them."""
+        rows = message.rows
+        try:
+            self._ready_span()
+            group = decode_group(message, self.identity.hidden_size, self.settings.max_length)
+        except ProtocolError as exc:  # nothing in the group can run: every session's step failed
+            errors = [self._failed(exc, session_id, owner) for session_id in message.session_ids]
+            hidden = torch.zeros(sum(rows), 1, self.identity.hidden_size, dtype=self.identity.dtype)
+            return StepGroupResult.model_construct(
+                type="step_group_result", hidden=WireTensor.from_torch(hidden, message.hidden.codec), errors=errors
+            )
+        steps, first = [], 0
+        for session_id, count in zip(message.session_ids, rows, strict=True):
+            member = slice(first, first + count)
+            first += count
+            steps.append(self._group_member(session_id, owner, group, member))
+        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+        outputs, errors = [], []
+        for session_id, count, outcome in zip(message.session_ids, rows, outcomes, strict=True):
+            if isinstance(outcome, torch.Tensor):
+                outputs.append(outcome)
+                errors.append(None)
+                continue
+            if not isinstance(outcome, Exception):  # cancelled: the connection is going away
+                raise outcome
+            outputs.append(torch.zeros(count, 1, self.identity.hidden_size, dtype=self.identity.dtype))
+            errors.append(self._failed(outcome, session_id, owner))
+        self.metrics.steps.labels("step").inc(errors.count(None))
+        reply = WireTensor.from_torch(torch.cat(outputs), message.hidden.codec)  # replies mirror the request's codec
+        return StepGroupResult.model_construct(type="step_group_result", hidden=reply, errors=errors)
+
+    async def _group_member(self, session_id: str, owner: int, group: StepInputs, rows: slice) -> torch.Tensor:
+        session = self.sessions.get(session_id, owner)
+        inputs = validate_group_member(
+            session, StepInputs(group.hidden[rows], group.position_ids[rows], group.attention_mask[rows], None)
+        )
+        session.last_used = time.monotonic()
+        output = await self.batcher.submit(session, inputs)
+        return output.to("cpu", self.identity.dtype)
 
     async def _forward(self, message: Forward) -> ForwardResult:
         span = self._ready_span()

@@ -14,7 +14,7 @@ import torch
 
 from node.sessions import Session
 from swarm.errors import ProtocolError
-from swarm.protocol import WireTensor
+from swarm.protocol import StepGroup, WireTensor
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int64", "int32")
@@ -116,13 +116,38 @@ def validate_step(
     """Everything a step needs, checked against the session it would change."""
     decoded = decode_hidden(hidden, hidden_size, session.batch_size)
     batch, tokens, _ = decoded.shape
+    _check_fits(session, batch, tokens)
+    positions = decode_positions(position_ids, (batch, tokens), session.max_length, session.last_positions)
+    return StepInputs(
+        decoded, positions, decode_mask(attention_mask, (batch, tokens)), decode_hypo_ids(hypo_ids, batch)
+    )
+
+
+def decode_group(message: StepGroup, hidden_size: int, max_length: int) -> StepInputs:
+    """A `step_group`'s stacked tensors, checked once for all its sessions: one token per row."""
+    rows = sum(message.rows)
+    hidden = decode_hidden(message.hidden, hidden_size, rows)
+    if hidden.shape[:2] != (rows, 1):
+        raise _bad(f"a step_group carries one token for each of its {rows} rows, got hidden {list(hidden.shape)}")
+    positions = decode_positions(message.position_ids, (rows, 1), max_length)
+    return StepInputs(hidden, positions, decode_mask(message.attention_mask, (rows, 1)), None)
+
+
+def validate_group_member(session: Session, inputs: StepInputs) -> StepInputs:
+    """One session's rows of a decoded `step_group`, checked against that session."""
+    _check_fits(session, inputs.hidden.shape[0], inputs.hidden.shape[1])
+    positions = inputs.position_ids.numpy()
+    if positions.max() >= session.max_length:
+        raise _bad(f"position_ids must lie in [0, {session.max_length})")
+    if session.last_positions is not None and (positions[:, 0] < session.last_positions.numpy()).any():
+        raise _bad("position_ids go backwards relative to the previous step")
+    return inputs
+
+
+def _check_fits(session: Session, batch: int, tokens: int) -> None:
     if batch != session.batch_size:
         raise _bad(f"session was opened for batch {session.batch_size}, step has {batch} rows")
     if session.length + tokens > session.max_length:
         raise _bad(
             f"step would grow the session to {session.length + tokens} tokens, max_length is {session.max_length}"
         )
-    positions = decode_positions(position_ids, (batch, tokens), session.max_length, session.last_positions)
-    return StepInputs(
-        decoded, positions, decode_mask(attention_mask, (batch, tokens)), decode_hypo_ids(hypo_ids, batch)
-    )

@@ -25,8 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from swarm import compression
 from swarm.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
-"""Bumped on any incompatible change; peers with another version are refused with `bad_request`."""
+PROTOCOL_VERSION = 2
+"""The newest version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
+understand a frame. Version 2 adds `step_group`; everything else is as in version 1."""
+
+SUPPORTED_VERSIONS = (1, 2)
+"""Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
+with `bad_request`, and a client then tries the next older one."""
 
 ERROR_CODES = ("bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal")
 ErrorCode = Literal["bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal"]
@@ -289,6 +294,8 @@ class Error(_Strict):
 
 MAX_STEPS_PER_FRAME = 1024
 
+SessionIds = Annotated[list[Id], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
+
 
 class StepMany(_Strict):
     """Steps of several sessions opened on this connection, in one frame: the node validates each on its
@@ -299,8 +306,7 @@ class StepMany(_Strict):
 
     @model_validator(mode="after")
     def _one_step_per_session(self) -> StepMany:
-        if len({step.session_id for step in self.steps}) != len(self.steps):
-            raise ValueError("a session may appear only once per frame (its next step needs this one's result)")
+        _check_once_each([step.session_id for step in self.steps])
         return self
 
 
@@ -309,6 +315,44 @@ class StepManyResult(_Strict):
 
     type: Literal["step_many_result"] = "step_many_result"
     results: list[Annotated[StepResult | Error, Field(discriminator="type")]]
+
+
+class StepGroup(_Strict):
+    """One new position for each of several sessions opened on this connection, their rows stacked in one tensor
+    each (version 2): hidden [R, 1, H], position_ids [R, 1], attention_mask [R, 1], where session i owns the
+    `rows[i]` rows after those of the sessions before it and R is the sum of `rows`.
+
+    The sessions of a client's concurrent generations decode in lockstep; as a group they cost one tensor to
+    encode, decode and validate instead of one per session, and the node runs them as one batched forward."""
+
+    type: Literal["step_group"] = "step_group"
+    session_ids: SessionIds
+    step_ids: Annotated[list[Count], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
+    rows: Annotated[list[Annotated[int, Field(ge=1, le=2**16)]], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
+    hidden: WireTensor
+    position_ids: WireTensor
+    attention_mask: WireTensor | None = None
+
+    @model_validator(mode="after")
+    def _one_entry_per_session(self) -> StepGroup:
+        if not len(self.session_ids) == len(self.step_ids) == len(self.rows):
+            raise ValueError("session_ids, step_ids and rows must have one entry per session")
+        _check_once_each(self.session_ids)
+        return self
+
+
+class StepGroupResult(_Strict):
+    """The answer to a `StepGroup`: hidden [R, 1, H] in the request's codec, rows in the request's order, and
+    per session either None or the error that ended that session's step (its rows are then zeros)."""
+
+    type: Literal["step_group_result"] = "step_group_result"
+    hidden: WireTensor
+    errors: list[Error | None]
+
+
+def _check_once_each(session_ids: list[str]) -> None:
+    if len(set(session_ids)) != len(session_ids):
+        raise ValueError("a session may appear only once per frame (its next step needs this one's result)")
 
 
 Message = Annotated[
@@ -326,6 +370,8 @@ Message = Annotated[
         StepResult,
         StepMany,
         StepManyResult,
+        StepGroup,
+        StepGroupResult,
         CloseSession,
         SessionClosed,
         Forward,

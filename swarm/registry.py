@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection
 
 from swarm.errors import ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route, http_router
-from swarm.protocol import PROTOCOL_VERSION, Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
+from swarm.protocol import Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
 from swarm.registry_metrics import registry_metrics, render
 from swarm.registry_state import RegistryState
 from swarm.runtime import run, setup_logging
@@ -47,11 +47,11 @@ class Registry:
         announced: set[str] = set()
         try:
             try:
-                check_hello(decode_message(await connection.recv(), MAX_MESSAGE_BYTES), self.token)
+                version = check_hello(decode_message(await connection.recv(), MAX_MESSAGE_BYTES), self.token)
             except ProtocolError as exc:
                 await send(connection, error_frame(exc))
                 return
-            await send(connection, Welcome(version=PROTOCOL_VERSION))
+            await send(connection, Welcome(version=version))
             async for frame in connection:
                 try:
                     reply = self._answer(decode_message(frame, MAX_MESSAGE_BYTES), announced)

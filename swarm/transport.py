@@ -13,7 +13,15 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
 from swarm.errors import PeerUnreachableError, ProtocolError, RemoteError
-from swarm.protocol import PROTOCOL_VERSION, Error, Hello, Message, Welcome, decode_message, encode_message
+from swarm.protocol import (
+    SUPPORTED_VERSIONS,
+    Error,
+    Hello,
+    Message,
+    Welcome,
+    decode_message,
+    encode_message,
+)
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
@@ -87,34 +95,52 @@ async def open_connection(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[ClientConnection, Welcome]:
-    """Connect and exchange `hello`/`welcome`; the connection is closed again if that fails."""
+    """Connect and exchange `hello`/`welcome` in the newest protocol version the peer speaks (`welcome.version`):
+    a peer that refuses a version is asked again, on a new connection, in the next older one."""
+    newest_first = sorted(SUPPORTED_VERSIONS, reverse=True)
+    for version in newest_first:
+        connection = await _connect(url, credentials, max_bytes, timeout)
+        try:
+            hello = Hello(version=version, token=credentials.token, agent=agent)
+            return connection, await request(connection, hello, Welcome, timeout, url)
+        except RemoteError as exc:
+            await connection.close()
+            if not _refuses_version(exc) or version == newest_first[-1]:
+                raise
+        except BaseException:
+            await connection.close()
+            raise
+    raise AssertionError("unreachable: the last version's refusal is raised")
+
+
+async def _connect(url: str, credentials: Credentials, max_bytes: int, timeout: float) -> ClientConnection:
     try:
         async with asyncio.timeout(timeout):
-            connection = await websockets.connect(
+            return await websockets.connect(
                 url, max_size=max_bytes, compression=None, open_timeout=timeout, ssl=credentials.ssl_context(url)
             )
     except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
         raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
-    try:
-        welcome = await request(
-            connection, Hello(version=PROTOCOL_VERSION, token=credentials.token, agent=agent), Welcome, timeout, url
-        )
-    except BaseException:
-        await connection.close()
-        raise
-    return connection, welcome
 
 
-def check_hello(message: Message, token: str | None) -> None:
-    """Server side of the handshake: version first, then the private swarm's token."""
+def _refuses_version(error: RemoteError) -> bool:
+    """How every server since version 1 refuses a `hello` in a version it does not speak."""
+    return error.code == "bad_request" and error.message.startswith("protocol version")
+
+
+def check_hello(message: Message, token: str | None) -> int:
+    """Server side of the handshake: version first, then the private swarm's token. Returns the version the
+    connection speaks, which the server's `welcome` repeats."""
     if not isinstance(message, Hello):
         raise ProtocolError("bad_request", f"the first frame must be 'hello', got {message.type!r}")
-    if message.version != PROTOCOL_VERSION:
+    if message.version not in SUPPORTED_VERSIONS:
+        spoken = ", ".join(str(version) for version in SUPPORTED_VERSIONS)
         raise ProtocolError(
-            "bad_request", f"protocol version {message.version} is not supported; this peer speaks {PROTOCOL_VERSION}"
+            "bad_request", f"protocol version {message.version} is not supported; this peer speaks {spoken}"
         )
     if token and not hmac.compare_digest((message.token or "").encode(), token.encode()):
         raise ProtocolError("unauthorized", "missing or wrong swarm token; pass --token or set SWARM_TOKEN")
+    return message.version
 
 
 def error_frame(exc: ProtocolError, session_id: str | None = None) -> Error:

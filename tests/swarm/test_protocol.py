@@ -13,6 +13,8 @@ from swarm.protocol import (
     Hello,
     PeerInfo,
     Step,
+    StepGroup,
+    StepGroupResult,
     StepMany,
     StepManyResult,
     StepResult,
@@ -153,4 +155,42 @@ def test_step_many_needs_distinct_sessions_and_at_least_one_step(sessions: list[
     frame = msgpack.packb({"type": "step_many", "steps": [a_step(s).model_dump() for s in sessions]})
     with pytest.raises(ProtocolError) as caught:
         decode_message(frame)
+    assert caught.value.code == "bad_request"
+
+
+def a_group(session_ids: list[str], step_ids: list[int], rows: list[int]) -> dict[str, object]:
+    total = sum(rows)
+    return StepGroup.model_construct(
+        type="step_group",
+        session_ids=session_ids,
+        step_ids=step_ids,
+        rows=rows,
+        hidden=WireTensor.from_torch(torch.zeros(total, 1, 4)),
+        position_ids=WireTensor.from_torch(torch.zeros(total, 1, dtype=torch.long)),
+        attention_mask=None,
+    ).model_dump()
+
+
+def test_step_group_round_trips_with_an_error_or_none_per_session() -> None:
+    group = decode_message(msgpack.packb(a_group(["a", "b"], [3, 0], [1, 2])))
+    assert isinstance(group, StepGroup) and group.rows == [1, 2]
+    assert decode_message(encode_message(group)) == group
+    answer = StepGroupResult(
+        hidden=WireTensor.from_torch(torch.ones(3, 1, 4)),
+        errors=[None, Error(code="unknown_session", message="gone", session_id="b")],
+    )
+    decoded = decode_message(encode_message(answer))
+    assert isinstance(decoded, StepGroupResult) and decoded == answer
+
+
+@pytest.mark.parametrize(
+    ("sessions", "step_ids", "rows"),
+    [([], [], []), (["a", "a"], [0, 0], [1, 1]), (["a", "b"], [0], [1, 1]), (["a"], [0], [0])],
+    ids=["empty", "same session twice", "a step id missing", "no rows"],
+)
+def test_step_group_needs_distinct_sessions_each_with_a_step_id_and_rows(
+    sessions: list[str], step_ids: list[int], rows: list[int]
+) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_message(msgpack.packb(a_group(sessions, step_ids, rows)))
     assert caught.value.code == "bad_request"

@@ -25,6 +25,7 @@ from swarm.protocol import (
     Hello,
     OpenSession,
     Step,
+    StepGroup,
     StepMany,
     WireTensor,
     decode_message,
@@ -94,7 +95,8 @@ def good_step(session_id: str, position: int = 0) -> bytes:
 
 def test_the_handshake_refuses_wrong_versions_and_missing_hellos(node: Process) -> None:
     with raw_connection(node, hello=False) as connection:
-        assert "version" in expect_error(connection, encode_message(Hello(version=PROTOCOL_VERSION + 1)), "bad_request")
+        message = expect_error(connection, encode_message(Hello(version=PROTOCOL_VERSION + 1)), "bad_request")
+        assert message.startswith("protocol version")  # what a client looks for before trying an older version
     with raw_connection(node, hello=False) as connection:
         assert "hello" in expect_error(connection, good_step("x"), "bad_request")
 
@@ -163,6 +165,91 @@ def test_a_bad_step_inside_step_many_ends_only_its_own_session(node: Process) ->
         assert ask(other, good_step("theirs", 0)).type == "step_result"
 
 
+def test_a_node_still_speaks_version_1_to_older_clients(node: Process) -> None:
+    with raw_connection(node, hello=False) as connection:
+        welcome = ask(connection, encode_message(Hello(version=1)))
+        assert welcome.type == "welcome" and welcome.version == 1
+        open_session(connection, "old")
+        assert ask(connection, good_step("old")).type == "step_result"
+
+
+def group(session_ids: list[str], hidden: torch.Tensor, positions: list[int], rows: list[int] | None = None) -> bytes:
+    rows = rows or [1] * len(session_ids)
+    message = StepGroup(
+        session_ids=session_ids,
+        step_ids=positions,
+        rows=rows,
+        hidden=wire(hidden),
+        position_ids=wire(torch.tensor(positions).repeat_interleave(torch.tensor(rows))[:, None]),
+    )
+    return encode_message(message)
+
+
+def test_a_step_group_gives_each_session_what_its_own_steps_give(node: Process) -> None:
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(2, 1, HIDDEN, generator=generator) for _ in range(3)]
+    with raw_connection(node) as connection:
+        for session_id in ("g1", "g2", "a1", "a2"):
+            open_session(connection, session_id)
+        for position, hidden in enumerate(inputs):
+            reply = ask(connection, group(["g1", "g2"], hidden, [position, position]))
+            assert reply.type == "step_group_result" and reply.errors == [None, None]
+            grouped = reply.hidden.to_torch()
+            alone = [
+                ask(connection, step(sid, hidden[i : i + 1], torch.tensor([[position]]), position))
+                for i, sid in enumerate(("a1", "a2"))
+            ]
+            torch.testing.assert_close(grouped, torch.cat([r.hidden.to_torch() for r in alone]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_session_inside_step_group_ends_only_its_own_session(node: Process) -> None:
+    with raw_connection(node) as connection, raw_connection(node) as other:
+        for session_id in ("q1", "q2", "q3"):
+            open_session(connection, session_id)
+        open_session(other, "their-q")
+        # q2 was opened for one row and claims two; their-q belongs to another connection
+        reply = ask(
+            connection, group(["q1", "q2", "their-q", "q3"], torch.randn(5, 1, HIDDEN), [0, 0, 0, 0], [1, 2, 1, 1])
+        )
+        assert reply.type == "step_group_result"
+        assert [error.code if error else None for error in reply.errors] == [
+            None,
+            "bad_request",
+            "unknown_session",
+            None,
+        ]
+        assert reply.hidden.shape == [5, 1, HIDDEN]
+        assert not reply.hidden.to_torch()[1:4].any(), "the failed sessions' rows are zeros"
+        assert ask(connection, good_step("q1", 1)).type == "step_result"
+        assert ask(connection, good_step("q3", 1)).type == "step_result"
+        expect_error(connection, good_step("q2", 0), "unknown_session")
+        assert ask(other, good_step("their-q", 0)).type == "step_result"
+
+
+def test_a_step_group_with_bad_tensors_fails_every_session_in_it(node: Process) -> None:
+    with raw_connection(node) as connection:
+        for session_id in ("n1", "n2"):
+            open_session(connection, session_id)
+        hidden = torch.randn(2, 1, HIDDEN)
+        hidden[1, 0, 5] = float("nan")
+        reply = ask(connection, group(["n1", "n2"], hidden, [0, 0]))
+        assert [error.code for error in reply.errors] == ["bad_request", "bad_request"]
+        assert "NaN" in reply.errors[0].message
+        two_tokens = encode_message(
+            StepGroup(
+                session_ids=["n3"],
+                step_ids=[0],
+                rows=[1],
+                hidden=wire(torch.randn(1, 2, HIDDEN)),
+                position_ids=wire(torch.tensor([[0, 1]])),
+            )
+        )
+        open_session(connection, "n3")
+        assert "one token" in ask(connection, two_tokens).errors[0].message
+        for session_id in ("n1", "n2", "n3"):
+            expect_error(connection, good_step(session_id), "unknown_session")
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -178,6 +265,7 @@ message_types = st.sampled_from(
         "hello",
         "step",
         "step_many",
+        "step_group",
         "open_session",
         "close_session",
         "forward",
@@ -246,7 +334,15 @@ def test_random_frames_never_take_the_node_down_nor_disturb_a_healthy_session(
         @given(frames)
         def each_frame_is_answered_in_protocol(frame: bytes) -> None:
             reply = ask(connection, frame)
-            assert reply.type in ("error", "step_result", "session_opened", "session_closed", "forward_result")
+            answers = (
+                "error",
+                "step_result",
+                "step_group_result",
+                "session_opened",
+                "session_closed",
+                "forward_result",
+            )
+            assert reply.type in answers
             if reply.type == "error":
                 assert reply.code in ERROR_CODES
 

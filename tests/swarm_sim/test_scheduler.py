@@ -12,8 +12,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from client import DistributedModelForCausalLM
+from client.channel import PeerChannel
 from client.scheduler import DecodeScheduler
 from swarm.launcher import LocalSwarm, Process
+from swarm.protocol import StepGroup, StepGroupResult
 from tests.processors import AtStep
 
 PROMPTS = [
@@ -104,6 +106,33 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
     assert steps >= 2 * sum(NEW_TOKENS), "every token crosses both nodes"
     # two hops a tick, plus a first step per job and hop that leaves alone as soon as its session has opened
     assert frames <= 2 * (scheduler.ticks + len(PROMPTS)) < 0.7 * steps, "a tick's steps should travel together"
+
+
+def test_decode_steps_travel_in_groups_and_as_single_steps_to_version_1_peers(
+    scheduler: DecodeScheduler,
+    model: DistributedModelForCausalLM,
+    local_llama: PreTrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    groups: list[int] = []
+    send_group = PeerChannel.step_group
+
+    async def counted(channel: PeerChannel, group: StepGroup) -> StepGroupResult:
+        groups.append(len(group.session_ids))
+        return await send_group(channel, group)
+
+    monkeypatch.setattr(PeerChannel, "step_group", counted)
+    jobs = [job(scheduler, prompt, 14) for prompt in PROMPTS[:4]]
+    for result, prompt in zip(run_concurrently(jobs), PROMPTS, strict=False):
+        assert isinstance(result, torch.Tensor) and result[0].tolist() == local_greedy(local_llama, prompt, 14)
+    assert groups and max(groups) >= 2, "a lane's decode steps should go to each peer as one group"
+
+    groups.clear()
+    for channel in model.channels.channels:  # peers that answered hello in version 1 know no step_group
+        monkeypatch.setattr(channel, "version", 1)
+    for result, prompt in zip(run_concurrently(jobs), PROMPTS, strict=False):
+        assert isinstance(result, torch.Tensor) and result[0].tolist() == local_greedy(local_llama, prompt, 14)
+    assert groups == []
 
 
 def test_a_job_joining_late_and_a_padded_batch_job_match_local_generate(

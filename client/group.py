@@ -1,0 +1,114 @@
+"""One decode step of many sessions at once, sent as `step_group` frames.
+
+`DecodeScheduler`'s jobs decode in lockstep: every tick, each of their sessions sends one token's hidden states
+through its chain. Sessions whose next link is the same layer range on the same peer travel together in one
+`step_group` frame: one tensor to encode and send for all of them, one for the peer to check and answer,
+instead of one per session. Each session keeps its own link sessions, history and failover: whoever's step
+fails in a group (the peer answered it with an error, or the frame was lost) carries on alone through
+`ChainSession.step_link`, which fails over and retries exactly as a step sent alone would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from client.session import ChainSession, LinkFailure, LinkSession, StepInputs, wire_hidden
+from swarm.errors import RemoteError
+from swarm.protocol import StepGroup, WireTensor
+
+
+@dataclass
+class _Member:
+    """A session on its way through its chain: the link it is at, and what that link gets."""
+
+    session: ChainSession
+    inputs: StepInputs
+    index: int = 0
+    outcome: torch.Tensor | BaseException | None = None
+
+    @property
+    def link(self) -> LinkSession:
+        return self.session.links[self.index]
+
+
+async def step_together(
+    sessions: list[ChainSession], hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor | BaseException]:
+    """One step of every session, as `session.step` would take it: session i owns the next `batch_size` rows of
+    hidden [R, T, H], position_ids [R, T] and attention_mask [R, T]. Returns each session's output, or the
+    exception its step ended in (the others' steps go on)."""
+    position_ids, attention_mask = position_ids.long(), attention_mask.bool()
+    members, first = [], 0
+    for session in sessions:
+        rows = slice(first, first + session.batch_size)
+        first += session.batch_size
+        members.append(_Member(session, StepInputs(hidden[rows], position_ids[rows], attention_mask[rows], None)))
+    while moving := [member for member in members if member.outcome is None]:
+        at_link: dict[tuple[int, int, int], list[_Member]] = defaultdict(list)
+        for member in moving:
+            if member.index == len(member.session.links):
+                member.outcome = member.inputs.hidden
+                continue
+            link = member.link
+            at_link[(id(link.channel), link.link.start, link.link.end)].append(member)
+        await asyncio.gather(*(_step_link(group) for group in at_link.values()))
+    return [member.outcome for member in members]  # type: ignore[misc]
+
+
+async def _step_link(members: list[_Member]) -> None:
+    """Step members that are all at the same layers of the same peer: together, if the peer takes groups and
+    the step is one token (a decode step); each on its own otherwise."""
+    alone: list[tuple[_Member, Exception | None]] = [(member, None) for member in members]
+    one_token = members[0].inputs.hidden.shape[1] == 1  # the members' rows all come from one tensor
+    if len(members) > 1 and one_token and members[0].link.channel.takes_groups:
+        failures = await _send_group(members)
+        alone = [(member, failure) for member, failure in zip(members, failures, strict=True) if failure is not None]
+    await asyncio.gather(*(_step_alone(member, failure) for member, failure in alone))
+
+
+async def _send_group(members: list[_Member]) -> list[Exception | None]:
+    """One `step_group` frame for the members; returns the failure of each member's step (None: it went on)."""
+    links = [member.link for member in members]
+    lead = links[0]
+    message = StepGroup.model_construct(
+        type="step_group",
+        session_ids=[link.session_id for link in links],
+        step_ids=[link.next_step_id() for link in links],
+        rows=[member.session.batch_size for member in members],
+        hidden=wire_hidden(torch.cat([m.inputs.hidden for m in members]), lead.link.peer.dtype, lead.codec),
+        position_ids=WireTensor.from_torch(torch.cat([m.inputs.position_ids for m in members])),
+        attention_mask=WireTensor.from_torch(torch.cat([m.inputs.attention_mask for m in members])),
+    )
+    try:
+        reply = await lead.channel.step_group(message)
+    except LinkFailure as exc:  # the frame is lost: every member's step failed on this link
+        return [exc] * len(members)
+    output = reply.hidden.to_torch()
+    failures: list[Exception | None] = []
+    first = 0
+    for member, link, error in zip(members, links, reply.errors, strict=True):
+        rows = slice(first, first + member.session.batch_size)
+        first += member.session.batch_size
+        if error is not None:
+            failures.append(RemoteError(error.code, error.message, lead.channel.address))
+            continue
+        link.history.append(member.inputs)
+        member.inputs = member.inputs.following(output[rows])
+        member.index += 1
+        failures.append(None)
+    return failures
+
+
+async def _step_alone(member: _Member, failure: Exception | None) -> None:
+    """A member that did not go in a group, or whose step failed there: through its own session's link."""
+    try:
+        output = await member.session.step_link(member.index, member.inputs, failure)
+    except Exception as exc:  # ends this session's step only
+        member.outcome = exc
+        return
+    member.inputs = member.inputs.following(output)
+    member.index += 1

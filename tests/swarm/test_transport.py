@@ -1,0 +1,58 @@
+"""The handshake: a client speaks the newest protocol version its peer speaks, and older peers still work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from swarm.errors import ProtocolError, RemoteError
+from swarm.protocol import PROTOCOL_VERSION, Hello, Welcome, decode_message
+from swarm.transport import check_hello, error_frame, open_connection, send
+
+
+async def handshake_with(speaks: tuple[int, ...]) -> tuple[int, list[int]]:
+    """Connect to a server that speaks only `speaks` (as a server of an older release would answer); returns
+    the version the connection ended up in and every version the client offered."""
+    offered: list[int] = []
+
+    async def handle(connection: ServerConnection) -> None:
+        hello = decode_message(await connection.recv())
+        assert isinstance(hello, Hello)
+        offered.append(hello.version)
+        if hello.version not in speaks:
+            spoken = ", ".join(map(str, speaks))
+            message = f"protocol version {hello.version} is not supported; this peer speaks {spoken}"
+            await send(connection, error_frame(ProtocolError("bad_request", message)))
+            return
+        await send(connection, Welcome(version=hello.version))
+        await connection.wait_closed()
+
+    async with serve(handle, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        connection, welcome = await open_connection(f"ws://127.0.0.1:{port}", timeout=5)
+        await connection.close()
+    return welcome.version, offered
+
+
+def test_a_client_speaks_the_newest_version_first() -> None:
+    assert asyncio.run(handshake_with((1, 2))) == (PROTOCOL_VERSION, [PROTOCOL_VERSION])
+
+
+def test_a_client_falls_back_to_version_1_for_an_older_peer() -> None:
+    assert asyncio.run(handshake_with((1,))) == (1, [2, 1])
+
+
+def test_a_peer_that_speaks_no_version_of_ours_is_refused_with_its_reason() -> None:
+    with pytest.raises(RemoteError, match="protocol version 1 is not supported"):
+        asyncio.run(handshake_with((7,)))
+
+
+def test_servers_answer_in_the_version_they_were_greeted_in() -> None:
+    assert check_hello(Hello(version=1), None) == 1
+    assert check_hello(Hello(version=2), None) == 2
+    with pytest.raises(ProtocolError) as refused:
+        check_hello(Hello(version=3), None)
+    assert refused.value.code == "bad_request"
+    assert refused.value.message.startswith("protocol version 3 is not supported")
