@@ -158,11 +158,15 @@ class DecodeScheduler:
                     job.result.set_result(outcome)
 
     def _tick(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
-        """Advance every job by one token; returns the jobs still running."""
+        """Advance every job by one token; returns the jobs still running (those decoding first)."""
+        decoding = [job for job in jobs if job.prefilled]
+        prefilling = [job for job in jobs if not job.prefilled]
+        jobs = decoding + prefilling
         failed: dict[int, BaseException] = {}
         with torch.inference_mode():
-            hidden, positions, masks = self._embed(jobs)
-            outcomes = self.model.runner.run(self._step_all(jobs, hidden, positions, masks))
+            together = self._inputs(decoding) if decoding else None
+            alone = [self._inputs([job]) for job in prefilling]
+            outcomes = self.model.runner.run(self._step_all(decoding, together, prefilling, alone))
             stepped = []
             for index, (job, out) in enumerate(zip(jobs, outcomes, strict=True)):
                 if isinstance(out, BaseException):
@@ -183,64 +187,37 @@ class DecodeScheduler:
             self._end([(jobs[index], failed.get(index, jobs[index].input_ids)) for index in ending])
         return [job for index, job in enumerate(jobs) if index not in ending]
 
-    def _embed(self, jobs: list[DecodeJob]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Hidden states entering the first layer for every job; decode steps share one embedding call."""
+    def _inputs(self, jobs: list[DecodeJob]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The jobs' new tokens as hidden states entering the first layer, with their positions and mask, their
+        rows stacked: one embedding call for all of them (every decoding job has one new token)."""
         inputs = [job.next_inputs() for job in jobs]
-        hidden: dict[int, torch.Tensor] = {}
-        decoding = [index for index, job in enumerate(jobs) if job.prefilled]
-        if decoding:
-            ids = torch.cat([inputs[index][0] for index in decoding])
-            positions = torch.cat([inputs[index][1] for index in decoding])
-            merged = self.model.first_hidden(self.model.local["embed"](ids), positions)
-            row = 0
-            for index in decoding:
-                hidden[index] = merged[row : row + jobs[index].rows]
-                row += jobs[index].rows
-        for index, (ids, positions, _) in enumerate(inputs):
-            if index not in hidden:
-                hidden[index] = self.model.first_hidden(self.model.local["embed"](ids), positions)
-        return [hidden[index] for index in range(len(jobs))], [p for _, p, _ in inputs], [m for _, _, m in inputs]
+        ids, positions, masks = (torch.cat([job_inputs[part] for job_inputs in inputs]) for part in range(3))
+        return self.model.first_hidden(self.model.local["embed"](ids), positions), positions, masks
 
     async def _step_all(
         self,
-        jobs: list[DecodeJob],
-        hidden: list[torch.Tensor],
-        positions: list[torch.Tensor],
-        masks: list[torch.Tensor],
+        decoding: list[DecodeJob],
+        together: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        prefilling: list[DecodeJob],
+        alone: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     ) -> list[torch.Tensor | BaseException]:
-        """Every job's step: the decode steps of prefilled jobs together (see `client.group`), the others'
-        prompts each on its own, all at the same time."""
-        decoding = [index for index, job in enumerate(jobs) if job.prefilled]
-        prefilling = [index for index, job in enumerate(jobs) if not job.prefilled]
-        together = self._step_decoding(
-            [jobs[index] for index in decoding],
-            [hidden[index] for index in decoding],
-            [positions[index] for index in decoding],
-            [masks[index] for index in decoding],
-        )
-        alone = [self._step(jobs[index], hidden[index], positions[index], masks[index]) for index in prefilling]
-        stepped, *prefilled = await asyncio.gather(together, *alone, return_exceptions=True)
+        """Every job's step, decoding jobs first: their decode steps together (see `client.group`), and each
+        new job's prompt on its own, all at the same time."""
+        sessions = [job.session for job in decoding if job.session is not None]
+        steps = [step_together(sessions, *together)] if together is not None else []
+        steps += [self._prefill(job, *inputs) for job, inputs in zip(prefilling, alone, strict=True)]
+        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+        if together is None:
+            return outcomes
+        stepped, *prefilled = outcomes
         if isinstance(stepped, BaseException):  # a bug in the group's own code: every decoding job fails with it
             stepped = [stepped] * len(decoding)
-        outcomes: list[torch.Tensor | BaseException] = [torch.empty(0)] * len(jobs)
-        for index, outcome in zip(decoding, stepped, strict=True):
-            outcomes[index] = outcome
-        for index, outcome in zip(prefilling, prefilled, strict=True):
-            outcomes[index] = outcome
-        return outcomes
+        return [*stepped, *prefilled]
 
-    @staticmethod
-    async def _step_decoding(
-        jobs: list[DecodeJob], hidden: list[torch.Tensor], positions: list[torch.Tensor], masks: list[torch.Tensor]
-    ) -> list[torch.Tensor | BaseException]:
-        if not jobs:
-            return []
-        sessions = [job.session for job in jobs if job.session is not None]
-        return await step_together(sessions, torch.cat(hidden), torch.cat(positions), torch.cat(masks))
-
-    async def _step(
+    async def _prefill(
         self, job: DecodeJob, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
+        """A new job's first step: open its session through the swarm and send it the prompt."""
         max_length = job.input_ids.shape[1] + job.max_new_tokens
         job.session = await ChainSession.open(self.model.planner, self.model.channels, max_length, job.rows)
         return await job.session.step(hidden, positions, mask)
