@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from client.channel import COALESCE_BYTES
 from client.session import ChainSession, LinkFailure, LinkSession, StepInputs, wire_hidden
 from swarm.errors import RemoteError
-from swarm.protocol import StepGroup, WireTensor
+from swarm.protocol import MAX_STEPS_PER_FRAME, StepGroup, WireTensor
 
 
 @dataclass
@@ -62,12 +63,33 @@ async def step_together(
 async def _step_link(members: list[_Member]) -> None:
     """Step members that are all at the same layers of the same peer: together, if the peer takes groups and
     the step is one token (a decode step); each on its own otherwise."""
-    alone: list[tuple[_Member, Exception | None]] = [(member, None) for member in members]
     one_token = members[0].inputs.hidden.shape[1] == 1  # the members' rows all come from one tensor
-    if len(members) > 1 and one_token and members[0].link.channel.takes_groups:
-        failures = await _send_group(members)
-        alone = [(member, failure) for member, failure in zip(members, failures, strict=True) if failure is not None]
+    if len(members) == 1 or not one_token or not members[0].link.channel.takes_groups:
+        await asyncio.gather(*(_step_alone(member, None) for member in members))
+        return
+    await asyncio.gather(*(_step_group(group) for group in _frames(members)))
+
+
+async def _step_group(members: list[_Member]) -> None:
+    failures = await _send_group(members)
+    alone = [(member, failure) for member, failure in zip(members, failures, strict=True) if failure is not None]
     await asyncio.gather(*(_step_alone(member, failure) for member, failure in alone))
+
+
+def _frames(members: list[_Member]) -> list[list[_Member]]:
+    """Members cut into groups a peer accepts: at most `MAX_STEPS_PER_FRAME` sessions, and hidden states of at
+    most `COALESCE_BYTES` unless a single session's alone is larger."""
+    groups: list[list[_Member]] = [[]]
+    size = 0
+    for member in members:
+        hidden = member.inputs.hidden
+        bytes_ = hidden.numel() * hidden.element_size()
+        if groups[-1] and (len(groups[-1]) == MAX_STEPS_PER_FRAME or size + bytes_ > COALESCE_BYTES):
+            groups.append([])
+            size = 0
+        groups[-1].append(member)
+        size += bytes_
+    return groups
 
 
 async def _send_group(members: list[_Member]) -> list[Exception | None]:

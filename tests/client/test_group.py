@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
+from client import group
 from client.group import step_together
 from client.session import ChainSession, LinkSession
 from swarm.errors import RemoteError
@@ -120,3 +122,13 @@ def test_sessions_on_different_peers_or_version_1_peers_step_alone() -> None:
     torch.testing.assert_close(torch.cat(outputs), hidden + torch.tensor([3.0, 4.0, 4.0])[:, None, None])  # type: ignore[arg-type]
     assert shared.groups == [["x-0", "y-0", "z-0"]]
     assert own.singles == ["x-1"] and sorted(old.singles) == ["y-1", "z-1"] and old.groups == []
+
+
+def test_groups_larger_than_a_frame_allows_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(group, "MAX_STEPS_PER_FRAME", 2)
+    first = FakeChannel("a", 1.0)
+    sessions = [chain(name, [first]) for name in "vwxyz"]
+    hidden = torch.randn(5, 1, HIDDEN)
+    torch.testing.assert_close(torch.cat(step(sessions, hidden)), hidden + 1.0)  # type: ignore[arg-type]
+    assert first.groups == [["v-0", "w-0"], ["x-0", "y-0"], ["z-0"]]
+    assert first.singles == []
