@@ -123,7 +123,7 @@ class PeerChannel:
                 return [await request(self.connection, steps[0], StepResult, self.timeout, self.address)]
             except RemoteError as exc:
                 return [exc]
-        many = StepMany.model_construct(type="step_many", steps=steps)
+        many = StepMany.trusted(type="step_many", steps=steps)
         reply = await request(self.connection, many, StepManyResult, self.timeout, self.address)
         if len(reply.results) != len(steps):
             raise PeerUnreachableError(f"{self.address} answered {len(reply.results)} of {len(steps)} steps")

@@ -96,7 +96,7 @@ async def _send_group(members: list[_Member]) -> list[Exception | None]:
     """One `step_group` frame for the members; returns the failure of each member's step (None: it went on)."""
     links = [member.link for member in members]
     lead = links[0]
-    message = StepGroup.model_construct(
+    message = StepGroup.trusted(
         type="step_group",
         session_ids=[link.session_id for link in links],
         step_ids=[link.next_step_id() for link in links],

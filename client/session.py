@@ -99,7 +99,7 @@ class LinkSession:
         return next(self._step_ids)
 
     async def step(self, inputs: StepInputs) -> torch.Tensor:
-        message = Step.model_construct(
+        message = Step.trusted(
             type="step",
             session_id=self.session_id,
             step_id=self.next_step_id(),
@@ -287,7 +287,7 @@ async def _forward_link(
 ) -> torch.Tensor:
     connection, _ = await open_connection(link.peer.address, credentials, agent="swarm-client")
     async with connection:
-        message = Forward.model_construct(
+        message = Forward.trusted(
             type="forward",
             start=link.start,
             end=link.end,

@@ -160,7 +160,7 @@ class NodeServer:
             return error_frame(exc)
         if isinstance(message, StepMany):  # each step succeeds or fails on its own; they share one round
             answers = [self._guarded(self._step(step, owner), step.session_id, owner) for step in message.steps]
-            return StepManyResult.model_construct(type="step_many_result", results=await asyncio.gather(*answers))
+            return StepManyResult.trusted(type="step_many_result", results=await asyncio.gather(*answers))
         if isinstance(message, StepGroup):
             return await self._step_group(message, owner)
         return await self._guarded(self._dispatch(message, owner), getattr(message, "session_id", None), owner)
@@ -241,7 +241,7 @@ class NodeServer:
         hidden = await self.batcher.submit(session, inputs, alone=alone)
         self.metrics.steps.labels("step").inc()
         reply = WireTensor.from_torch(hidden, message.hidden.codec)  # replies mirror the request's codec
-        return StepResult.model_construct(
+        return StepResult.trusted(
             type="step_result", session_id=session.session_id, step_id=message.step_id, hidden=reply
         )
 
@@ -255,7 +255,7 @@ class NodeServer:
         except ProtocolError as exc:  # nothing in the group can run: every session's step failed
             errors = [self._failed(exc, session_id, owner) for session_id in message.session_ids]
             hidden = torch.zeros(sum(rows), 1, self.identity.hidden_size, dtype=self.identity.dtype)
-            return StepGroupResult.model_construct(
+            return StepGroupResult.trusted(
                 type="step_group_result", hidden=WireTensor.from_torch(hidden, message.hidden.codec), errors=errors
             )
         steps, first = [], 0
@@ -276,7 +276,7 @@ class NodeServer:
             errors.append(self._failed(outcome, session_id, owner))
         self.metrics.steps.labels("step").inc(errors.count(None))
         reply = WireTensor.from_torch(torch.cat(outputs), message.hidden.codec)  # replies mirror the request's codec
-        return StepGroupResult.model_construct(type="step_group_result", hidden=reply, errors=errors)
+        return StepGroupResult.trusted(type="step_group_result", hidden=reply, errors=errors)
 
     async def _group_member(self, session_id: str, owner: int, group: StepInputs, rows: slice) -> torch.Tensor:
         session = self.sessions.get(session_id, owner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
+from pydantic import ValidationError
 
 from swarm.errors import ProtocolError
 from swarm.protocol import (
@@ -194,3 +195,15 @@ def test_step_group_needs_distinct_sessions_each_with_a_step_id_and_rows(
     with pytest.raises(ProtocolError) as caught:
         decode_message(msgpack.packb(a_group(sessions, step_ids, rows)))
     assert caught.value.code == "bad_request"
+
+
+def test_trusted_messages_equal_validated_ones_and_encode_the_same() -> None:
+    tensor = WireTensor.from_torch(torch.randn(2, 1, 4))
+    values = dict(session_id="a", step_id=3, hidden=tensor, position_ids=WireTensor.from_torch(torch.ones(2, 1).long()))
+    trusted, validated = Step.trusted(**values), Step(**values)
+    assert trusted == validated and trusted.attention_mask is None and trusted.type == "step"
+    assert trusted.model_fields_set == validated.model_fields_set
+    assert encode_message(trusted) == encode_message(validated)
+    assert decode_message(encode_message(trusted)) == validated
+    with pytest.raises(ValidationError):  # trusted messages stay frozen like the others
+        trusted.step_id = 4  # type: ignore[misc]
