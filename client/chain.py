@@ -33,6 +33,7 @@ class ChainPlanner:
     compression: Codec = "raw"
     """Codec for hidden states sent to peers that advertise it; the others get `raw`."""
     _bans: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer_id -> (until, duration)
+    _fetching: asyncio.Task[list[PeerInfo]] | None = None
 
     def codec_for(self, peer: PeerInfo) -> Codec:
         return self.compression if self.compression in peer.codecs else "raw"
@@ -52,11 +53,7 @@ class ChainPlanner:
     async def plan(self, start: int = 0, end: int | None = None, cache_tokens_needed: int = 0) -> list[Link]:
         """The best chain over layers [start, end) now, or `MissingLayersError` naming the gaps."""
         end = self.num_layers if end is None else end
-        peers = [
-            p
-            for p in await fetch_peers(self.registries, self.model_name, self.credentials)
-            if p.num_layers == self.num_layers
-        ]
+        peers = [p for p in await self._current_peers() if p.num_layers == self.num_layers]
         banned = self.banned()
         chain = plan_route(
             peers, self.num_layers, start=start, end=end, banned=banned, cache_tokens_needed=cache_tokens_needed
@@ -71,6 +68,20 @@ class ChainPlanner:
             raise MissingLayersError(self.model_name, self.num_layers, missing or [(start, end)])
         log.debug("chain for %s: %s", self.model_name, describe_chain(chain))
         return chain
+
+    async def _current_peers(self) -> list[PeerInfo]:
+        """The registries' view of the model. Concurrent callers (a burst of new sessions, a gateway's requests
+        arriving together) share one query: asked one by one, each would cost a connection to a registry."""
+        if self._fetching is None or self._fetching.get_loop() is not asyncio.get_running_loop():
+            self._fetching = asyncio.ensure_future(fetch_peers(self.registries, self.model_name, self.credentials))
+            self._fetching.add_done_callback(self._fetched)
+        return await asyncio.shield(self._fetching)
+
+    def _fetched(self, task: asyncio.Task[list[PeerInfo]]) -> None:
+        if self._fetching is task:
+            self._fetching = None
+        if not task.cancelled():
+            task.exception()  # every waiter may have been cancelled; none of them must log it as unretrieved
 
     async def wait_for_chain(self, start: int, end: int, cache_tokens_needed: int = 0) -> list[Link]:
         """Like `plan`, but waits up to `failover_wait` seconds for peers to (re)appear."""
