@@ -93,7 +93,21 @@ class PeerChannel:
         return reply
 
     async def step(self, step: Step) -> StepResult:
-        """Send `step` in the next frame to this peer and wait for its own result."""
+        """Send `step` in the next frame to this peer and wait for its own result.
+
+        A step that finds the channel idle leaves at once from the caller's own task (a lone generation's
+        every step): no sender task, no extra turns of the event loop. Steps that come while a frame is in
+        flight queue up and leave together after it."""
+        if not self._queued and not self._turn.locked():
+            async with self._turn:  # free, so taken without yielding: nobody can slip in before this frame
+                try:
+                    (outcome,) = await self._exchange([step])
+                except Exception:  # the connection is gone or the frame was refused
+                    self._break()
+                    raise
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         queued = _QueuedStep(step, asyncio.get_running_loop().create_future())
         self._queued.append(queued)
         if self._sender is None or self._sender.done():
