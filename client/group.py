@@ -118,7 +118,7 @@ async def _send_group(members: list[_Member]) -> list[Exception | None]:
         if error is not None:
             failures.append(RemoteError(error.code, error.message, lead.channel.address))
             continue
-        link.history.append(member.inputs)
+        link.record(member.inputs)
         member.inputs = member.inputs.following(output[rows])
         member.index += 1
         failures.append(None)

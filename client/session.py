@@ -68,6 +68,20 @@ class StepInputs:
         """The same step as the next link gets it: the same positions, this link's output."""
         return StepInputs(hidden, self.position_ids, self.attention_mask, self.hypo_ids)
 
+    def compact(self) -> StepInputs:
+        """The same step in tensors of its own wherever it holds a view (a session's rows of a group's tensors):
+        history lives as long as the session, and a view would keep every other row of the group alive."""
+        return StepInputs(
+            _own(self.hidden),
+            _own(self.position_ids),
+            _own(self.attention_mask),
+            _own(self.hypo_ids) if self.hypo_ids is not None else None,
+        )
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size() else tensor
+
 
 class LinkSession:
     """One link of a chain: a session on one peer over layers [start, end), on the channel this client
@@ -109,8 +123,12 @@ class LinkSession:
             hypo_ids=WireTensor.from_torch(inputs.hypo_ids) if inputs.hypo_ids is not None else None,
         )
         reply = await self.channel.step(message)
-        self.history.append(inputs)
+        self.record(inputs)
         return reply.hidden.to_torch()
+
+    def record(self, inputs: StepInputs) -> None:
+        """Keep a step this link has taken, to replay it onto a replacement after a failover."""
+        self.history.append(inputs.compact())
 
     async def close(self) -> None:
         if not self.channel.alive:  # the peer freed the session with the connection

@@ -100,6 +100,9 @@ def test_sessions_on_the_same_peers_go_as_one_group_per_link() -> None:
         assert all(len(steps) == 1 for steps in history)  # kept for replay after a failover
         torch.testing.assert_close(history[0][0].hidden, hidden[rows])
         torch.testing.assert_close(history[1][0].hidden, hidden[rows] + 1.0)
+        for kept in (history[0][0], history[1][0]):  # its own rows only: the group's tensors may go
+            for tensor in (kept.hidden, kept.position_ids, kept.attention_mask):
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
 def test_a_refused_session_fails_alone_and_the_others_go_on() -> None:
