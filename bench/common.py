@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -77,6 +78,12 @@ class TokenClock(LogitsProcessor):
     def per_token_ms(self) -> list[float]:
         """Intervals between consecutive tokens: decode steps only, prefill excluded."""
         return [(b - a) * 1000 for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median(values: list[float]) -> float:

@@ -13,12 +13,14 @@ side (a shared machine's speed drifts by up to 2x over seconds); the ratios repo
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -27,7 +29,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PRESETS, TokenClock, build_random_llama, write_json
+from bench.common import PRESETS, TokenClock, build_random_llama, cpu_seconds, write_json
 from client import DistributedModelForCausalLM
 from client.scheduler import DecodeScheduler
 from swarm.launcher import LocalSwarm
@@ -62,8 +64,14 @@ def swarm_sessions(
     prompts: torch.Tensor,
     new_tokens: int,
     scheduler: DecodeScheduler | None = None,
-) -> dict[str, float]:
-    """One thread per session, all started together; through `scheduler` if given, else `model.generate`."""
+    processes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One thread per session, all started together; through `scheduler` if given, else `model.generate`.
+
+    With `processes` (name -> pid), also the CPU time each of them (and this client) spent per token: on a
+    machine with fewer cores than processes, their sum bounds the throughput."""
+    processes = {"client": os.getpid(), **(processes or {})}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     clocks = [TokenClock() for _ in range(prompts.shape[0])]
     errors: list[BaseException] = []
 
@@ -93,20 +101,24 @@ def swarm_sessions(
     if errors:
         raise errors[0]
     per_token = [ms for clock in clocks for ms in clock.per_token_ms()]
+    tokens = prompts.shape[0] * new_tokens
     return {
-        "tokens_per_s": prompts.shape[0] * new_tokens / elapsed,
+        "tokens_per_s": tokens / elapsed,
         "p50_ms": statistics.median(per_token),
         "p99_ms": percentile(per_token, 0.99),
+        "cpu_us_per_token": {
+            name: (cpu_seconds(pid) - cpu_before[name]) / tokens * 1e6 for name, pid in processes.items()
+        },
     }
 
 
-def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median throughput (this machine is noisy), with every run's tokens/s beside it."""
     ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
     return {**ordered[len(ordered) // 2], "runs_tokens_per_s": [run["tokens_per_s"] for run in runs]}
 
 
-def paired_ratio(runs: list[dict[str, float]], baselines: list[dict[str, float]]) -> float:
+def paired_ratio(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> float:
     """Median of run/baseline throughput over runs taken side by side."""
     return statistics.median(
         run["tokens_per_s"] / base["tokens_per_s"] for run, base in zip(runs, baselines, strict=True)
@@ -133,9 +145,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir)) as swarm:
         swarm.start_registry()
         half = num_layers // 2
-        swarm.start_node(model_path, f"0-{half - 1}", "--max-sessions", "256")
-        swarm.start_node(model_path, f"{half}-{num_layers - 1}", "--max-sessions", "256")
+        spans = [f"0-{half - 1}", f"{half}-{num_layers - 1}"]
+        nodes = {f"node {span}": swarm.start_node(model_path, span, "--max-sessions", "256") for span in spans}
         swarm.wait_ready()
+        pids = {name: node.popen.pid for name, node in nodes.items()}
         remote = DistributedModelForCausalLM.from_pretrained(model_path, registry=swarm.registry_url)
         scheduler = DecodeScheduler(remote)
         try:
@@ -146,7 +159,7 @@ def main() -> int:
                 baselines, shared_runs, thread_runs = [], [], []
                 for _ in range(args.repeats):
                     baselines.append(local_batch(local, batch, args.new_tokens))
-                    shared_runs.append(swarm_sessions(remote, batch, args.new_tokens, scheduler))
+                    shared_runs.append(swarm_sessions(remote, batch, args.new_tokens, scheduler, pids))
                     thread_runs.append(swarm_sessions(remote, batch, args.new_tokens))
                 rows.append(
                     {
@@ -177,6 +190,7 @@ def main() -> int:
         "local batched tok/s",
         "swarm/local",
         "generate()/thread / local",
+        "CPU µs/token (client, nodes)",
     )
     for column in columns:
         table.add_column(column, justify="right")
@@ -191,6 +205,7 @@ def main() -> int:
             f"{row['local']['tokens_per_s']:.1f}",
             f"{row['ratio']:.2f}",
             f"{row['ratio_generate_per_thread']:.2f}",
+            ", ".join(f"{us:.0f}" for us in shared["cpu_us_per_token"].values()),
         )
     Console().print(table)
     out = args.json or Path(__file__).parent / "results" / f"throughput-{args.preset}.json"
