@@ -10,22 +10,7 @@ from client import chain
 from client.chain import ChainPlanner
 from swarm.errors import RegistryUnavailableError
 from swarm.protocol import PeerInfo
-
-
-def peer(peer_id: str, start: int, end: int) -> PeerInfo:
-    return PeerInfo(
-        peer_id=peer_id,
-        address=f"ws://{peer_id}",
-        model="m",
-        num_layers=8,
-        start=start,
-        end=end,
-        state="online",
-        dtype="float32",
-        throughput=1.0,
-        cache_tokens_free=100,
-        cache_tokens_total=100,
-    )
+from tests.swarm.test_routing import peer
 
 
 def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,26 +13,11 @@ from client import group
 from client.group import step_together
 from client.session import ChainSession, LinkSession
 from swarm.errors import RemoteError
-from swarm.protocol import Error, PeerInfo, Step, StepGroup, StepGroupResult, StepResult, WireTensor
+from swarm.protocol import Error, Step, StepGroup, StepGroupResult, StepResult, WireTensor
 from swarm.routing import Link
+from tests.swarm.test_routing import peer
 
 HIDDEN = 4
-
-
-def peer(name: str) -> PeerInfo:
-    return PeerInfo(
-        peer_id=name,
-        address=f"ws://{name}",
-        model="m",
-        num_layers=4,
-        start=0,
-        end=4,
-        state="online",
-        dtype="float32",
-        throughput=1.0,
-        cache_tokens_free=100,
-        cache_tokens_total=100,
-    )
 
 
 @dataclass
@@ -75,7 +60,7 @@ class FakeChannel:
 def chain(name: str, channels: list[FakeChannel], rows: int = 1) -> ChainSession:
     session = ChainSession(planner=None, channels=None, max_length=16, batch_size=rows)  # type: ignore[arg-type]
     session.links = [
-        LinkSession(Link(peer(channel.address), 2 * i, 2 * i + 2), channel, f"{name}-{i}")  # type: ignore[arg-type]
+        LinkSession(Link(peer(channel.address, 0, 8), 2 * i, 2 * i + 2), channel, f"{name}-{i}")  # type: ignore[arg-type]
         for i, channel in enumerate(channels)
     ]
     return session
