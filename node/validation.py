@@ -74,13 +74,17 @@ def decode_positions(
     if wire.dtype not in INDEX_DTYPES or tuple(wire.shape) != shape:
         raise _bad(f"position_ids must be int64 of shape {list(shape)}, got {wire.dtype} {wire.shape}")
     positions = _values(wire, shape)
+    _check_positions(positions, limit, previous)
+    return torch.from_numpy(positions.astype(np.int64))
+
+
+def _check_positions(positions: np.ndarray, limit: int, previous: torch.Tensor | None) -> None:
     if positions.size and (positions.min() < 0 or positions.max() >= limit):
         raise _bad(f"position_ids must lie in [0, {limit})")
-    if shape[1] > 1 and (positions[:, 1:] < positions[:, :-1]).any():
+    if positions.shape[1] > 1 and (positions[:, 1:] < positions[:, :-1]).any():
         raise _bad("position_ids must not decrease along a row")
     if previous is not None and (positions[:, 0] < previous.cpu().numpy()).any():
         raise _bad("position_ids go backwards relative to the previous step")
-    return torch.from_numpy(positions.astype(np.int64))
 
 
 def decode_mask(wire: WireTensor | None, shape: tuple[int, int]) -> torch.Tensor:
@@ -136,11 +140,7 @@ def decode_group(message: StepGroup, hidden_size: int, max_length: int) -> StepI
 def validate_group_member(session: Session, inputs: StepInputs) -> StepInputs:
     """One session's rows of a decoded `step_group`, checked against that session."""
     _check_fits(session, inputs.hidden.shape[0], inputs.hidden.shape[1])
-    positions = inputs.position_ids.numpy()
-    if positions.max() >= session.max_length:
-        raise _bad(f"position_ids must lie in [0, {session.max_length})")
-    if session.last_positions is not None and (positions[:, 0] < session.last_positions.numpy()).any():
-        raise _bad("position_ids go backwards relative to the previous step")
+    _check_positions(inputs.position_ids.numpy(), session.max_length, session.last_positions)
     return inputs
 
 
