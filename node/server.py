@@ -249,21 +249,18 @@ class NodeServer:
         """Each session's rows of the group are a step of its own, checked, run and answered on its own (a bad
         one ends only its session), but the group's tensors are decoded and checked once for all of them."""
         rows = message.rows
+        outcomes: list[torch.Tensor | BaseException]
         try:
             self._ready_span()
             group = decode_group(message, self.identity.hidden_size, self.settings.max_length)
         except ProtocolError as exc:  # nothing in the group can run: every session's step failed
-            errors = [self._failed(exc, session_id, owner) for session_id in message.session_ids]
-            hidden = torch.zeros(sum(rows), 1, self.identity.hidden_size, dtype=self.identity.dtype)
-            return StepGroupResult.trusted(
-                type="step_group_result", hidden=WireTensor.from_torch(hidden, message.hidden.codec), errors=errors
-            )
-        steps, first = [], 0
-        for session_id, count in zip(message.session_ids, rows, strict=True):
-            member = slice(first, first + count)
-            first += count
-            steps.append(self._group_member(session_id, owner, group, member))
-        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+            outcomes = [exc] * len(rows)
+        else:
+            steps, first = [], 0
+            for session_id, count in zip(message.session_ids, rows, strict=True):
+                steps.append(self._group_member(session_id, owner, group, slice(first, first + count)))
+                first += count
+            outcomes = await asyncio.gather(*steps, return_exceptions=True)
         outputs, errors = [], []
         for session_id, count, outcome in zip(message.session_ids, rows, outcomes, strict=True):
             if isinstance(outcome, torch.Tensor):
