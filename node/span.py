@@ -94,7 +94,7 @@ class LoadedSpan:
     ) -> torch.Tensor:
         """Layers [start, end) (a sub-range of the span) over new positions; returns the span's dtype."""
         hidden = hidden.to(self.device, self.dtype)
-        layers = list(self.layers[start - self.start : end - self.start])
+        layers = list(self.layers)[start - self.start : end - self.start]  # slicing a ModuleList builds a module
         return self.adapter.run_span(
             layers,
             self.extras,
