@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.chain import DEFAULT_FAILOVER_WAIT, ChainPlanner
@@ -31,6 +31,7 @@ from swarm.models import ModelAdapter, adapter_for
 from swarm.models.loading import checkpoint_aliases, load_modules
 from swarm.protocol import CODECS, Codec
 from swarm.settings import parse_registries
+from swarm.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
 from swarm.transport import Credentials
 
 log = logging.getLogger("swarm.client")
@@ -65,7 +66,7 @@ def load_local_modules(model: str | Path, adapter: ModelAdapter, dtype: torch.dt
     return nn.ModuleDict(load_modules(index, wanted, torch.device("cpu"), dtype, aliases=aliases))
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
     """Run a causal LM whose layers are served by swarm nodes; use it like any `transformers` model."""
 
     base_model_prefix = "swarm"
@@ -85,7 +86,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.planner = planner
         self.runner = EventLoopThread()
         self.channels = ChannelPool(planner.credentials, STEP_TIMEOUT)
-        self._generate_caches = threading.local()
+        self.generate_calls = threading.local()
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -136,7 +137,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSessionCache]:
-        """A cache to pass as `past_key_values` to several `generate()` calls (multi-turn chat):
+        """A cache to pass to several `generate()` calls (multi-turn chat) as `cache=` (or `past_key_values=`):
         each call then sends only the tokens the swarm has not seen yet."""
         cache = RemoteSessionCache(max_length)
         try:
@@ -144,46 +145,27 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             self.close_cache(cache)
 
+    def new_generation_cache(self, max_length: int) -> RemoteSessionCache:
+        return RemoteSessionCache(max_length)
+
     def close_cache(self, cache: RemoteSessionCache) -> None:
         if cache.session is not None and not cache.closed:
             self.runner.run(cache.session.close())
         cache.closed = True
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args: Any, **kwargs: Any) -> None:
-        """Give `generate()` a remote cache sized to its `max_length`; close it when `generate()` ends."""
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = RemoteSessionCache(generation_config.max_length)
-        model_kwargs["past_key_values"] = cache
-        self._owned_caches().append(cache)
-
-    def _owned_caches(self) -> list[RemoteSessionCache]:
-        if not hasattr(self._generate_caches, "stack"):
-            self._generate_caches.stack = []
-        return self._generate_caches.stack
-
     def current_chain(self) -> list[str]:
         """Peer addresses the `generate()` running on this thread goes through (e.g. from a logits processor)."""
-        owned = self._owned_caches()
-        if not owned or owned[-1].session is None:
+        call = self.current_generate_call()
+        cache = call.expected if call is not None else None
+        if not isinstance(cache, RemoteSessionCache) or cache.session is None:
             return []
-        return [link.link.peer.address for link in owned[-1].session.links]
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        owned = self._owned_caches()
-        depth = len(owned)
-        try:
-            return super().generate(*args, **kwargs)
-        finally:
-            while len(owned) > depth:
-                self.close_cache(owned.pop())
+        return [link.link.peer.address for link in cache.session.links]
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: RemoteSessionCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -191,8 +173,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """The swarm session comes as `cache` (transformers 5.24 on) or `past_key_values` (before)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = take_cache(kwargs)
+        self.check_forward_cache(past_key_values, kwargs)
         with torch.inference_mode():
             if inputs_embeds is None:
                 inputs_embeds = self.local["embed"](input_ids)
@@ -218,7 +203,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return causal_lm_output(logits, loss, past_key_values)
 
     def first_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """What enters the first remote layer: token embeddings plus whatever the family adds locally."""

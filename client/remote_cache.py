@@ -10,19 +10,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import Cache
+
+from swarm.transformers_compat import RemoteCache
 
 if TYPE_CHECKING:
     from client.session import ChainSession
 
 
-class RemoteSessionCache(Cache):
+class RemoteSessionCache(RemoteCache):
     """Tokens seen so far by a chain session; owned by `generate()` or by the user (multi-turn)."""
 
-    is_compileable = False
-
     def __init__(self, max_length: int | None = None) -> None:
-        super().__init__(layers=[])
+        super().__init__()
         self.max_length = max_length
         self.session: ChainSession | None = None
         self.seen_tokens = 0
@@ -32,7 +31,7 @@ class RemoteSessionCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+    def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_length or -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -60,6 +60,11 @@ class UnsupportedModelError(SwarmError):
     """The checkpoint's `model_type` has no adapter in `swarm.models`."""
 
 
+class IncompatibleTransformersError(SwarmError):
+    """The installed `transformers` release does something swarm does not know (a renamed argument, a moved
+    module); the message names the release and what was expected."""
+
+
 class InvalidRequestError(SwarmError, ValueError):
     """A generation request asks for something this model cannot do (a prompt longer than its context, a token
     outside its vocabulary); the message names the limit."""

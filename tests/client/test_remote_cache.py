@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from client.model import position_ids_from_mask
 from client.remote_cache import RemoteSessionCache
+
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 
 
 def test_beam_reorders_compose_until_the_next_step() -> None:
@@ -26,7 +29,7 @@ def test_identity_reorders_are_not_sent() -> None:
 def test_the_cache_reports_tokens_seen_for_generate() -> None:
     cache = RemoteSessionCache(max_length=32)
     cache.seen_tokens = 7
-    assert cache.get_seq_length() == 7 and cache.get_max_cache_shape() == 32 and not cache.is_compileable
+    assert cache.get_seq_length() == 7 and cache.get_max_length() == 32 and not cache.is_compileable
 
 
 def test_positions_follow_generate_for_left_padding() -> None:

@@ -1,0 +1,317 @@
+"""Every use swarm makes of `transformers` beyond its stable public API, for every release in the declared range.
+
+transformers renames arguments and moves internals between minor releases: 5.24 renamed `generate()`'s cache
+argument from `past_key_values` to `cache` (in model inputs, model outputs, layer calls and
+`create_causal_mask`) and moved GPT-J's rotary embedding from each attention layer to the model. Whatever
+depends on such details lives here and finds the installed release's spelling by looking (signatures,
+attributes), not by comparing version numbers, so the next rename is a change to this file alone.
+
+The coupling, by use:
+- client `generate()`: the cache argument's name (`generation_cache_name`), the `Cache` attributes
+  `generate()` reads (`RemoteCache`), the private hook `_prepare_cache_for_generation`
+  (`RemoteCacheGenerationMixin`), and the output field that carries the cache (`causal_lm_output`);
+- node layers: the keyword a decoder layer takes its cache under (`layer_cache_keyword`),
+  `create_causal_mask`'s cache keyword (`causal_mask`), `config._attn_implementation`
+  (`attention_implementation`), GPT-J's rotary table (`gptj_rotary_class`, `restore_gptj_sinusoids`),
+  ALiBi (`build_alibi_tensor`), OPT's private `_remove_final_layer_norm`;
+- node caches: `DynamicCache` layers built, filled, snapshotted and restored by hand (`new_cache_layer`,
+  `fill_cache_layer`, `is_dynamic_layer`, `cache_layer_state`, `restore_cache_layer_state`);
+- loading: the checkpoint renaming rules `from_pretrained` applies (`checkpoint_renamer`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import Cache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swarm.errors import IncompatibleTransformersError
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+
+CACHE_NAMES = ("cache", "past_key_values")
+"""Every name `generate()` has passed the cache under, newest first."""
+
+
+def incompatible(what: str) -> IncompatibleTransformersError:
+    return IncompatibleTransformersError(
+        f"transformers {TRANSFORMERS_VERSION}: {what}. swarm supports the range its pyproject.toml declares; "
+        "install a release inside it (pip install -e . picks one)."
+    )
+
+
+# --- client: generate() -----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def generation_cache_name() -> str:
+    """The keyword `generate()` hands the model its cache under: `cache` from 5.24, `past_key_values` before."""
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    for name in CACHE_NAMES:
+        if name in parameters:
+            return name
+    raise incompatible(f"prepare_inputs_for_generation takes none of {', '.join(CACHE_NAMES)}")
+
+
+def take_cache(kwargs: dict[str, Any]) -> Any:
+    """Pop the cache from keyword arguments, under whichever name the caller used (users of either release
+    write theirs); passing two different caches is an error."""
+    given = {name: kwargs.pop(name) for name in CACHE_NAMES if kwargs.get(name) is not None}
+    caches = {id(cache): cache for cache in given.values()}
+    if len(caches) > 1:
+        raise ValueError(f"pass the cache once, as `{generation_cache_name()}`, not as {' and '.join(given)}")
+    return next(iter(caches.values()), None)
+
+
+def causal_lm_output(logits: torch.Tensor, loss: torch.Tensor | None, cache: Cache | None) -> CausalLMOutputWithPast:
+    """A causal LM output carrying `cache` in the field `generate()` reads it back from."""
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{generation_cache_name(): cache})
+
+
+class RemoteCache(Cache):
+    """A `Cache` whose keys and values live elsewhere (on swarm nodes). It answers what `generate()` asks a
+    cache, with the answers a full-attention cache gives; what only a local cache can do (crop, select rows)
+    raises instead of silently doing nothing."""
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+
+    @property
+    def is_croppable(self) -> bool:  # generate() then never runs ahead of its stopping check
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:  # full attention: generate() trims prompts it has already seen
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a swarm session cannot drop tokens it has already sent to its peers")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a swarm session's batch size is fixed when it opens")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a swarm session's batch size is fixed when it opens")
+
+
+@dataclass
+class GenerateCall:
+    """One `generate()` running on a thread: the cache each of its forwards must receive (None when it runs
+    without one) and the caches it opened itself, closed when it returns."""
+
+    expected: Cache | None = None
+    owned: list[Cache] = field(default_factory=list)
+
+
+class RemoteCacheGenerationMixin(GenerationMixin):
+    """`generate()` for a model whose cache is a `RemoteCache`: it opens one sized to `generate()`'s
+    `max_length` (instead of a local `DynamicCache`), takes the user's under either argument name, closes the
+    ones it opened, and checks that every forward it runs receives the cache (`check_forward_cache`).
+
+    Subclasses implement `new_generation_cache` and `close_cache`, and set `self.generate_calls =
+    threading.local()` in `__init__` (each thread runs its own `generate()` calls)."""
+
+    generate_calls: threading.local
+
+    def new_generation_cache(self, max_length: int) -> RemoteCache:
+        raise NotImplementedError
+
+    def close_cache(self, cache: RemoteCache) -> None:
+        raise NotImplementedError
+
+    def _call_stack(self) -> list[GenerateCall]:
+        if not hasattr(self.generate_calls, "stack"):
+            self.generate_calls.stack = []
+        return self.generate_calls.stack
+
+    def current_generate_call(self) -> GenerateCall | None:
+        """The innermost `generate()` running on this thread, if any."""
+        stack = self._call_stack()
+        return stack[-1] if stack else None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        cache = take_cache(kwargs)
+        if cache is not None:
+            kwargs[generation_cache_name()] = cache
+        stack = self._call_stack()
+        stack.append(GenerateCall())
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for owned in reversed(stack.pop().owned):
+                self.close_cache(owned)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args: Any, **kwargs: Any) -> Any:
+        """transformers' private hook (same signature 5.20-5.24) where `generate()` creates its cache."""
+        name, call = generation_cache_name(), self.current_generate_call()
+        use_cache = generation_config.use_cache is not False
+        cache = model_kwargs.get(name)
+        _check_remote(cache)
+        if cache is None and use_cache:
+            cache = model_kwargs[name] = self.new_generation_cache(generation_config.max_length)
+            if call is not None:
+                call.owned.append(cache)
+                call.expected = cache
+            return None
+        if call is not None:
+            call.expected = cache if use_cache else None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def check_forward_cache(self, cache: Any, leftovers: dict[str, Any]) -> None:
+        """Fail loudly where a release would make `forward` run without its swarm session: a cache under a name
+        this module does not know, a cache that is not a swarm session, or none while `generate()` has one."""
+        stray = [name for name, value in leftovers.items() if isinstance(value, Cache)]
+        if stray:
+            raise incompatible(
+                f"generate() passed its cache as `{stray[0]}`, but swarm expects `{generation_cache_name()}`"
+            )
+        _check_remote(cache)
+        call = self.current_generate_call()
+        if call is not None and call.expected is not None and cache is not call.expected:
+            raise incompatible(
+                f"generate() ran a forward without its swarm session (expected the cache as "
+                f"`{generation_cache_name()}`): every step would be stateless"
+            )
+
+
+def _check_remote(cache: object) -> None:
+    if cache is not None and not isinstance(cache, RemoteCache):
+        raise TypeError(
+            f"a swarm model's cache is a swarm session (model.inference_session()), not {type(cache).__name__}"
+        )
+
+
+# --- node: decoder layers ----------------------------------------------------------------------------------------
+
+
+def attention_implementation(config: PretrainedConfig) -> str:
+    """The attention kernel (`eager`, `sdpa`) a model built from `config` runs (a private field)."""
+    return str(config._attn_implementation)
+
+
+def set_attention_implementation(config: PretrainedConfig, name: str) -> None:
+    """Select the attention kernel the layers built from `config` use, and the masks built for them."""
+    config._attn_implementation = name
+
+
+def opt_removes_final_norm(config: PretrainedConfig) -> bool:
+    """OPT-350m's private config flag: its model has no final layer norm."""
+    return bool(getattr(config, "_remove_final_layer_norm", False))
+
+
+LAYER_CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
+"""Every keyword a decoder layer of a supported family has taken its cache under, newest first."""
+
+
+@functools.cache
+def _keyword_of(function: Callable[..., Any], candidates: tuple[str, ...]) -> str:
+    parameters = inspect.signature(function).parameters
+    for name in candidates:
+        if name in parameters:
+            return name
+    raise incompatible(f"{function.__qualname__} takes its cache under none of {', '.join(candidates)}")
+
+
+def layer_cache_keyword(layer: nn.Module) -> str:
+    """The keyword `layer.forward` takes its cache under in this release (`cache`, `past_key_values` or
+    `layer_past`, depending on the family and the release)."""
+    return _keyword_of(type(layer).forward, LAYER_CACHE_KEYWORDS)
+
+
+def causal_mask(config: PretrainedConfig, cache: Cache | None, **kwargs: Any) -> Any:
+    """`transformers.masking_utils.create_causal_mask` with the cache under the keyword this release names."""
+    from transformers.masking_utils import create_causal_mask
+
+    keyword = _keyword_of(create_causal_mask, CACHE_NAMES)
+    return create_causal_mask(config=config, **{keyword: cache}, **kwargs)
+
+
+def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's and Falcon's ALiBi biases from a 2D padding mask (the same helper in both modeling files)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor as bloom_alibi
+
+    return bloom_alibi(attention_mask, num_heads, dtype=dtype)
+
+
+def gptj_rotary_class(skeleton: PreTrainedModel) -> type[nn.Module] | None:
+    """GPT-J's rotary module when the model builds one (5.24 on); before, each attention layer kept a table."""
+    rotary = getattr(skeleton.get_submodule("transformer"), "rotary_emb", None)
+    return type(rotary) if rotary is not None else None
+
+
+def restore_gptj_sinusoids(layers: nn.ModuleList, device: torch.device) -> None:
+    """Rebuild the per-layer sinusoid tables GPT-J kept as non-persistent buffers before 5.24."""
+    from transformers.models.gptj import modeling_gptj
+
+    for layer in layers:
+        attention = layer.attn
+        if hasattr(attention, "embed_positions"):
+            table = modeling_gptj.create_sinusoidal_positions(attention.max_positions, attention.pos_embd_dim)
+            attention.embed_positions = table.to(device)
+
+
+# --- node: caches -------------------------------------------------------------------------------------------------
+
+
+def new_cache_layer() -> DynamicLayer:
+    return DynamicLayer()
+
+
+def is_dynamic_layer(layer: object) -> bool:
+    """A plain full-attention cache layer (not sliding, not quantized), initialized with tensors."""
+    return type(layer) is DynamicLayer and bool(layer.is_initialized)
+
+
+def fill_cache_layer(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make an empty cache layer hold exactly `keys` and `values` (no copy)."""
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+
+
+def cache_layer_state(layer: object) -> dict[str, object]:
+    """A cache layer's attributes; its tensors are replaced, never written into, so this copies nothing."""
+    return dict(vars(layer))
+
+
+def restore_cache_layer_state(layer: object, state: dict[str, object]) -> None:
+    vars(layer).clear()
+    vars(layer).update(state)
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_renamer(skeleton: PreTrainedModel) -> Callable[[str], str]:
+    """Stored tensor name -> model tensor name, by the renaming rules `from_pretrained` applies to this family
+    (GPT-NeoX's `embed_out`, GPT-2 or BLOOM files without the `transformer.` prefix)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [rule for rule in get_model_conversion_mapping(skeleton) if isinstance(rule, WeightRenaming)]
+    model_names = skeleton.state_dict()
+
+    def rename(stored: str) -> str:
+        name, _ = rename_source_key(stored, renamings, [], skeleton.base_model_prefix, model_names)
+        return name
+
+    return rename
