@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from node.chunking import ChunkedStep, SessionCheckpoint
 from node.sessions import Session
 from node.span import LoadedSpan
 from node.validation import StepInputs
 from swarm.errors import ProtocolError
+from swarm.transformers_compat import fill_cache_layer, is_dynamic_layer, new_cache_layer
 
 log = logging.getLogger("swarm.node")
 
@@ -141,12 +141,9 @@ def run_batched(span: LoadedSpan, steps: list[PendingStep], shared: SharedCaches
     resident = [_resident(steps, index, rows, longest) for index in range(start, end)]
     shared.leaving([step.session for step in steps], start)
     cache = DynamicCache()  # can_batch: every layer it gets is a DynamicLayer (built from the config, it costs 0.25 ms)
-    cache.layers = [DynamicLayer() for _ in range(end)]
+    cache.layers = [new_cache_layer() for _ in range(end)]
     for index, reused in zip(range(start, end), resident, strict=True):
-        keys, values = reused or _merged(steps, index, longest)
-        layer = cache.layers[index]
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
+        fill_cache_layer(cache.layers[index], *(reused or _merged(steps, index, longest)))
     mask = torch.zeros(rows, longest + 1, dtype=torch.bool)  # left padding stays masked out
     mask[:, -1:] = torch.cat([step.inputs.attention_mask for step in steps])
     row = 0
@@ -235,7 +232,7 @@ def _whole(view: torch.Tensor, rows: int, length: int) -> torch.Tensor | None:
 def _own_copies(session: Session) -> None:
     """Give a session that left a batch its own cache tensors instead of views into the batch's."""
     for layer in session.cache.layers[session.start : session.end]:  # type: ignore[attr-defined]
-        if type(layer) is DynamicLayer and layer.is_initialized and _is_slice(layer.keys):
+        if is_dynamic_layer(layer) and _is_slice(layer.keys):
             layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
 
 
@@ -247,14 +244,10 @@ def can_batch(steps: list[PendingStep]) -> bool:
     if len(steps) < 2:
         return False
     start, end = steps[0].group
-    return all(
-        type(step.session.cache.layers[index]) is DynamicLayer and step.session.cache.layers[index].is_initialized
-        for step in steps
-        for index in range(start, end)
-    )
+    return all(is_dynamic_layer(step.session.cache.layers[index]) for step in steps for index in range(start, end))
 
 
-def _padded(layer: DynamicLayer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(layer: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     missing = length - layer.keys.shape[-2]
     if not missing:
         return layer.keys, layer.values

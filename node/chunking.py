@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from node.sessions import Session
 from node.validation import StepInputs
+from swarm.transformers_compat import cache_layer_state, is_dynamic_layer, restore_cache_layer_state
 
 
 @dataclass(frozen=True)
@@ -30,17 +30,16 @@ class LayerCheckpoint:
     length: int | None = None
 
     @classmethod
-    def of(cls, layer: CacheLayerMixin, keep_tensors: bool) -> LayerCheckpoint:
-        attributes = dict(vars(layer))
-        if keep_tensors or type(layer) is not DynamicLayer or not layer.is_initialized:
+    def of(cls, layer: object, keep_tensors: bool) -> LayerCheckpoint:
+        attributes = cache_layer_state(layer)
+        if keep_tensors or not is_dynamic_layer(layer):
             return cls(attributes)
         del attributes["keys"], attributes["values"]
         return cls(attributes, layer.keys.shape[-2])
 
-    def restore(self, layer: CacheLayerMixin) -> None:
-        keys, values = layer.keys, layer.values
-        vars(layer).clear()
-        vars(layer).update(self.attributes)
+    def restore(self, layer: object) -> None:
+        keys, values = layer.keys, layer.values  # type: ignore[attr-defined]
+        restore_cache_layer_state(layer, self.attributes)
         if self.length is not None:
             layer.keys, layer.values = keys[..., : self.length, :], values[..., : self.length, :]
 
@@ -69,7 +68,7 @@ class SessionCheckpoint:
             saved.restore(layer)
 
 
-def _span_layers(session: Session) -> list[CacheLayerMixin]:
+def _span_layers(session: Session) -> list[object]:
     """The cache layers a session's steps touch (its cache has one per model layer)."""
     return session.cache.layers[session.start : session.end]  # type: ignore[attr-defined]
 

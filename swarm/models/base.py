@@ -15,7 +15,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+
+from swarm.errors import IncompatibleTransformersError
+from swarm.transformers_compat import (
+    attention_implementation,
+    causal_mask,
+    layer_cache_keyword,
+    set_attention_implementation,
+)
 
 
 class ModelAdapter(ABC):
@@ -27,12 +34,9 @@ class ModelAdapter(ABC):
     final_norm_path: ClassVar[str]
     lm_head_path: ClassVar[str] = "lm_head"
     rotary_path: ClassVar[str | None] = None
-    # "eager" for families whose `transformers` layers have no SDPA path (GPT-J, BLOOM).
-    attention: ClassVar[str] = "sdpa"
 
     def __init__(self, config: PretrainedConfig) -> None:
         self.config = config
-        config._attn_implementation = self.attention
 
     @property
     def num_layers(self) -> int:
@@ -46,9 +50,14 @@ class ModelAdapter(ABC):
         return f"{self.layers_path}.{index}."
 
     def skeleton(self) -> PreTrainedModel:
-        """The whole model on the meta device: free to build, and the source of every module we use."""
+        """The whole model on the meta device: free to build, and the source of every module we use.
+
+        Its layers use the attention kernel a local `from_pretrained` picks in this release (SDPA where the
+        family has it, eager otherwise); the span's masks are then built for the same kernel."""
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config, attn_implementation=self.attention)
+            model = AutoModelForCausalLM.from_config(self.config)
+        set_attention_implementation(self.config, attention_implementation(model.config))
+        return model
 
     def local_module_paths(self) -> dict[str, str]:
         """The client's modules by role (families add theirs, e.g. `positions`); `lm_head` may be tied to `embed`."""
@@ -73,11 +82,11 @@ class ModelAdapter(ABC):
     ) -> object:
         """The mask exactly as the family's own model builds it, sized against the cache of `first_layer`
         (a node's cache only holds its own layers). Families whose model passes no positions pass None."""
-        return create_causal_mask(
-            config=self.config,
+        return causal_mask(
+            self.config,
+            cache,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=cache,
             position_ids=position_ids,
             layer_idx=first_layer,
             allow_is_causal_skip=allow_is_causal_skip,
@@ -114,11 +123,21 @@ class ModelAdapter(ABC):
         """Run `layers` (global indices from `first_layer`) over new positions, updating `cache`.
 
         `attention_mask` is the 2D padding mask over everything the cache holds plus the new positions.
+        A layer that leaves `cache` as it was (it took the cache under another name) is an error, not a
+        silently stateless step.
         """
         inputs = self.layer_inputs(extras, hidden, position_ids, attention_mask, cache, first_layer)
+        inputs[layer_cache_keyword(layers[0])] = cache
+        before = _cached_lengths(cache, first_layer, len(layers))
         for layer in layers:
             output = layer(hidden, **inputs)
             hidden = output[0] if isinstance(output, tuple) else output  # some families return (hidden, weights)
+        after = _cached_lengths(cache, first_layer, len(layers))
+        if any(new != old + hidden.shape[1] for old, new in zip(before, after, strict=True)):
+            raise IncompatibleTransformersError(
+                f"layers {first_layer}-{first_layer + len(layers) - 1} did not update their cache "
+                f"(lengths {before} -> {after} for {hidden.shape[1]} new tokens)"
+            )
         return hidden
 
     @abstractmethod
@@ -131,5 +150,12 @@ class ModelAdapter(ABC):
         cache: object | None,
         first_layer: int,
     ) -> dict[str, object]:
-        """The keyword arguments every layer of the span gets besides the hidden states, in the family's own
-        names: its mask exactly as its model builds it, positions, the cache, and rotary or ALiBi terms."""
+        """The keyword arguments every layer of the span gets besides the hidden states and the cache, in the
+        family's own names: its mask exactly as its model builds it, positions, and rotary or ALiBi terms."""
+
+
+def _cached_lengths(cache: object | None, first_layer: int, count: int) -> list[int]:
+    """Tokens each of the span's cache layers has seen (sliding windows count every token, kept or not)."""
+    if cache is None:
+        return []
+    return [cache.layers[index].get_seq_length() for index in range(first_layer, first_layer + count)]  # type: ignore[attr-defined]

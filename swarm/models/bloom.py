@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from swarm.models.base import ModelAdapter
+from swarm.transformers_compat import build_alibi_tensor
 
 
 class BloomAdapter(ModelAdapter):
@@ -14,7 +14,6 @@ class BloomAdapter(ModelAdapter):
     layers_path = "transformer.h"
     embed_path = "transformer.word_embeddings"
     final_norm_path = "transformer.ln_f"
-    attention = "eager"
 
     def local_module_paths(self) -> dict[str, str]:
         return {**super().local_module_paths(), "embed_norm": "transformer.word_embeddings_layernorm"}
@@ -35,7 +34,6 @@ class BloomAdapter(ModelAdapter):
         alibi = build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
         mask = self.causal_mask(hidden, attention_mask, cache, None, first_layer)
         return {
-            "layer_past": cache,
             "attention_mask": mask,
             "use_cache": cache is not None,
             "alibi": alibi,

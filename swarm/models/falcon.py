@@ -7,9 +7,9 @@ import math
 
 import torch
 from torch import nn
-from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from swarm.models.base import ModelAdapter
+from swarm.transformers_compat import build_alibi_tensor
 
 
 class FalconAdapter(ModelAdapter):
@@ -35,7 +35,6 @@ class FalconAdapter(ModelAdapter):
             mask = self._alibi_mask(mask, alibi, hidden)
         position_embeddings = extras["rotary"](hidden, position_ids=position_ids)
         return {
-            "layer_past": cache,
             "attention_mask": mask,
             "position_ids": position_ids,
             "use_cache": cache is not None,

@@ -31,7 +31,6 @@ class GPT2Adapter(ModelAdapter):
     ) -> dict[str, object]:
         mask = self.causal_mask(hidden, attention_mask, cache, position_ids, first_layer)
         return {
-            "past_key_values": cache,
             "attention_mask": mask,
             "use_cache": cache is not None,
             "position_ids": position_ids,

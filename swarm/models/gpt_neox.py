@@ -29,7 +29,6 @@ class GPTNeoXAdapter(ModelAdapter):
         return {
             "attention_mask": mask,
             "position_ids": position_ids,
-            "layer_past": cache,
             "use_cache": cache is not None,
             "position_embeddings": position_embeddings,
         }

@@ -29,7 +29,6 @@ class LlamaAdapter(ModelAdapter):
         return {
             "attention_mask": mask,
             "position_ids": position_ids,
-            "past_key_values": cache,
             "use_cache": cache is not None,
             "position_embeddings": position_embeddings,
         }

@@ -7,11 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from swarm.checkpoint import CheckpointIndex, read_tensors
 from swarm.errors import CheckpointError
+from swarm.transformers_compat import checkpoint_renamer
 
 
 def module_tensor_names(module: nn.Module, prefix: str) -> list[str]:
@@ -25,11 +24,10 @@ def checkpoint_aliases(skeleton: PreTrainedModel, index: CheckpointIndex) -> dic
     Published checkpoints keep layouts that `from_pretrained` renames on load: GPT-NeoX's `embed_out` (which
     `save_pretrained` still writes), GPT-2 or BLOOM files without the `transformer.` prefix. This applies
     `transformers`' own renaming rules to the index's names, so no tensor is read to find out."""
-    renamings = [rule for rule in get_model_conversion_mapping(skeleton) if isinstance(rule, WeightRenaming)]
-    model_names = skeleton.state_dict()
+    rename = checkpoint_renamer(skeleton)
     aliases: dict[str, str] = {}
     for stored in index.shard_of:
-        name, _ = rename_source_key(stored, renamings, [], skeleton.base_model_prefix, model_names)
+        name = rename(stored)
         if name != stored:
             aliases.setdefault(name, stored)
     return aliases

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from swarm.models.base import ModelAdapter
+from swarm.transformers_compat import opt_removes_final_norm
 
 
 class OPTAdapter(ModelAdapter):
@@ -20,7 +21,7 @@ class OPTAdapter(ModelAdapter):
         paths = {"embed": self.embed_path, "positions": "model.decoder.embed_positions", "lm_head": self.lm_head_path}
         if config.word_embed_proj_dim != config.hidden_size:
             paths |= {"project_in": "model.decoder.project_in", "project_out": "model.decoder.project_out"}
-        if config.do_layer_norm_before and not config._remove_final_layer_norm:
+        if config.do_layer_norm_before and not opt_removes_final_norm(config):
             paths["final_norm"] = self.final_norm_path
         return paths
 
@@ -50,6 +51,5 @@ class OPTAdapter(ModelAdapter):
         return {
             "attention_mask": mask,
             "position_ids": position_ids,
-            "past_key_values": cache,
             "use_cache": cache is not None,
         }
