@@ -17,6 +17,8 @@ from swarm.errors import SwarmFullError
 from swarm.launcher import LocalSwarm, Process, free_port, wait_for_port
 from tests.processors import AtStep
 
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
 NEW_TOKENS = 100
 

@@ -17,6 +17,8 @@ from client import DistributedModelForCausalLM
 from swarm.launcher import LocalSwarm
 from tests.checkpoints import build_tiny
 
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
 # One of each adapter and layout; Mistral and Qwen share Llama's adapter and are covered in-process.
 FAMILIES = ("llama", "gpt_neox", "gptj", "opt", "bloom", "falcon-rotary", "falcon-alibi", "falcon-new", "gpt2")
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7]])

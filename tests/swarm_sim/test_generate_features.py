@@ -15,6 +15,8 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from client import DistributedModelForCausalLM
 
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
 NEW_TOKENS = 20
 

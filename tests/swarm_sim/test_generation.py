@@ -15,6 +15,8 @@ from swarm.errors import MissingLayersError
 from swarm.launcher import LocalSwarm
 from swarm.transport import Credentials
 
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
 
 

@@ -20,6 +20,8 @@ from swarm.models import adapter_for
 from tests.checkpoints import TINY_CONFIGS, build_tiny
 from tests.swarm.models.pipeline import Pipeline
 
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7]])
 SHORT, LONG = [1, 500, 400, 300], [1, 45, 67, 89, 120, 33, 250, 7, 99, 14]
 NEW_TOKENS = 10
