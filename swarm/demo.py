@@ -23,6 +23,15 @@ EXAMPLES = """examples:
 """
 
 
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+"""The demo's default decoding (`--greedy` turns sampling off); tests check the swarm's story equals local
+`generate` with these settings and the same seed."""
+
+
+def generation_settings(greedy: bool) -> dict[str, object]:
+    return {"do_sample": False} if greedy else dict(SAMPLING)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm-demo",
@@ -92,13 +101,12 @@ def _generate(model: Path, registry: str, args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed)
         inputs = tokenizer(args.prompt, return_tensors="pt")
         print(args.prompt, end="", flush=True)
-        sampling = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
         swarm_model.generate(
             **inputs,
             max_new_tokens=args.max_new_tokens,
             streamer=TextStreamer(tokenizer, skip_prompt=True),
             pad_token_id=tokenizer.pad_token_id,
-            **sampling,
+            **generation_settings(args.greedy),
         )
     finally:
         swarm_model.close()

@@ -9,19 +9,25 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.default_model import DEFAULT_MODEL_NAME, default_model_path
+from swarm.demo import generation_settings
 from swarm.launcher import LocalSwarm, child_env, free_port
 
 
-def local_continuation(prompt: str, new_tokens: int) -> str:
+def local_continuation(prompt: str, new_tokens: int, greedy: bool = True, seed: int = 0) -> str:
+    """What local `generate` writes on the embedded model, with the demo's decoding settings."""
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     inputs = tokenizer(prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    torch.manual_seed(seed)
+    output = model.generate(
+        **inputs, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, **generation_settings(greedy)
+    )
     return tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -54,10 +60,12 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_the_demo_generates_a_story_and_cleans_up() -> None:
+@pytest.mark.oracle
+def test_the_demo_tells_the_story_local_generate_tells_and_cleans_up() -> None:
+    """The README's first command exactly: default sampling, default seed, the demo's own length."""
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "swarm.demo", "--port", str(port), "--max-new-tokens", "30", "--greedy"],
+        [sys.executable, "-m", "swarm.demo", "--port", str(port)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -65,7 +73,9 @@ def test_the_demo_generates_a_story_and_cleans_up() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Once upon a time")
-    assert result.stdout.strip() == ("Once upon a time" + local_continuation("Once upon a time", 30)).strip()
+    story = "Once upon a time" + local_continuation("Once upon a time", 80, greedy=False, seed=0)
+    assert result.stdout.strip() == story.strip()
+    assert len(result.stdout.split()) >= 30
     assert f"http://127.0.0.1:{port}/" in result.stderr and "stopping the swarm" in result.stderr
     assert not port_open(port)
 
