@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, PretrainedConfig
 
-from swarm.models.llama import LlamaAdapter
+from swarm.models.families.llama import FAMILY as LLAMA_SHAPED
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(
@@ -37,13 +37,22 @@ PRESETS: dict[str, dict[str, int]] = {
 # What every family's config takes; the MLP width and KV heads stay Llama-shaped families' own.
 SHARED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
+# Mixtures of experts: eight experts, two per token (Mixtral's own ratio), each as wide as the dense MLP.
+EXPERTS: dict[str, dict[str, object]] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+}
+
 
 def preset_config(preset: str, family: str = "llama") -> PretrainedConfig:
     """A config of `family` (a `model_type`) at a preset's size: Llama-shaped families take the preset whole,
     the others its vocabulary, width, depth and heads, with their own MLP ratio."""
-    sizes = PRESETS[preset]
-    if family not in LlamaAdapter.model_types:
+    sizes: dict[str, object] = dict(PRESETS[preset])
+    if family not in LLAMA_SHAPED.model_types:
         sizes = {key: sizes[key] for key in SHARED_SIZES}
+    sizes |= EXPERTS.get(family, {})
+    if family == "qwen3_moe":
+        sizes["moe_intermediate_size"] = sizes["intermediate_size"]
     return AutoConfig.for_model(
         family, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **sizes
     )

@@ -48,7 +48,7 @@ def greedy(model: AutoModelForCausalLM, span: LoadedSpan, ids: torch.Tensor, new
 def run(model: AutoModelForCausalLM, span: LoadedSpan, ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.shape[1])[None]
     mask = torch.ones_like(ids, dtype=torch.bool)
-    hidden = span.forward(model.model.embed_tokens(ids), positions, mask, None, span.start, span.end)
+    hidden = span.forward_stateless(model.model.embed_tokens(ids), positions, mask, span.start, span.end)
     return model.lm_head(model.model.norm(hidden))
 
 

@@ -7,15 +7,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from swarm.checkpoint import CheckpointIndex, load_config
+from swarm.checkpoint import CheckpointIndex
 from swarm.memory import DTYPE_BYTES, ModelFootprint, format_bytes
-from swarm.models import adapter_for
+from swarm.models import ModelArchitecture
 
 
 def estimate(model: Path, memory: int, cache_tokens: int) -> dict[str, object]:
     """Parameters, bytes per dtype, per-layer size, KV bytes per token, and nodes of `memory` needed."""
-    adapter = adapter_for(load_config(model))
-    footprint = ModelFootprint.of(CheckpointIndex.open(model), adapter.config, adapter.layers_path)
+    footprint = ModelFootprint.of(CheckpointIndex.open(model), ModelArchitecture.of(model))
     per_dtype = {}
     for dtype, width in DTYPE_BYTES.items():
         per_dtype[dtype] = {

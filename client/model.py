@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.chain import DEFAULT_FAILOVER_WAIT, ChainPlanner
@@ -25,10 +25,10 @@ from client.channel import ChannelPool
 from client.loop import EventLoopThread
 from client.remote_cache import RemoteSessionCache
 from client.session import STEP_TIMEOUT, ChainSession, forward_through
-from swarm.checkpoint import CheckpointIndex, checkpoint_dir, load_config, model_name_from_path
+from swarm.checkpoint import checkpoint_dir, model_name_from_path
 from swarm.errors import SwarmError
-from swarm.models import ModelAdapter, adapter_for
-from swarm.models.loading import checkpoint_aliases, load_modules
+from swarm.models import ModelArchitecture
+from swarm.models.local import LocalModules
 from swarm.protocol import CODECS, Codec
 from swarm.settings import parse_registries
 from swarm.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
@@ -52,20 +52,6 @@ def parse_compression(compression: str | None) -> Codec:
     return compression  # type: ignore[return-value]
 
 
-def load_local_modules(model: str | Path, adapter: ModelAdapter, dtype: torch.dtype) -> nn.ModuleDict:
-    """The client's modules (embeddings, final norm, LM head, and any the family adds) from only their tensors;
-    a head tied to the embeddings reuses the embedding tensor."""
-    skeleton = adapter.skeleton()
-    index = CheckpointIndex.open(model)
-    paths = adapter.local_module_paths()
-    wanted = {role: (skeleton.get_submodule(path), f"{path}.") for role, path in paths.items()}
-    aliases = checkpoint_aliases(skeleton, index)
-    head_weight, embed_weight = f"{paths['lm_head']}.weight", f"{paths['embed']}.weight"
-    if aliases.get(head_weight, head_weight) not in index and getattr(adapter.config, "tie_word_embeddings", False):
-        aliases[head_weight] = aliases.get(embed_weight, embed_weight)
-    return nn.ModuleDict(load_modules(index, wanted, torch.device("cpu"), dtype, aliases=aliases))
-
-
 class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
     """Run a causal LM whose layers are served by swarm nodes; use it like any `transformers` model."""
 
@@ -76,12 +62,12 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
     def __init__(
         self,
         config: PretrainedConfig,
-        adapter: ModelAdapter,
-        local: nn.ModuleDict,
+        architecture: ModelArchitecture,
+        local: LocalModules,
         planner: ChainPlanner,
     ) -> None:
         super().__init__(config)
-        self.adapter = adapter
+        self.architecture = architecture
         self.local = local
         self.planner = planner
         self.runner = EventLoopThread()
@@ -108,18 +94,18 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         sends hidden states as 8-bit blocks (~1/4 of float32's bytes, slightly inexact) to peers that
         advertise it."""
         codec = parse_compression(compression)
-        config = load_config(model)
-        adapter = adapter_for(config)
-        local = load_local_modules(model, adapter, dtype)
+        config = AutoConfig.from_pretrained(checkpoint_dir(model), local_files_only=True)
+        architecture = ModelArchitecture.of(model)
+        local = LocalModules.load(model, architecture, dtype)
         planner = ChainPlanner(
             parse_registries(registry),
             model_name_from_path(model, model_name),
-            adapter.num_layers,
+            architecture.num_layers,
             Credentials(token, tls_ca),
             failover_wait,
             codec,
         )
-        instance = cls(config, adapter, local, planner)
+        instance = cls(config, architecture, local, planner)
         generation_file = checkpoint_dir(model) / "generation_config.json"
         if generation_file.is_file():
             instance.generation_config = GenerationConfig.from_pretrained(checkpoint_dir(model))
@@ -130,10 +116,10 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         return torch.device("cpu")
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.local["embed"]
+        return self.local.embed
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.local["lm_head"]
+        return self.local.head
 
     @contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSessionCache]:
@@ -180,7 +166,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         self.check_forward_cache(past_key_values, kwargs)
         with torch.inference_mode():
             if inputs_embeds is None:
-                inputs_embeds = self.local["embed"](input_ids)
+                inputs_embeds = self.local.embed(input_ids)
             batch, new_tokens = inputs_embeds.shape[:2]
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             if attention_mask is None:
@@ -207,11 +193,11 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
 
     def first_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """What enters the first remote layer: token embeddings plus whatever the family adds locally."""
-        return self.adapter.embed(self.local, inputs_embeds.to(self.dtype), position_ids)
+        return self.local.first_hidden(inputs_embeds.to(self.dtype), position_ids)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits from the last remote layer's hidden states (final norm and LM head, run here)."""
-        return self.adapter.logits(self.local, hidden.to(self.dtype)).float()
+        return self.local.logits(hidden.to(self.dtype)).float()
 
     async def _session_step(
         self,

@@ -192,7 +192,7 @@ class DecodeScheduler:
         rows stacked: one embedding call for all of them (every decoding job has one new token)."""
         inputs = [job.next_inputs() for job in jobs]
         ids, positions, masks = (torch.cat([job_inputs[part] for job_inputs in inputs]) for part in range(3))
-        return self.model.first_hidden(self.model.local["embed"](ids), positions), positions, masks
+        return self.model.first_hidden(self.model.local.embed(ids), positions), positions, masks
 
     async def _step_all(
         self,

@@ -1,12 +1,9 @@
 """Running concurrent sessions' decode steps as one batched forward over the node's span.
 
 Steps that arrive while the compute thread is busy queue up; the next round takes them all, and
-those that are plain single-token decode steps over the same layers run together: their caches are
-left-padded into one batch cache (padding masked out) and the span runs once. Each session's cache
-then becomes a view of its rows of that batch cache, so when the same sessions step together again
-(a client's concurrent generations, tick after tick) the merge is skipped; a session that steps alone
-or leaves the batch gets caches of its own again. Everything else (prefills, beam reorders, caches of
-other layer types) runs alone, exactly as before.
+those that are single-token decode steps over the same layers run together as one forward: the node's
+KV cache keeps every session's keys where attention reads them (`node.kv_cache`), so sessions of any
+lengths batch without copying their caches. Everything else (prefills, beam reorders) runs alone.
 
 A step longer than `chunk_tokens` (`--prefill-chunk`) runs one chunk per round: after each chunk it
 goes back in the queue behind the steps that arrived meanwhile, so a long prompt delays other
@@ -19,19 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from node.chunking import ChunkedStep, SessionCheckpoint
+from node.kv_cache import RoundEntry
 from node.sessions import Session
 from node.span import LoadedSpan
 from node.validation import StepInputs
 from swarm.errors import ProtocolError
-from swarm.transformers_compat import fill_cache_layer, is_dynamic_layer, new_cache_layer
 
 log = logging.getLogger("swarm.node")
 
@@ -40,10 +35,6 @@ QUICK_ROWS = 8
 
 QUICK_BATCH_ROWS = 64
 """A batched round of decode steps with at most this many rows together may also skip that hop."""
-
-PADDING_SLACK = 1.25
-"""Batched sessions keep views into the round's merged cache only while its left padding makes it at most
-this much larger than their own caches together: the views keep the padding alive."""
 
 
 @dataclass
@@ -75,7 +66,13 @@ def run_alone(
     if checkpoint is None:
         checkpoint = SessionCheckpoint.of(session, inputs.hypo_ids is not None)
     try:
-        return _apply(span, session, inputs)
+        if inputs.hypo_ids is not None:
+            session.cache.reorder(inputs.hypo_ids)  # type: ignore[attr-defined]
+            if session.last_positions is not None:
+                session.last_positions = session.last_positions[inputs.hypo_ids]
+        hidden = span.run_round(inputs.hidden, [_entry(session, inputs)], session.start, session.end)
+        _advance(session, inputs)
+        return hidden
     except BaseException:
         checkpoint.restore(session)
         raise
@@ -88,177 +85,33 @@ def run_next_chunk(span: LoadedSpan, session: Session, step: ChunkedStep) -> tor
     return torch.cat(step.outputs, dim=1) if step.finished else None
 
 
-def _apply(span: LoadedSpan, session: Session, inputs: StepInputs) -> torch.Tensor:
-    if inputs.hypo_ids is not None:
-        session.cache.reorder_cache(inputs.hypo_ids.to(span.device))
-        session.attention_mask = session.attention_mask[inputs.hypo_ids]
-        if session.last_positions is not None:
-            session.last_positions = session.last_positions[inputs.hypo_ids]
-    mask = torch.cat([session.attention_mask, inputs.attention_mask], dim=1)
-    hidden = span.forward(inputs.hidden, inputs.position_ids, mask, session.cache, session.start, session.end)
-    _advance(session, mask, inputs)
-    return hidden
-
-
-class SharedCaches:
-    """Which sessions hold views into which merged cache (by the storage of its first layer's keys), so that
-    when some of them move to a new merged cache, the others get caches of their own: an idle session must
-    not keep a whole batch's cache alive. Only `run_batched` touches it, and rounds never overlap."""
-
-    def __init__(self) -> None:
-        self._members: dict[int, list[weakref.ref[Session]]] = {}
-
-    def leaving(self, sessions: Sequence[Session], layer: int) -> None:
-        """`sessions` are about to step together, after which they hold views into a new merged cache or tensors
-        of their own: whoever else shared their old merged caches moves out, and those caches are forgotten."""
-        moving = {id(session) for session in sessions}
-        for session in sessions:
-            keys = session.cache.layers[layer].keys  # type: ignore[attr-defined]
-            for ref in self._members.pop(keys.untyped_storage().data_ptr(), []):
-                other = ref()
-                if other is not None and id(other) not in moving:
-                    _own_copies(other)
-
-    def share(self, sessions: Sequence[Session], keys: torch.Tensor) -> None:
-        """`sessions` (just out of `leaving`) now hold views into the merged cache whose first keys are `keys`."""
-        self._members = {ptr: refs for ptr, refs in self._members.items() if any(ref() for ref in refs)}
-        self._members[keys.untyped_storage().data_ptr()] = [weakref.ref(session) for session in sessions]
-
-
-def run_batched(span: LoadedSpan, steps: list[PendingStep], shared: SharedCaches | None = None) -> list[torch.Tensor]:
-    """One forward for several sessions' single-token steps over the same layers.
-
-    The sessions' caches are merged into one left-padded batch cache, unless they are still the views this
-    function left them last round over the same rows (the same sessions stepping together again): then that
-    round's merged cache is used as it is. Afterwards each session's cache becomes a view of its rows of the
-    new merged cache, unless padding would make those views hold much more than the sessions' own caches
-    (`PADDING_SLACK`); then each session's new keys and values are appended to its own cache instead.
-    `shared` tracks who shares which merged cache across calls (see `SharedCaches`)."""
-    shared = shared if shared is not None else SharedCaches()
+def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor]:
+    """One forward for several sessions' single-token steps over the same layers; each session's output rows.
+    A failure leaves every session as it was (their lengths only move once all is done)."""
     start, end = steps[0].group
-    longest = max(step.session.length for step in steps)
-    rows = sum(step.session.batch_size for step in steps)
-    resident = [_resident(steps, index, rows, longest) for index in range(start, end)]
-    shared.leaving([step.session for step in steps], start)
-    cache = DynamicCache()  # can_batch: every layer it gets is a DynamicLayer (built from the config, it costs 0.25 ms)
-    cache.layers = [new_cache_layer() for _ in range(end)]
-    for index, reused in zip(range(start, end), resident, strict=True):
-        fill_cache_layer(cache.layers[index], *(reused or _merged(steps, index, longest)))
-    mask = torch.zeros(rows, longest + 1, dtype=torch.bool)  # left padding stays masked out
-    mask[:, -1:] = torch.cat([step.inputs.attention_mask for step in steps])
-    row = 0
-    for step in steps:
-        session = step.session
-        mask[row : row + session.batch_size, longest - session.length : longest] = session.attention_mask
-        row += session.batch_size
-    hidden = span.forward(
-        torch.cat([s.inputs.hidden.to(span.dtype) for s in steps]),
-        torch.cat([s.inputs.position_ids for s in steps]),
-        mask,
-        cache,
+    hidden = span.run_round(
+        torch.cat([step.inputs.hidden for step in steps]),
+        [_entry(step.session, step.inputs) for step in steps],
         start,
         end,
     )
-    own_tokens = sum(step.session.batch_size * (step.session.length + 1) for step in steps)
-    as_views = rows * (longest + 1) <= PADDING_SLACK * own_tokens and all(
-        cache.layers[index].keys.is_contiguous() and cache.layers[index].values.is_contiguous()
-        for index in range(start, end)
-    )
     outputs, row = [], 0
     for step in steps:
-        session = step.session
-        rows_of = slice(row, row + session.batch_size)
-        _advance(session, mask[rows_of, longest - session.length :], step.inputs)  # its old mask and the new token
-        for index in range(start, end):
-            merged, own = cache.layers[index], session.cache.layers[index]
-            if as_views:
-                own.keys = merged.keys[rows_of, :, -session.length :]
-                own.values = merged.values[rows_of, :, -session.length :]
-            else:
-                own.update(merged.keys[rows_of, :, -1:], merged.values[rows_of, :, -1:])
-        outputs.append(hidden[rows_of])
-        row += session.batch_size
-    if as_views:
-        shared.share([step.session for step in steps], cache.layers[start].keys)
+        _advance(step.session, step.inputs)
+        outputs.append(hidden[row : row + step.session.batch_size])
+        row += step.session.batch_size
     return outputs
 
 
-def _merged(steps: list[PendingStep], index: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    keys, values = zip(*(_padded(step.session.cache.layers[index], longest) for step in steps), strict=True)
-    return torch.cat(keys), torch.cat(values)
-
-
-def _resident(
-    steps: list[PendingStep], index: int, rows: int, longest: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Layer `index`'s merged keys and values of the previous round, if every step's session cache is still
-    exactly the view of its rows that `run_batched` left (same sessions, same order, nothing stepped alone
-    or rolled back since); None otherwise. (Inference tensors do not record `_base`, so the merged tensors
-    are found from the views' storage.)"""
-    first = steps[0].session.cache.layers[index]
-    keys, values = _whole(first.keys, rows, longest), _whole(first.values, rows, longest)
-    if keys is None or values is None:
-        return None
-    heads, dim = keys.shape[1], keys.shape[3]
-    row_bytes, token_bytes = heads * longest * dim * keys.element_size(), dim * keys.element_size()
-    row = 0
-    for step in steps:
-        layer, session = step.session.cache.layers[index], step.session
-        shape = (session.batch_size, heads, session.length, dim)
-        offset = row * row_bytes + (longest - session.length) * token_bytes  # of rows[row:], tokens[-length:]
-        for view, whole in ((layer.keys, keys), (layer.values, values)):
-            if (
-                view.shape != shape
-                or view.stride() != whole.stride()
-                or view.data_ptr() != whole.data_ptr() + offset
-                or view.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
-            ):
-                return None
-        row += session.batch_size
-    return keys, values
-
-
-def _whole(view: torch.Tensor, rows: int, length: int) -> torch.Tensor | None:
-    """The contiguous [rows, heads, length, head_dim] tensor that `view` was cut from, if its storage holds
-    exactly that many values."""
-    if view.dim() != 4:
-        return None
-    heads, dim = view.shape[1], view.shape[3]
-    if view.untyped_storage().nbytes() != rows * heads * length * dim * view.element_size():
-        return None
-    return view.as_strided((rows, heads, length, dim), (heads * length * dim, length * dim, dim, 1), 0)
-
-
-def _own_copies(session: Session) -> None:
-    """Give a session that left a batch its own cache tensors instead of views into the batch's."""
-    for layer in session.cache.layers[session.start : session.end]:  # type: ignore[attr-defined]
-        if is_dynamic_layer(layer) and _is_slice(layer.keys):
-            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
-
-
-def _is_slice(tensor: torch.Tensor) -> bool:
-    return tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
-
-
 def can_batch(steps: list[PendingStep]) -> bool:
-    if len(steps) < 2:
-        return False
-    start, end = steps[0].group
-    return all(is_dynamic_layer(step.session.cache.layers[index]) for step in steps for index in range(start, end))
+    return len(steps) >= 2
 
 
-def _padded(layer: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    missing = length - layer.keys.shape[-2]
-    if not missing:
-        return layer.keys, layer.values
-    return (
-        torch.nn.functional.pad(layer.keys, (0, 0, missing, 0)),
-        torch.nn.functional.pad(layer.values, (0, 0, missing, 0)),
-    )
+def _entry(session: Session, inputs: StepInputs) -> RoundEntry:
+    return RoundEntry(session.cache, session.length, inputs.position_ids, inputs.attention_mask)  # type: ignore[arg-type]
 
 
-def _advance(session: Session, mask: torch.Tensor, inputs: StepInputs) -> None:
-    session.attention_mask = mask
+def _advance(session: Session, inputs: StepInputs) -> None:
     session.length += inputs.hidden.shape[1]
     session.last_positions = inputs.position_ids[:, -1]
 
@@ -290,7 +143,6 @@ class StepBatcher:
         self._latest: dict[int, PendingStep] = {}  # by id(session): its last submitted step, which the next awaits
         self._worker: asyncio.Task[None] | None = None
         self._in_round = False
-        self._shared = SharedCaches()
 
     async def submit(self, session: Session, inputs: StepInputs, alone: bool = False) -> torch.Tensor:
         """The step's output, computed only after every step submitted earlier on the same session.
@@ -355,7 +207,7 @@ class StepBatcher:
         if can_batch(group):
             try:
                 quick = sum(step.session.batch_size for step in group) <= QUICK_BATCH_ROWS
-                outputs = await self._compute(run_batched, span, group, self._shared, quick=quick)
+                outputs = await self._compute(run_batched, span, group, quick=quick)
             except ProtocolError as exc:  # the round ran past --step-timeout: every step in it failed
                 for step in group:
                     _settle(step, exc)

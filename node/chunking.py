@@ -14,63 +14,31 @@ import torch
 
 from node.sessions import Session
 from node.validation import StepInputs
-from swarm.transformers_compat import cache_layer_state, is_dynamic_layer, restore_cache_layer_state
-
-
-@dataclass(frozen=True)
-class LayerCheckpoint:
-    """One cache layer's attributes before a step. `DynamicCache` layers replace their tensors on every
-    change (`torch.cat` on update, `index_select` on a beam reorder, slicing on crop) instead of
-    writing into them, so keeping the attributes copies nothing. A full-attention layer that the step
-    only appends to keeps just its length, so the old tensors are freed as usual; `restore` cuts the
-    new ones back to it. Sliding-window layers drop old tokens and reorders move rows: those keep
-    their old tensors for the length of the step."""
-
-    attributes: dict[str, object]
-    length: int | None = None
-
-    @classmethod
-    def of(cls, layer: object, keep_tensors: bool) -> LayerCheckpoint:
-        attributes = cache_layer_state(layer)
-        if keep_tensors or not is_dynamic_layer(layer):
-            return cls(attributes)
-        del attributes["keys"], attributes["values"]
-        return cls(attributes, layer.keys.shape[-2])
-
-    def restore(self, layer: object) -> None:
-        keys, values = layer.keys, layer.values  # type: ignore[attr-defined]
-        restore_cache_layer_state(layer, self.attributes)
-        if self.length is not None:
-            layer.keys, layer.values = keys[..., : self.length, :], values[..., : self.length, :]
 
 
 @dataclass(frozen=True)
 class SessionCheckpoint:
-    """What a step changes on a session, kept so that a failed step (or chunk of one) is undone exactly:
-    unlike `crop`, this also undoes a beam reorder and a sliding window that dropped old tokens."""
+    """What a step changes on a session, kept so that a failed step (or chunk of one) is undone exactly.
+
+    The cache needs nothing but the length: a step only writes slots past it, which attention (causal) never
+    reads again once the length is set back. A beam reorder moves rows, so a step that starts with one keeps
+    a copy of the session's rows."""
 
     length: int
-    attention_mask: torch.Tensor
     last_positions: torch.Tensor | None
-    layers: tuple[LayerCheckpoint, ...]
+    rows: tuple[torch.Tensor, ...] | None
 
     @classmethod
     def of(cls, session: Session, reorders: bool) -> SessionCheckpoint:
         """Before a step on `session`; `reorders`: the step starts with a beam reorder (`hypo_ids`)."""
-        layers = tuple(LayerCheckpoint.of(layer, reorders) for layer in _span_layers(session))
-        return cls(session.length, session.attention_mask, session.last_positions, layers)
+        rows = session.cache.saved() if reorders else None  # type: ignore[attr-defined]
+        return cls(session.length, session.last_positions, rows)
 
     def restore(self, session: Session) -> None:
         session.length = self.length
-        session.attention_mask = self.attention_mask
         session.last_positions = self.last_positions
-        for layer, saved in zip(_span_layers(session), self.layers, strict=True):
-            saved.restore(layer)
-
-
-def _span_layers(session: Session) -> list[object]:
-    """The cache layers a session's steps touch (its cache has one per model layer)."""
-    return session.cache.layers[session.start : session.end]  # type: ignore[attr-defined]
+        if self.rows is not None:
+            session.cache.restore(self.rows)  # type: ignore[attr-defined]
 
 
 def split_step(inputs: StepInputs, size: int) -> list[StepInputs]:

@@ -19,11 +19,11 @@ from node.plan import SpanPlan, plan_span
 from node.server import NodeIdentity, NodeServer
 from node.settings import NodeSettings
 from node.span import LoadedSpan
-from swarm.checkpoint import CheckpointIndex, load_config, model_name_from_path
+from swarm.checkpoint import CheckpointIndex, model_name_from_path
 from swarm.errors import RegistryUnavailableError, SwarmError, format_layer_range
 from swarm.http import http_router
 from swarm.memory import ModelFootprint, default_memory_budget, parse_bytes
-from swarm.models import ModelAdapter, adapter_for
+from swarm.models import ModelArchitecture
 from swarm.protocol import DTYPE_NAMES, WIRE_DTYPES, PeerInfo
 from swarm.registry_client import fetch_peers
 from swarm.runtime import run, setup_logging
@@ -34,7 +34,7 @@ log = logging.getLogger("swarm.node")
 EXAMPLES = """examples:
   swarm-node --layers 0-3                                  # the embedded demo model, first half
   swarm-node --model ./models/tiny-llama --layers 4-7 --registry ws://127.0.0.1:7000 --device cpu
-  swarm-node --model ./models/llama-70b --layers 0-9 --gpu 0 --dtype bfloat16 --port 8100
+  swarm-node --model ./models/llama-70b --layers 0-9 --gpu 0 --dtype bfloat16 --port 8100 --compile
   swarm-node --layers auto --max-memory 6GiB                # as many layers as fit, where they are missing
 """
 
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
     add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     add("--quantize", choices=["int8"], help="store linear weights as int8 (torchao, weight-only; CPU or GPU)")
+    add(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="torch.compile the layers before going online (GPU: fuses a decode step's small operations)",
+    )
     add("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar while loading")
     add(
         "--no-batching",
@@ -112,7 +118,9 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
     return NodeSettings(**values)
 
 
-def resolve_device_and_dtype(settings: NodeSettings, checkpoint_dtype: object) -> tuple[torch.device, torch.dtype]:
+def resolve_device_and_dtype(
+    settings: NodeSettings, checkpoint_dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SwarmError(f"--device {settings.device}: no CUDA GPU is visible to torch; use --device cpu")
@@ -135,23 +143,22 @@ def default_address(host: str, port: int, tls: bool) -> str:
 
 async def serve(settings: NodeSettings) -> None:
     model = settings.model or str(_default_model())
-    config = load_config(model)
-    adapter = adapter_for(config)
-    device, dtype = resolve_device_and_dtype(settings, getattr(config, "dtype", None))
+    architecture = ModelArchitecture.of(model)
+    device, dtype = resolve_device_and_dtype(settings, WIRE_DTYPES.get(architecture.stored_dtype or ""))
     model_name = model_name_from_path(model, settings.model_name)
     credentials = Credentials(settings.token, settings.tls_ca)
     weights_dtype = settings.quantize or DTYPE_NAMES[dtype]
-    plan = await make_plan(settings, model, adapter, weights_dtype, model_name, credentials)
+    plan = await make_plan(settings, model, architecture, weights_dtype, model_name, credentials)
     start, end = plan.start, plan.end
-    print(plan.describe(adapter.num_layers, weights_dtype, settings.cache_tokens), file=sys.stderr, flush=True)
+    print(plan.describe(architecture.num_layers, weights_dtype, settings.cache_tokens), file=sys.stderr, flush=True)
     identity = NodeIdentity(
         peer_id=secrets.token_hex(8),
         model_name=model_name,
-        num_layers=adapter.num_layers,
+        num_layers=architecture.num_layers,
         start=start,
         end=end,
         dtype=dtype,
-        hidden_size=adapter.hidden_size,
+        hidden_size=architecture.hidden_size,
     )
     node = NodeServer(settings, identity)
     server = await websockets.serve(
@@ -175,6 +182,8 @@ async def serve(settings: NodeSettings) -> None:
     node.span = await loop.run_in_executor(
         node.compute, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize
     )
+    if settings.compile:
+        node.span.stack.compile()  # compiled by the first steps, here: measuring throughput runs a few
     node.throughput = await loop.run_in_executor(node.compute, node.span.measure_throughput)
     node.state = "online"
     announcer.announce_now()
@@ -199,7 +208,12 @@ async def serve(settings: NodeSettings) -> None:
 
 
 async def make_plan(
-    settings: NodeSettings, model: str, adapter: ModelAdapter, dtype: str, model_name: str, credentials: Credentials
+    settings: NodeSettings,
+    model: str,
+    architecture: ModelArchitecture,
+    dtype: str,
+    model_name: str,
+    credentials: Credentials,
 ) -> SpanPlan:
     """The span to host; `--layers auto` asks the registries which layers need help most."""
     auto = settings.layers.strip().lower() == "auto"
@@ -212,7 +226,7 @@ async def make_plan(
             peers = await fetch_peers(settings.registry, model_name, credentials)
         except RegistryUnavailableError as exc:
             log.warning("no registry answered (%s); placing the span from layer 0", exc)
-    footprint = ModelFootprint.of(CheckpointIndex.open(model), adapter.config, adapter.layers_path)
+    footprint = ModelFootprint.of(CheckpointIndex.open(model), architecture)
     return plan_span(footprint, settings.layers, budget, dtype, settings.cache_tokens, peers)
 
 

@@ -20,6 +20,7 @@ from websockets.asyncio.server import ServerConnection
 
 import swarm
 from node.batching import StepBatcher
+from node.kv_cache import capacity_for
 from node.metrics import NodeMetrics
 from node.sessions import SessionTable
 from node.settings import NodeSettings
@@ -209,7 +210,8 @@ class NodeServer:
                 message.max_length,
                 message.batch_size,
                 time.monotonic(),
-                span.new_cache,
+                capacity_for,
+                span.cache.allocate,
             )
             return SessionOpened(session_id=message.session_id)
         if isinstance(message, CloseSession):
@@ -291,7 +293,7 @@ class NodeServer:
         shape = (hidden.shape[0], hidden.shape[1])
         positions = decode_positions(message.position_ids, shape, self.settings.max_length)
         mask = decode_mask(message.attention_mask, shape)
-        out = await self._compute(span.forward, hidden, positions, mask, None, message.start, message.end)
+        out = await self._compute(span.forward_stateless, hidden, positions, mask, message.start, message.end)
         self.metrics.steps.labels("forward").inc()
         return ForwardResult(hidden=WireTensor.from_torch(out, message.hidden.codec))
 

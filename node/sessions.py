@@ -1,17 +1,25 @@
-"""Per-session KV caches and the node's cache budget, as plain bookkeeping with no I/O.
+"""Open sessions and the node's cache budget, as plain bookkeeping with no I/O.
 
-A session reserves `batch_size * max_length` cache tokens when it opens, so a node never promises
-more memory than `--cache-tokens` allows; the reservation returns to the budget on close or expiry.
+A session reserves its rows of the KV cache when it opens (`batch_size` rows of the capacity that fits its
+`max_length`), so a node never promises more memory than `--cache-tokens` allows; the rows return to the cache
+and the budget when the session closes or expires.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from swarm.errors import ProtocolError
+
+
+class SessionCache(Protocol):
+    """A session's slice of the node's KV cache (`node.kv_cache.CacheRows`)."""
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -22,16 +30,14 @@ class Session:
     end: int
     max_length: int
     batch_size: int
-    cache: object
+    cache: SessionCache
+    reserved_tokens: int
+    """Cache tokens its rows take (`batch_size` x the rows' capacity, at least `max_length`)."""
     last_used: float
     opened_at: float = 0.0
     length: int = 0
-    attention_mask: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.bool))
+    """Tokens its cache holds, padding included."""
     last_positions: torch.Tensor | None = None
-
-    @property
-    def reserved_tokens(self) -> int:
-        return self.batch_size * self.max_length
 
 
 class SessionTable:
@@ -61,20 +67,23 @@ class SessionTable:
         max_length: int,
         batch_size: int,
         now: float,
-        new_cache: Callable[[], object],
+        row_capacity: Callable[[int], int],
+        allocate: Callable[[int, int], SessionCache],
     ) -> Session:
+        """`row_capacity(max_length)`: tokens a cache row for it holds; `allocate(batch, max_length)`: its rows."""
         if session_id in self._sessions:
             raise ProtocolError("bad_request", f"session {session_id!r} is already open")
         if len(self._sessions) >= self.max_sessions:
             raise ProtocolError("busy", f"node is at its limit of {self.max_sessions} sessions")
-        needed = batch_size * max_length
+        needed = batch_size * row_capacity(max_length)
         if needed > self.tokens_free:
             raise ProtocolError(
                 "busy",
-                f"session needs {needed} cache tokens (batch {batch_size} x {max_length}), {self.tokens_free} free",
+                f"session needs {needed} cache tokens (batch {batch_size} x {row_capacity(max_length)}), "
+                f"{self.tokens_free} free",
             )
-        session = Session(session_id, owner, span[0], span[1], max_length, batch_size, new_cache(), now, now)
-        session.attention_mask = torch.empty(batch_size, 0, dtype=torch.bool)
+        cache = allocate(batch_size, max_length)
+        session = Session(session_id, owner, span[0], span[1], max_length, batch_size, cache, needed, now, now)
         self._sessions[session_id] = session
         return session
 
@@ -85,13 +94,17 @@ class SessionTable:
         return session
 
     def close(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.cache.release()
+        return True
 
     def close_owned_by(self, owner: int) -> list[str]:
         """Free every session of a connection that went away."""
         gone = [sid for sid, session in self._sessions.items() if session.owner == owner]
         for session_id in gone:
-            del self._sessions[session_id]
+            self.close(session_id)
         return gone
 
     def expire(self, now: float, idle_timeout: float, max_age: float = float("inf")) -> list[str]:
@@ -102,5 +115,5 @@ class SessionTable:
             if now - session.last_used > idle_timeout or now - session.opened_at > max_age
         ]
         for session_id in gone:
-            del self._sessions[session_id]
+            self.close(session_id)
         return gone

@@ -29,6 +29,7 @@ class NodeSettings(BaseSettings):
     max_length: int = Field(8192, ge=1, description="longest sequence a session or forward may hold")
     quantize: str | None = Field(None, description="int8: weight-only int8 linear layers (CPU)")
     batch_steps: bool = Field(True, description="run concurrent sessions' decode steps as one forward")
+    compile: bool = Field(False, description="torch.compile the layers (GPU: fuses a decode step's small ops)")
     prefill_chunk: int = Field(256, ge=0, description="tokens of a long step computed at a time; 0: never split")
     max_message_bytes: int = Field(64 * 2**20, ge=1024)
     session_idle_timeout: float = Field(300.0, gt=0)

@@ -1,4 +1,4 @@
-"""The layers a node hosts: loaded from only their own tensors, run under `torch.inference_mode`."""
+"""The layers a node hosts: read from only their own tensors, run with swarm's own decoder layers."""
 
 from __future__ import annotations
 
@@ -11,25 +11,36 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from transformers import DynamicCache
 
-from swarm.checkpoint import CheckpointIndex, load_config, tensor_nbytes
-from swarm.models import ModelAdapter, adapter_for
-from swarm.models.loading import checkpoint_aliases, load_modules, module_tensor_names
+from node.kv_cache import KVCache, RoundAttention, RoundEntry
+from swarm.checkpoint import CheckpointIndex, tensor_nbytes
+from swarm.models import ModelArchitecture
+from swarm.models.attention import StatelessAttention
+from swarm.models.stack import LayerStack, layer_tensor_names
 
 
 @dataclass
 class LoadedSpan:
-    """Layers [start, end) of one model on one device."""
+    """Layers [start, end) of one model on one device, and the KV cache of their sessions."""
 
-    adapter: ModelAdapter
-    start: int
-    end: int
-    layers: nn.ModuleList
-    extras: nn.ModuleDict
+    architecture: ModelArchitecture
+    stack: LayerStack
+    cache: KVCache
     device: torch.device
     dtype: torch.dtype
     bytes_loaded: int = 0
+
+    @property
+    def start(self) -> int:
+        return self.stack.start
+
+    @property
+    def end(self) -> int:
+        return self.stack.end
+
+    @property
+    def hidden_size(self) -> int:
+        return self.architecture.hidden_size
 
     @classmethod
     def load(
@@ -42,21 +53,14 @@ class LoadedSpan:
         show_progress: bool = True,
         quantize: str | None = None,
     ) -> LoadedSpan:
-        """Build layers [start, end) empty, then fill them from the checkpoint with a progress bar.
+        """Read layers [start, end) from the checkpoint with a progress bar.
 
         `quantize="int8"` stores the layers' linear weights as int8 (torchao, weight-only)."""
-        adapter = adapter_for(load_config(model))
-        if not 0 <= start < end <= adapter.num_layers:
-            raise ValueError(f"layers {start}-{end - 1} are outside the model's 0-{adapter.num_layers - 1}")
+        architecture = ModelArchitecture.of(model)
+        if not 0 <= start < end <= architecture.num_layers:
+            raise ValueError(f"layers {start}-{end - 1} are outside the model's 0-{architecture.num_layers - 1}")
         index = CheckpointIndex.open(model)
-        skeleton = adapter.skeleton()
-        wanted = {
-            str(i): (skeleton.get_submodule(adapter.layer_prefix(i).rstrip(".")), adapter.layer_prefix(i))
-            for i in range(start, end)
-        }
-        aliases = checkpoint_aliases(skeleton, index)
-        names = [n for m, p in wanted.values() for n in module_tensor_names(m, p)]
-        total = tensor_nbytes(index, [aliases.get(n, n) for n in names])
+        total = tensor_nbytes(index, layer_tensor_names(index, architecture, start, end))
         loaded = 0
         with _progress(show_progress) as progress:
             task = progress.add_task(f"layers {start}-{end - 1}", total=total)
@@ -66,56 +70,48 @@ class LoadedSpan:
                 loaded += tensor.numel() * tensor.element_size()
                 progress.update(task, completed=loaded)
 
-            modules = load_modules(index, wanted, device, dtype, on_tensor=advance, aliases=aliases)
-        layers = nn.ModuleList(modules[str(i)] for i in range(start, end))
-        adapter.restore_buffers(layers, device)
+            stack = LayerStack.load(index, architecture, start, end, device, dtype, on_tensor=advance)
         if quantize is not None:
-            layers = quantize_linear_layers(layers, quantize, device, dtype)
-        return cls(adapter, start, end, layers, adapter.build_span_extras(skeleton, device), device, dtype, loaded)
+            quantize_linear_layers(stack.layers, quantize, device)
+        cache = KVCache(architecture.spec, start, end, device, dtype)
+        return cls(architecture, stack, cache, device, dtype, loaded)
 
     @property
     def weight_bytes(self) -> int:
         """Memory the layers' parameters and buffers take, int8 weights and their scales included."""
-        tensors = [*self.layers.parameters(), *self.layers.buffers()]
+        tensors = [*self.stack.parameters(), *self.stack.buffers()]
         return sum(tensor_storage_bytes(tensor) for tensor in tensors)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.adapter.config)
+    @torch.inference_mode()
+    def run_round(self, hidden: torch.Tensor, entries: list[RoundEntry], start: int, end: int) -> torch.Tensor:
+        """Layers [start, end) over the new tokens of one or more sessions (their rows stacked in `hidden`, in
+        the order of `entries`), reading and extending their caches; returns the span's dtype."""
+        positions = torch.cat([entry.positions for entry in entries]) if len(entries) > 1 else entries[0].positions
+        attention = RoundAttention(self.cache, entries)
+        return self.stack(hidden.to(self.device, self.dtype), positions.to(self.device), attention, start, end)
 
     @torch.inference_mode()
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: DynamicCache | None,
-        start: int,
-        end: int,
+    def forward_stateless(
+        self, hidden: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor, start: int, end: int
     ) -> torch.Tensor:
-        """Layers [start, end) (a sub-range of the span) over new positions; returns the span's dtype."""
+        """Layers [start, end) over a whole sequence with no session: nothing is kept."""
         hidden = hidden.to(self.device, self.dtype)
-        layers = list(self.layers)[start - self.start : end - self.start]  # slicing a ModuleList builds a module
-        return self.adapter.run_span(
-            layers,
-            self.extras,
-            hidden,
-            position_ids.to(self.device),
-            attention_mask.to(self.device),
-            cache,
-            start,
-        )
+        attention = StatelessAttention(self.architecture.spec, padding.to(self.device), positions, hidden.dtype)
+        return self.stack(hidden, positions.to(self.device), attention, start, end)
 
     def measure_throughput(self, repeats: int = 5) -> float:
-        """Decode steps per second through one layer, from a few single-token steps."""
-        cache = self.new_cache()
-        hidden = torch.zeros(1, 1, self.adapter.hidden_size)
+        """Decode steps per second through one layer, from a few single-token steps of a scratch session."""
+        rows = self.cache.allocate(1, repeats + 1)
+        hidden = torch.zeros(1, 1, self.hidden_size)
         timings = []
-        for step in range(repeats + 1):
-            positions = torch.tensor([[step]])
-            mask = torch.ones(1, step + 1, dtype=torch.bool)
-            began = time.perf_counter()
-            self.forward(hidden, positions, mask, cache, self.start, self.end)
-            timings.append(time.perf_counter() - began)
+        try:
+            for step in range(repeats + 1):
+                entry = RoundEntry(rows, step, torch.tensor([[step]]), torch.ones(1, 1, dtype=torch.bool))
+                began = time.perf_counter()
+                self.run_round(hidden, [entry], self.start, self.end)
+                timings.append(time.perf_counter() - began)
+        finally:
+            self.cache.release(rows)
         per_layer = statistics.median(timings[1:]) / (self.end - self.start)
         return 1.0 / max(per_layer, 1e-9)
 
@@ -132,11 +128,9 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def quantize_linear_layers(
-    layers: nn.ModuleList, scheme: str, device: torch.device, dtype: torch.dtype
-) -> nn.ModuleList:
+def quantize_linear_layers(layers: nn.Module, scheme: str, device: torch.device) -> None:
     """Weight-only int8 for every `nn.Linear`, with torchao (`Int8WeightOnlyConfig`): int8 weights with one
-    scale per output channel, activations and compute stay in `dtype`; the same on CPU and GPU."""
+    scale per output channel, activations and compute stay in the span's dtype; the same on CPU and GPU."""
     if scheme != "int8":
         raise ValueError(f"unknown quantization {scheme!r}; supported: int8")
     try:
@@ -144,7 +138,6 @@ def quantize_linear_layers(
     except ImportError as exc:
         raise ValueError("--quantize int8 needs torchao: pip install torchao") from exc
     quantize_(layers, Int8WeightOnlyConfig(), device=device)
-    return layers
 
 
 def tensor_storage_bytes(tensor: torch.Tensor) -> int:

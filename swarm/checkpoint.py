@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
 
 from swarm.errors import CheckpointError
 
@@ -45,10 +44,6 @@ def checkpoint_dir(model: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
     return path
-
-
-def load_config(model: str | Path) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(checkpoint_dir(model), local_files_only=True)
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,11 @@ def _port_is_free(port: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from swarm.checkpoint import load_config
     from swarm.default_model import default_model_path
+    from swarm.models import ModelArchitecture
 
     model = default_model_path()
-    num_layers = load_config(model).num_hidden_layers
+    num_layers = ModelArchitecture.of(model).num_layers
     half = num_layers // 2
     port = args.port or (7000 if _port_is_free(7000) else free_port())
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 - stdout is for the story

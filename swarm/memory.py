@@ -10,9 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from transformers import PretrainedConfig
-
 from swarm.checkpoint import CheckpointIndex, tensor_numel
+from swarm.models import ModelArchitecture
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 _UNITS = {
@@ -49,18 +48,6 @@ def format_bytes(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-def kv_heads(config: PretrainedConfig) -> int:
-    """Key/value heads per layer (grouped-query and multi-query attention keep fewer than queries)."""
-    heads = config.num_attention_heads
-    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
-        return 1
-    for name in ("num_key_value_heads", "num_kv_heads"):
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    return int(heads)
-
-
 @dataclass(frozen=True)
 class ModelFootprint:
     """Parameter counts by piece, and the KV cache per token; bytes follow for any dtype."""
@@ -71,12 +58,12 @@ class ModelFootprint:
     kv_values_per_token_per_layer: int
 
     @classmethod
-    def of(cls, index: CheckpointIndex, config: PretrainedConfig, layer_prefix: str) -> ModelFootprint:
-        layers = int(config.num_hidden_layers)
-        per_layer = [tensor_numel(index, index.names_with_prefix(f"{layer_prefix}.{i}.")) for i in range(layers)]
+    def of(cls, index: CheckpointIndex, architecture: ModelArchitecture) -> ModelFootprint:
+        spec = architecture.spec
+        layers = spec.num_layers
+        per_layer = [tensor_numel(index, index.names_with_prefix(architecture.layer_prefix(i))) for i in range(layers)]
         local = tensor_numel(index, list(index.shard_of)) - sum(per_layer)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(layers, per_layer, local, 2 * kv_heads(config) * head_dim)
+        return cls(layers, per_layer, local, 2 * spec.num_kv_heads * spec.head_dim)
 
     @property
     def total_params(self) -> int:

@@ -1,22 +1,12 @@
 """Every use swarm makes of `transformers` beyond its stable public API, for every release in the declared range.
 
-transformers renames arguments and moves internals between minor releases: 5.24 renamed `generate()`'s cache
-argument from `past_key_values` to `cache` (in model inputs, model outputs, layer calls and
-`create_causal_mask`) and moved GPT-J's rotary embedding from each attention layer to the model. Whatever
-depends on such details lives here and finds the installed release's spelling by looking (signatures,
-attributes), not by comparing version numbers, so the next rename is a change to this file alone.
-
-The coupling, by use:
-- client `generate()`: the cache argument's name (`generation_cache_name`), the `Cache` attributes
-  `generate()` reads (`RemoteCache`), the private hook `_prepare_cache_for_generation`
-  (`RemoteCacheGenerationMixin`), and the output field that carries the cache (`causal_lm_output`);
-- node layers: the keyword a decoder layer takes its cache under (`layer_cache_keyword`),
-  `create_causal_mask`'s cache keyword (`causal_mask`), `config._attn_implementation`
-  (`attention_implementation`), GPT-J's rotary table (`gptj_rotary_class`, `restore_gptj_sinusoids`),
-  ALiBi (`build_alibi_tensor`), OPT's private `_remove_final_layer_norm`;
-- node caches: `DynamicCache` layers built, filled, snapshotted and restored by hand (`new_cache_layer`,
-  `fill_cache_layer`, `is_dynamic_layer`, `cache_layer_state`, `restore_cache_layer_state`);
-- loading: the checkpoint renaming rules `from_pretrained` applies (`checkpoint_renamer`).
+Nodes and the client's local modules run swarm's own model code (`swarm.models`); transformers remains for
+tokenizers, chat templates and `generate()` on the client, whose coupling lives here: the cache argument's
+name (`cache` from 5.24, `past_key_values` before: `generation_cache_name`), the `Cache` attributes
+`generate()` reads (`RemoteCache`), the private hook `_prepare_cache_for_generation`
+(`RemoteCacheGenerationMixin`), and the output field that carries the cache (`causal_lm_output`). Each is found
+by looking at the installed release (signatures), not by comparing version numbers, so the next rename is a
+change to this file alone.
 """
 
 from __future__ import annotations
@@ -24,15 +14,12 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import transformers
-from torch import nn
-from transformers import Cache, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import Cache, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.errors import IncompatibleTransformersError
@@ -199,119 +186,3 @@ def _check_remote(cache: object) -> None:
         raise TypeError(
             f"a swarm model's cache is a swarm session (model.inference_session()), not {type(cache).__name__}"
         )
-
-
-# --- node: decoder layers ----------------------------------------------------------------------------------------
-
-
-def attention_implementation(config: PretrainedConfig) -> str:
-    """The attention kernel (`eager`, `sdpa`) a model built from `config` runs (a private field)."""
-    return str(config._attn_implementation)
-
-
-def set_attention_implementation(config: PretrainedConfig, name: str) -> None:
-    """Select the attention kernel the layers built from `config` use, and the masks built for them."""
-    config._attn_implementation = name
-
-
-def opt_removes_final_norm(config: PretrainedConfig) -> bool:
-    """OPT-350m's private config flag: its model has no final layer norm."""
-    return bool(getattr(config, "_remove_final_layer_norm", False))
-
-
-LAYER_CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
-"""Every keyword a decoder layer of a supported family has taken its cache under, newest first."""
-
-
-@functools.cache
-def _keyword_of(function: Callable[..., Any], candidates: tuple[str, ...]) -> str:
-    parameters = inspect.signature(function).parameters
-    for name in candidates:
-        if name in parameters:
-            return name
-    raise incompatible(f"{function.__qualname__} takes its cache under none of {', '.join(candidates)}")
-
-
-def layer_cache_keyword(layer: nn.Module) -> str:
-    """The keyword `layer.forward` takes its cache under in this release (`cache`, `past_key_values` or
-    `layer_past`, depending on the family and the release)."""
-    return _keyword_of(type(layer).forward, LAYER_CACHE_KEYWORDS)
-
-
-def causal_mask(config: PretrainedConfig, cache: Cache | None, **kwargs: Any) -> Any:
-    """`transformers.masking_utils.create_causal_mask` with the cache under the keyword this release names."""
-    from transformers.masking_utils import create_causal_mask
-
-    keyword = _keyword_of(create_causal_mask, CACHE_NAMES)
-    return create_causal_mask(config=config, **{keyword: cache}, **kwargs)
-
-
-def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """BLOOM's and Falcon's ALiBi biases from a 2D padding mask (the same helper in both modeling files)."""
-    from transformers.models.bloom.modeling_bloom import build_alibi_tensor as bloom_alibi
-
-    return bloom_alibi(attention_mask, num_heads, dtype=dtype)
-
-
-def gptj_rotary_class(skeleton: PreTrainedModel) -> type[nn.Module] | None:
-    """GPT-J's rotary module when the model builds one (5.24 on); before, each attention layer kept a table."""
-    rotary = getattr(skeleton.get_submodule("transformer"), "rotary_emb", None)
-    return type(rotary) if rotary is not None else None
-
-
-def restore_gptj_sinusoids(layers: nn.ModuleList, device: torch.device) -> None:
-    """Rebuild the per-layer sinusoid tables GPT-J kept as non-persistent buffers before 5.24."""
-    from transformers.models.gptj import modeling_gptj
-
-    for layer in layers:
-        attention = layer.attn
-        if hasattr(attention, "embed_positions"):
-            table = modeling_gptj.create_sinusoidal_positions(attention.max_positions, attention.pos_embd_dim)
-            attention.embed_positions = table.to(device)
-
-
-# --- node: caches -------------------------------------------------------------------------------------------------
-
-
-def new_cache_layer() -> DynamicLayer:
-    return DynamicLayer()
-
-
-def is_dynamic_layer(layer: object) -> bool:
-    """A plain full-attention cache layer (not sliding, not quantized), initialized with tensors."""
-    return type(layer) is DynamicLayer and bool(layer.is_initialized)
-
-
-def fill_cache_layer(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Make an empty cache layer hold exactly `keys` and `values` (no copy)."""
-    layer.lazy_initialization(keys, values)
-    layer.keys, layer.values = keys, values
-
-
-def cache_layer_state(layer: object) -> dict[str, object]:
-    """A cache layer's attributes; its tensors are replaced, never written into, so this copies nothing."""
-    return dict(vars(layer))
-
-
-def restore_cache_layer_state(layer: object, state: dict[str, object]) -> None:
-    vars(layer).clear()
-    vars(layer).update(state)
-
-
-# --- loading ------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_renamer(skeleton: PreTrainedModel) -> Callable[[str], str]:
-    """Stored tensor name -> model tensor name, by the renaming rules `from_pretrained` applies to this family
-    (GPT-NeoX's `embed_out`, GPT-2 or BLOOM files without the `transformer.` prefix)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-    renamings = [rule for rule in get_model_conversion_mapping(skeleton) if isinstance(rule, WeightRenaming)]
-    model_names = skeleton.state_dict()
-
-    def rename(stored: str) -> str:
-        name, _ = rename_source_key(stored, renamings, [], skeleton.base_model_prefix, model_names)
-        return name
-
-    return rename

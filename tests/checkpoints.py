@@ -17,10 +17,12 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     PretrainedConfig,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from swarm.default_model import default_model_path
@@ -40,6 +42,20 @@ TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, object]]] = {
     "mistral": (MistralConfig, dict(_LLAMA_SHAPE, sliding_window=4096)),
     "qwen2": (Qwen2Config, dict(_LLAMA_SHAPE, tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, dict(_LLAMA_SHAPE, head_dim=32)),
+    "mixtral": (MixtralConfig, dict(_LLAMA_SHAPE, num_local_experts=4, num_experts_per_tok=2)),
+    # a dense layer (mlp_only_layers) among sparse ones, four experts of which two per token, not renormalized
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        dict(
+            _LLAMA_SHAPE,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+    ),
     "gpt_neox": (
         GPTNeoXConfig,
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, rotary_pct=0.25),

@@ -1,42 +1,71 @@
-"""Model adapters, one per family, chosen by the checkpoint's `model_type`."""
+"""swarm's own model runtime: one config-driven decoder layer for every supported family.
+
+`ModelArchitecture.of(path)` reads a checkpoint's `config.json` into a `ModelSpec` and picks its family's name
+map; nodes build `DecoderLayer`s of their span from it, the client its `LocalModules`. transformers is not
+imported here: it is the test oracle and the client's `generate()`, never the node's model code.
+"""
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from dataclasses import dataclass
+from pathlib import Path
 
 from swarm.errors import UnsupportedModelError
-from swarm.models.base import ModelAdapter
-from swarm.models.bloom import BloomAdapter
-from swarm.models.falcon import FalconAdapter
-from swarm.models.gpt2 import GPT2Adapter
-from swarm.models.gpt_neox import GPTNeoXAdapter
-from swarm.models.gptj import GPTJAdapter
-from swarm.models.llama import LlamaAdapter
-from swarm.models.opt import OPTAdapter
+from swarm.models.families import Family, bloom, falcon, gpt2, gpt_neox, gptj, llama, opt
+from swarm.models.spec import ConfigReader, ModelSpec
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    LlamaAdapter,
-    GPTNeoXAdapter,
-    GPTJAdapter,
-    OPTAdapter,
-    BloomAdapter,
-    FalconAdapter,
-    GPT2Adapter,
+FAMILIES: tuple[Family, ...] = (
+    llama.FAMILY,
+    gpt_neox.FAMILY,
+    gptj.FAMILY,
+    opt.FAMILY,
+    bloom.FAMILY,
+    falcon.FAMILY,
+    gpt2.FAMILY,
 )
 
 
 def supported_model_types() -> list[str]:
-    return sorted(model_type for adapter in ADAPTERS for model_type in adapter.model_types)
+    return sorted(model_type for family in FAMILIES for model_type in family.model_types)
 
 
-def adapter_for(config: PretrainedConfig) -> ModelAdapter:
-    """The adapter for this checkpoint's family, or an error listing the supported ones."""
-    for adapter in ADAPTERS:
-        if config.model_type in adapter.model_types:
-            return adapter(config)
+def family_for(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
     raise UnsupportedModelError(
-        f"model_type {config.model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
     )
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "supported_model_types"]
+@dataclass(frozen=True)
+class ModelArchitecture:
+    """A checkpoint's family and what its layers compute."""
+
+    family: Family
+    spec: ModelSpec
+    stored_dtype: str | None = None
+    """The dtype the checkpoint's weights were saved in (`float32`, `bfloat16`...), if its config says."""
+
+    @classmethod
+    def of(cls, model: str | Path) -> ModelArchitecture:
+        return cls.from_config(ConfigReader.open(model))
+
+    @classmethod
+    def from_config(cls, config: ConfigReader) -> ModelArchitecture:
+        family = family_for(config.model_type)
+        return cls(family, family.spec(config), config.get("dtype", "torch_dtype"))
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.hidden_size
+
+    def layer_prefix(self, index: int) -> str:
+        return self.family.layer_prefix.format(i=index)
+
+
+__all__ = ["FAMILIES", "ModelArchitecture", "ModelSpec", "family_for", "supported_model_types"]

@@ -15,6 +15,7 @@ from node.sessions import Session, SessionTable
 from node.span import LoadedSpan
 from node.validation import StepInputs
 from tests.checkpoints import build_tiny
+from tests.node.session_helpers import open_session, real_tokens, rows_of, stored
 
 PROMPT_TOKENS = 11
 TOLERANCE = dict(atol=1e-5, rtol=1.3e-6)  # float32; chunks change matmul shapes, so bits may differ
@@ -27,10 +28,6 @@ async def inline(function: Callable[..., object], *args: object, quick: bool = F
 
 def batcher(span: LoadedSpan, chunk_tokens: int, compute: Callable[..., object] = inline) -> StepBatcher:
     return StepBatcher(compute, lambda: span, lambda size: None, chunk_tokens=chunk_tokens)  # type: ignore[arg-type]
-
-
-def open_session(span: LoadedSpan, table: SessionTable, session_id: str, batch_size: int) -> Session:
-    return table.open(session_id, 1, (span.start, span.end), 64, batch_size, 0.0, span.new_cache)
 
 
 def prompt(hidden_size: int, generator: torch.Generator, padding: tuple[int, ...] = (0, 3)) -> StepInputs:
@@ -64,7 +61,7 @@ def run_steps(span: LoadedSpan, session: Session, chunk_tokens: int, extra: list
 
     async def main() -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(7)
-        outputs = [await steps.submit(session, prompt(span.adapter.hidden_size, generator))]
+        outputs = [await steps.submit(session, prompt(span.hidden_size, generator))]
         for hidden in extra:
             outputs.append(await steps.submit(session, following(session, hidden)))
         return outputs
@@ -85,14 +82,12 @@ def assert_same_outputs(whole: list[torch.Tensor], chunked: list[torch.Tensor], 
 
 def assert_same_session(a: Session, b: Session) -> None:
     assert a.length == b.length
-    assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.last_positions, b.last_positions)
-    real = a.attention_mask
-    for index in range(a.start, a.end):
-        layer_a, layer_b = a.cache.layers[index], b.cache.layers[index]
-        assert layer_a.keys.shape == layer_b.keys.shape
-        torch.testing.assert_close(layer_b.keys.transpose(1, 2)[real], layer_a.keys.transpose(1, 2)[real], **TOLERANCE)
+    assert torch.equal(real_tokens(a), real_tokens(b)) and torch.equal(a.last_positions, b.last_positions)
+    real = real_tokens(a)
+    for tensor_a, tensor_b in zip(stored(a), stored(b), strict=True):  # [layers, batch, heads, length, dim]
+        assert tensor_a.shape == tensor_b.shape
         torch.testing.assert_close(
-            layer_b.values.transpose(1, 2)[real], layer_a.values.transpose(1, 2)[real], **TOLERANCE
+            tensor_b.permute(1, 3, 0, 2, 4)[real], tensor_a.permute(1, 3, 0, 2, 4)[real], **TOLERANCE
         )
 
 
@@ -122,7 +117,7 @@ def test_chunked_prefill_equals_unchunked_with_left_padding(span: LoadedSpan, ch
     whole_session, chunked_session = open_session(span, table, "whole", 2), open_session(span, table, "chunked", 2)
     whole = run_steps(span, whole_session, 0, extra)
     chunked = run_steps(span, chunked_session, chunk_tokens, extra)
-    assert_same_outputs(whole, chunked, whole_session.attention_mask)
+    assert_same_outputs(whole, chunked, real_tokens(whole_session))
     assert_same_session(whole_session, chunked_session)
 
 
@@ -131,11 +126,11 @@ def test_chunked_prefill_equals_unchunked_in_other_families(family: str, tmp_pat
     checkpoint = build_tiny(family, tmp_path / family, sharded=False)
     family_span = LoadedSpan.load(checkpoint, 1, 3, torch.device("cpu"), torch.float32, show_progress=False)
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
-    extra = [torch.randn(2, 5, family_span.adapter.hidden_size, generator=torch.Generator().manual_seed(1))]
+    extra = [torch.randn(2, 5, family_span.hidden_size, generator=torch.Generator().manual_seed(1))]
     whole_session, chunked_session = (open_session(family_span, table, name, 2) for name in ("whole", "chunked"))
     whole = run_steps(family_span, whole_session, 0, extra)
     chunked = run_steps(family_span, chunked_session, 3, extra)
-    assert_same_outputs(whole, chunked, whole_session.attention_mask)
+    assert_same_outputs(whole, chunked, real_tokens(whole_session))
     assert_same_session(whole_session, chunked_session)
 
 
@@ -203,9 +198,9 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
     start = prompt(64, generator)
     for session in (victim, bystander, reference):
         run_alone(span, session, start)
-    length, mask, last_positions = victim.length, victim.attention_mask, victim.last_positions
+    length, mask, last_positions = victim.length, real_tokens(victim).clone(), victim.last_positions
     long_step = torch.randn(2, 9, 64, generator=generator)  # a beam reorder rides on its first chunk
-    layer = span.layers[1]
+    layer = span.stack.layers[1]
     real_forward = layer.forward
     fail_now = False
 
@@ -236,10 +231,9 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
     failed, passed = asyncio.run(main())
     assert isinstance(failed, RuntimeError) and isinstance(passed, torch.Tensor)
     assert victim.length == length == PROMPT_TOKENS
-    assert torch.equal(victim.attention_mask, mask) and torch.equal(victim.last_positions, last_positions)
-    for index in range(span.start, span.end):
-        assert torch.equal(victim.cache.layers[index].keys, reference.cache.layers[index].keys)
-        assert torch.equal(victim.cache.layers[index].values, reference.cache.layers[index].values)
+    assert torch.equal(real_tokens(victim), mask) and torch.equal(victim.last_positions, last_positions)
+    for kept, expected in zip(stored(victim), stored(reference), strict=True):
+        assert torch.equal(kept, expected)
     monkeypatch.undo()
     again = batcher(span, 3)
     retried = asyncio.run(again.submit(victim, following(victim, long_step, reorder)))
@@ -248,14 +242,17 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
     assert_same_session(reference, victim)
 
 
-def test_a_checkpoint_keeps_old_cache_tensors_only_when_slicing_cannot_restore_them(span: LoadedSpan) -> None:
+def test_a_checkpoint_copies_the_session_rows_only_for_a_step_that_reorders_them(span: LoadedSpan) -> None:
+    """Appending needs only the length back (later slots are never read); a beam reorder moves rows."""
     session = open_session(span, SessionTable(cache_tokens=10_000, max_sessions=8), "s", 2)
     run_alone(span, session, prompt(64, torch.Generator().manual_seed(5)))
     appending = SessionCheckpoint.of(session, reorders=False)
-    assert all("keys" not in layer.attributes and layer.length == PROMPT_TOKENS for layer in appending.layers)
+    assert appending.rows is None and appending.length == PROMPT_TOKENS
     reordering = SessionCheckpoint.of(session, reorders=True)
-    caches = session.cache.layers[span.start : span.end]
-    assert all(saved.attributes["keys"] is cache.keys for saved, cache in zip(reordering.layers, caches, strict=True))
+    rows = rows_of(session)
+    assert reordering.rows is not None
+    assert torch.equal(reordering.rows[0], rows.slab.keys[:, rows.rows])
+    assert reordering.rows[0].data_ptr() != rows.slab.keys.data_ptr()
 
 
 def test_a_long_step_whose_request_is_cancelled_stops_between_chunks_and_is_undone(span: LoadedSpan) -> None:

@@ -7,22 +7,38 @@ import pytest
 from node.sessions import SessionTable
 from swarm.errors import ProtocolError
 
+released: list[str] = []
+
+
+class Rows:
+    """Stands for a session's rows of the KV cache; records when they are given back."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+
+    def release(self) -> None:
+        released.append(self.session_id)
+
 
 def open_session(
     table: SessionTable, session_id: str, owner: int = 1, max_length: int = 10, batch: int = 1, now: float = 0.0
 ):
-    return table.open(session_id, owner, (0, 4), max_length, batch, now, dict)
+    """Rows hold their `max_length` rounded up to a multiple of 10 tokens."""
+    return table.open(
+        session_id, owner, (0, 4), max_length, batch, now, lambda n: -(-n // 10) * 10, lambda b, n: Rows(session_id)
+    )
 
 
 def test_sessions_reserve_their_cache_up_front_and_give_it_back() -> None:
     table = SessionTable(cache_tokens=100, max_sessions=10)
-    open_session(table, "a", max_length=30, batch=2)
+    open_session(table, "a", max_length=27, batch=2)  # rows of 30 tokens
     assert table.tokens_free == 40
     with pytest.raises(ProtocolError) as info:
-        open_session(table, "b", max_length=50)
+        open_session(table, "b", max_length=45)
     assert info.value.code == "busy" and "40 free" in info.value.message
+    released.clear()
     table.close("a")
-    assert table.tokens_free == 100
+    assert table.tokens_free == 100 and released == ["a"]
     open_session(table, "b", max_length=50)
 
 
@@ -49,9 +65,10 @@ def test_closed_connections_and_idle_sessions_free_their_caches() -> None:
     open_session(table, "a", owner=1, now=0.0)
     open_session(table, "b", owner=2, now=0.0)
     open_session(table, "c", owner=2, now=50.0)
+    released.clear()
     assert sorted(table.close_owned_by(2)) == ["b", "c"]
     assert table.expire(now=100.0, idle_timeout=60.0) == ["a"]
-    assert len(table) == 0
+    assert len(table) == 0 and sorted(released) == ["a", "b", "c"]
 
 
 def test_sessions_have_a_maximum_age_even_when_busy() -> None:

@@ -53,7 +53,7 @@ def test_a_span_reads_only_its_own_layers_tensors(tiny_llama: Path, monkeypatch:
     needed_shards = {index.shard_of[name] for name in read}
     assert set(opened) == needed_shards
     assert len(needed_shards) < len(set(index.shard_of.values()))
-    total_layer_bytes = sum(p.numel() * 4 for p in span.layers.parameters())
+    total_layer_bytes = sum(p.numel() * 4 for p in span.stack.parameters())
     assert span.bytes_loaded == total_layer_bytes
 
 
@@ -67,10 +67,9 @@ def test_chained_spans_equal_the_full_model_with_left_padding(tiny_llama: Path) 
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
         hidden = reference.model.embed_tokens(ids)
-        caches = first.new_cache(), second.new_cache()
-        hidden = first.forward(hidden, positions, mask, caches[0], 0, 3)
+        hidden = first.forward_stateless(hidden, positions, mask.bool(), 0, 3)
         torch.testing.assert_close(hidden[1], expected.hidden_states[3][1], atol=1e-5, rtol=0)
-        hidden = second.forward(hidden, positions, mask, caches[1], 3, 8)
+        hidden = second.forward_stateless(hidden, positions, mask.bool(), 3, 8)
         logits = reference.lm_head(reference.model.norm(hidden))
     torch.testing.assert_close(logits[:, -1], expected.logits[:, -1], atol=1e-5, rtol=0)
 
@@ -80,6 +79,32 @@ def test_a_sub_range_of_the_span_runs_alone(tiny_llama: Path) -> None:
     hidden = torch.randn(1, 4, 64)
     positions = torch.arange(4)[None]
     mask = torch.ones(1, 4, dtype=torch.bool)
-    whole = span.forward(hidden, positions, mask, None, 0, 8)
-    parts = span.forward(span.forward(hidden, positions, mask, None, 0, 5), positions, mask, None, 5, 8)
+    whole = span.forward_stateless(hidden, positions, mask, 0, 8)
+    parts = span.forward_stateless(span.forward_stateless(hidden, positions, mask, 0, 5), positions, mask, 5, 8)
     torch.testing.assert_close(whole, parts, atol=1e-6, rtol=0)
+
+
+def test_compiled_layers_compute_what_plain_ones_do(tiny_llama: Path) -> None:
+    """`swarm-node --compile`: the same prefill and decode rounds through torch.compile'd layers."""
+    from node.batching import run_alone
+    from node.sessions import SessionTable
+    from node.validation import StepInputs
+    from tests.node.session_helpers import open_session
+
+    outputs = []
+    for compiled in (False, True):  # one layer: compiling is slow on two CPU cores
+        span = LoadedSpan.load(tiny_llama, 3, 4, torch.device("cpu"), torch.float32, show_progress=False)
+        if compiled:
+            span.stack.compile()
+        session = open_session(span, SessionTable(10_000, 4), "s", 1)
+        generator = torch.Generator().manual_seed(0)
+        steps = [torch.randn(1, 5, 64, generator=generator)] + [torch.randn(1, 1, 64, generator=generator)] * 3
+        got, position = [], 0
+        for hidden in steps:
+            tokens = hidden.shape[1]
+            positions = torch.arange(position, position + tokens)[None]
+            got.append(run_alone(span, session, StepInputs(hidden, positions, torch.ones(1, tokens).bool(), None)))
+            position += tokens
+        outputs.append(got)
+    for plain, compiled_output in zip(*outputs, strict=True):
+        torch.testing.assert_close(compiled_output, plain, atol=1e-5, rtol=1e-5)

@@ -13,8 +13,13 @@ from swarm.protocol import WireTensor
 HIDDEN = 8
 
 
+class Rows:
+    def release(self) -> None:
+        pass
+
+
 def session(length: int = 0, max_length: int = 16, batch: int = 2):
-    opened = SessionTable(1000, 4).open("s", 1, (0, 4), max_length, batch, 0.0, dict)
+    opened = SessionTable(1000, 4).open("s", 1, (0, 4), max_length, batch, 0.0, lambda n: n, lambda b, n: Rows())
     opened.length = length
     return opened
 

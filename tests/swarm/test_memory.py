@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from swarm.checkpoint import CheckpointIndex, load_config
-from swarm.memory import ModelFootprint, format_bytes, kv_heads, parse_bytes
+from swarm.checkpoint import CheckpointIndex
+from swarm.memory import ModelFootprint, format_bytes, parse_bytes
+from swarm.models import ModelArchitecture
 
 
 def test_sizes_parse_in_both_unit_systems() -> None:
@@ -18,17 +19,17 @@ def test_sizes_parse_in_both_unit_systems() -> None:
 
 
 def test_the_footprint_counts_every_parameter_once(tiny_llama) -> None:
-    config = load_config(tiny_llama)
-    footprint = ModelFootprint.of(CheckpointIndex.open(tiny_llama), config, "model.layers")
+    architecture = ModelArchitecture.of(tiny_llama)
+    footprint = ModelFootprint.of(CheckpointIndex.open(tiny_llama), architecture)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert footprint.total_params == sum(p.numel() for p in model.parameters())
     assert footprint.layer_params[0] == sum(p.numel() for p in model.model.layers[0].parameters())
-    assert kv_heads(config) == 2
+    assert architecture.spec.num_kv_heads == 2
     assert footprint.kv_bytes_per_token("float32") == 2 * 2 * 16 * 4  # K and V, 2 heads of 16, float32
 
 
 def test_layers_that_fit_include_the_kv_cache(tiny_llama) -> None:
-    footprint = ModelFootprint.of(CheckpointIndex.open(tiny_llama), load_config(tiny_llama), "model.layers")
+    footprint = ModelFootprint.of(CheckpointIndex.open(tiny_llama), ModelArchitecture.of(tiny_llama))
     per_layer = footprint.layer_bytes("float32") + 100 * footprint.kv_bytes_per_token("float32")
     assert footprint.layers_that_fit(3 * per_layer + 1, "float32", 100) == 3
     assert footprint.layers_that_fit(10**12, "float32", 100) == 8

@@ -12,20 +12,15 @@ from transformers import DynamicCache
 
 from client.model import DistributedModelForCausalLM
 from client.remote_cache import RemoteSessionCache
-from node.span import LoadedSpan
 from swarm import transformers_compat
 from swarm.errors import IncompatibleTransformersError
-from swarm.models import adapter_for
 from swarm.transformers_compat import (
     CACHE_NAMES,
-    LAYER_CACHE_KEYWORDS,
     RemoteCache,
     causal_lm_output,
     generation_cache_name,
-    layer_cache_keyword,
     take_cache,
 )
-from tests.checkpoints import TINY_CONFIGS, tiny_config
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 
@@ -97,19 +92,3 @@ def test_a_local_cache_is_refused(offline_model: DistributedModelForCausalLM) ->
 
 def test_a_session_cache_is_a_remote_cache() -> None:
     assert issubclass(RemoteSessionCache, RemoteCache)
-
-
-@pytest.mark.parametrize("family", list(TINY_CONFIGS))
-def test_every_family_layer_takes_its_cache_under_a_known_keyword(family: str) -> None:
-    adapter = adapter_for(tiny_config(family))
-    layer = adapter.skeleton().get_submodule(adapter.layer_prefix(0).rstrip("."))
-    assert layer_cache_keyword(layer) in LAYER_CACHE_KEYWORDS
-
-
-def test_a_layer_that_ignores_its_cache_fails_the_step(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    span = LoadedSpan.load(tiny_llama, 0, 2, torch.device("cpu"), torch.float32, show_progress=False)
-    monkeypatch.setattr("swarm.models.base.layer_cache_keyword", lambda layer: "kv_state")
-    hidden = torch.zeros(1, 3, span.adapter.hidden_size)
-    positions = torch.arange(3)[None]
-    with pytest.raises(IncompatibleTransformersError, match="did not update their cache"):
-        span.forward(hidden, positions, torch.ones(1, 3, dtype=torch.bool), span.new_cache(), 0, 2)

@@ -19,8 +19,20 @@ from tests.checkpoints import build_tiny
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 
-# One of each adapter and layout; Mistral and Qwen share Llama's adapter and are covered in-process.
-FAMILIES = ("llama", "gpt_neox", "gptj", "opt", "bloom", "falcon-rotary", "falcon-alibi", "falcon-new", "gpt2")
+# One of each family and layout; Mistral, Qwen2 and Qwen3 differ from Llama only in spec fields covered in-process.
+FAMILIES = (
+    "llama",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "bloom",
+    "falcon-rotary",
+    "falcon-alibi",
+    "falcon-new",
+    "gpt2",
+)
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7]])
 SHORT, LONG = [1, 500, 400, 300], [1, 45, 67, 89, 120, 33, 250, 7, 99, 14]
 
@@ -80,7 +92,7 @@ def test_left_padded_batch_equals_local_generate(remote: DistributedModelForCaus
     assert remote.generate(batch, **kwargs).tolist() == local.generate(batch, **kwargs).tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"], indirect=True)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "mixtral"], indirect=True)
 def test_beam_search_equals_local_beam_search(remote: DistributedModelForCausalLM, local: PreTrainedModel) -> None:
     kwargs = dict(max_new_tokens=10, num_beams=3, do_sample=False, num_return_sequences=2)
     assert remote.generate(PROMPT, **kwargs).tolist() == local.generate(PROMPT, **kwargs).tolist()

@@ -1,18 +1,24 @@
-"""The swarm's compute path in one process, without sockets: the client's local modules (loaded and applied as
-`client/model.py` does) around two node spans, each with its own cache as a node session keeps one."""
+"""The swarm's compute path in one process, without sockets: the client's local modules (as `client/model.py`
+applies them) around two node spans, each stepping a node session through the node's own step code."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from client.model import load_local_modules, position_ids_from_mask
+from client.model import position_ids_from_mask
+from node.batching import run_alone
+from node.kv_cache import capacity_for
+from node.sessions import Session, SessionTable
 from node.span import LoadedSpan
-from swarm.checkpoint import load_config
-from swarm.models import ModelAdapter, adapter_for
+from node.validation import StepInputs
+from swarm.models import ModelArchitecture
+from swarm.models.local import LocalModules
+
+_ids = itertools.count()
 
 
 @dataclass
@@ -21,39 +27,56 @@ class Generation:
     logits: list[torch.Tensor]
 
 
+def open_session(span: LoadedSpan, table: SessionTable, batch: int, max_length: int = 64) -> Session:
+    return table.open(
+        f"s{next(_ids)}", 1, (span.start, span.end), max_length, batch, 0.0, capacity_for, span.cache.allocate
+    )
+
+
 @dataclass
 class Pipeline:
-    adapter: ModelAdapter
-    local: nn.ModuleDict
+    architecture: ModelArchitecture
+    local: LocalModules
     spans: list[LoadedSpan]
+    table: SessionTable
 
     @classmethod
     def load(cls, model: Path, split: int, dtype: torch.dtype = torch.float32) -> Pipeline:
         """Layers [0, split) on one span and [split, N) on another."""
-        adapter = adapter_for(load_config(model))
-        bounds = [(0, split), (split, adapter.num_layers)]
+        architecture = ModelArchitecture.of(model)
+        bounds = [(0, split), (split, architecture.num_layers)]
         cpu = torch.device("cpu")
         spans = [LoadedSpan.load(model, a, b, cpu, dtype, show_progress=False) for a, b in bounds]
-        return cls(adapter, load_local_modules(model, adapter, dtype), spans)
+        table = SessionTable(cache_tokens=1_000_000, max_sessions=1000)
+        return cls(architecture, LocalModules.load(model, architecture, dtype), spans, table)
+
+    def open(self, batch: int, max_length: int = 64) -> list[Session]:
+        return [open_session(span, self.table, batch, max_length) for span in self.spans]
 
     @torch.inference_mode()
-    def step(self, new_ids: torch.Tensor, mask: torch.Tensor, caches: list[object]) -> torch.Tensor:
-        """Logits of the new tokens; `mask` covers everything the caches hold plus the new tokens."""
-        positions = position_ids_from_mask(mask)[:, -new_ids.shape[1] :]
-        hidden = self.adapter.embed(self.local, self.local["embed"](new_ids), positions)
-        for span, cache in zip(self.spans, caches, strict=True):
-            hidden = span.forward(hidden, positions, mask, cache, span.start, span.end)
-        return self.adapter.logits(self.local, hidden).float()
+    def step(self, new_ids: torch.Tensor, mask: torch.Tensor, sessions: list[Session]) -> torch.Tensor:
+        """Logits of the new tokens; `mask` covers everything the sessions hold plus the new tokens."""
+        new = new_ids.shape[1]
+        positions = position_ids_from_mask(mask)[:, -new:]
+        hidden = self.local.first_hidden(self.local.embed(new_ids), positions)
+        for span, session in zip(self.spans, sessions, strict=True):
+            inputs = StepInputs(hidden, positions, mask[:, -new:].bool(), None)
+            hidden = run_alone(span, session, inputs)
+        return self.local.logits(hidden).float()
 
     def greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int) -> Generation:
         """Prefill, then one token per step: each decode step sends only the new token through the spans."""
-        caches = [span.new_cache() for span in self.spans]
+        sessions = self.open(input_ids.shape[0], input_ids.shape[1] + new_tokens)
         tokens, mask, new_ids = input_ids, attention_mask, input_ids
         logits = []
-        for _ in range(new_tokens):
-            last = self.step(new_ids, mask, caches)[:, -1]
-            new_ids = last.argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, new_ids], dim=1)
-            mask = torch.cat([mask, torch.ones_like(new_ids)], dim=1)
-            logits.append(last)
+        try:
+            for _ in range(new_tokens):
+                last = self.step(new_ids, mask, sessions)[:, -1]
+                new_ids = last.argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, new_ids], dim=1)
+                mask = torch.cat([mask, torch.ones_like(new_ids)], dim=1)
+                logits.append(last)
+        finally:
+            for session in sessions:
+                self.table.close(session.session_id)
         return Generation(tokens, logits)

@@ -1,4 +1,5 @@
-"""Every family's adapter: two node spans and the client's local modules compute what local `transformers` does."""
+"""Every family on swarm's own runtime: two node spans and the client's local modules compute what local
+`transformers` does."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from client.model import position_ids_from_mask
 from node.batching import PendingStep, can_batch, run_alone, run_batched
-from node.sessions import Session, SessionTable
+from node.sessions import Session
 from node.validation import StepInputs
 from swarm.errors import UnsupportedModelError
-from swarm.models import adapter_for
+from swarm.models import ModelArchitecture
+from swarm.models.spec import ConfigReader
 from tests.checkpoints import TINY_CONFIGS, build_tiny
-from tests.swarm.models.pipeline import Pipeline
+from tests.swarm.models.pipeline import Pipeline, open_session
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 
@@ -86,8 +88,13 @@ def test_left_padded_batch_equals_local_generate_and_each_prompt_alone(
         assert together.tokens[row, ids.shape[1] :].tolist() == alone.tokens[0, len(prompt) :].tolist()
 
 
+BF16_STEPS = 3
+"""bfloat16 logits agree within this many bfloat16 steps (2^-7 each) at the logits' scale. Most families are
+bit-identical to transformers; GPT-J (its sinusoid table computed in bfloat16), GPT-2 (Conv1D's addmm), BLOOM
+(ALiBi through baddbmm) and multi-query Falcon (broadcast keys) round differently: measured worst 1.7 steps."""
+
+
 def test_bfloat16_spans_compute_what_a_local_bfloat16_model_does(checkpoint: Path) -> None:
-    """Same dtype, same `transformers` layers: bfloat16 rounding must not make the two drift apart."""
     pipeline = Pipeline.load(checkpoint, split=2, dtype=torch.bfloat16)
     local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
     mask = torch.ones_like(PROMPT)
@@ -95,26 +102,28 @@ def test_bfloat16_spans_compute_what_a_local_bfloat16_model_does(checkpoint: Pat
     expected = local_generate(local, PROMPT, mask)
     assert remote.tokens.tolist() == expected.sequences.tolist()
     for remote_logits, local_logits in zip(remote.logits, expected.logits, strict=True):
-        torch.testing.assert_close(remote_logits, local_logits.float(), atol=2e-2, rtol=0)
+        scale = float(local_logits.float().abs().max())
+        tolerance = BF16_STEPS * torch.finfo(torch.bfloat16).eps * scale
+        torch.testing.assert_close(remote_logits, local_logits.float(), atol=tolerance, rtol=0)
 
 
 def test_batched_decode_on_a_node_equals_each_session_alone(checkpoint: Path, pipeline: Pipeline) -> None:
-    """A node batches concurrent decode steps by left-padding their caches; masks, ALiBi and positions must
-    not notice. Sessions of different lengths, one of them a left-padded batch of two."""
-    if checkpoint.name == "mistral":
-        pytest.skip("sliding-window caches are never batched")
+    """Concurrent decode steps run as one forward over the sessions' cache rows; masks, ALiBi, sliding windows
+    and positions must not notice. Sessions of different lengths (one in another slab), one of them a
+    left-padded batch of two."""
     span = pipeline.spans[1]
     masks = [torch.ones(1, 3, dtype=torch.bool), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()]
     masks.append(torch.ones(1, 9, dtype=torch.bool))
+    max_lengths = [64, 64, 200]
     generator = torch.Generator().manual_seed(0)
-    prefills = [torch.randn(*mask.shape, span.adapter.hidden_size, generator=generator) for mask in masks]
-    decodes = [torch.randn(mask.shape[0], 1, span.adapter.hidden_size, generator=generator) for mask in masks]
-    table = SessionTable(cache_tokens=10_000, max_sessions=8)
+    hidden_size = span.hidden_size
+    prefills = [torch.randn(*mask.shape, hidden_size, generator=generator) for mask in masks]
+    decodes = [torch.randn(mask.shape[0], 1, hidden_size, generator=generator) for mask in masks]
 
-    def prefilled(tag: str) -> list[Session]:
+    def prefilled() -> list[Session]:
         sessions = []
-        for index, (mask, hidden) in enumerate(zip(masks, prefills, strict=True)):
-            session = table.open(f"{tag}{index}", 1, (span.start, span.end), 64, mask.shape[0], 0.0, span.new_cache)
+        for mask, hidden, max_length in zip(masks, prefills, max_lengths, strict=True):
+            session = open_session(span, pipeline.table, mask.shape[0], max_length)
             run_alone(span, session, StepInputs(hidden, position_ids_from_mask(mask), mask, None))
             sessions.append(session)
         return sessions
@@ -123,10 +132,12 @@ def test_batched_decode_on_a_node_equals_each_session_alone(checkpoint: Path, pi
         rows = hidden.shape[0]
         return StepInputs(hidden, session.last_positions[:, None] + 1, torch.ones(rows, 1, dtype=torch.bool), None)
 
-    alone = [run_alone(span, s, decode(s, hidden)) for s, hidden in zip(prefilled("a"), decodes, strict=True)]
+    first = prefilled()
+    alone = [run_alone(span, s, decode(s, hidden)) for s, hidden in zip(first, decodes, strict=True)]
+    pipeline.table.close(first[0].session_id)  # a hole between the rows of the next sessions
 
     async def pending() -> list[PendingStep]:  # a step's future needs a running event loop
-        return [PendingStep(s, decode(s, hidden)) for s, hidden in zip(prefilled("b"), decodes, strict=True)]
+        return [PendingStep(s, decode(s, hidden)) for s, hidden in zip(prefilled(), decodes, strict=True)]
 
     steps = asyncio.run(pending())
     assert can_batch(steps)
@@ -146,10 +157,8 @@ def test_a_checkpoint_stored_without_the_base_model_prefix_loads(tmp_path: Path)
 
 
 def test_an_unsupported_model_type_is_refused_with_the_supported_ones() -> None:
-    config = PretrainedConfig()
-    config.model_type = "mamba"
     with pytest.raises(UnsupportedModelError) as info:
-        adapter_for(config)
+        ModelArchitecture.from_config(ConfigReader({"model_type": "mamba"}))
     message = str(info.value)
     assert "'mamba'" in message
     for model_type in ("bloom", "falcon", "gpt2", "gpt_neox", "gptj", "llama", "mistral", "opt", "qwen2", "qwen3"):

@@ -1,0 +1,278 @@
+"""The node's KV cache: every session's keys and values in a few preallocated slabs, attended where they lie.
+
+A slab holds rows of one capacity (tokens per row) for all the span's layers: keys and values
+[layers, rows, kv_heads, capacity, head_dim], which slots hold real tokens (`valid`, left padding is not) and,
+for ALiBi, each slot's position. A session of batch b takes b adjacent rows of the slab whose capacity first
+fits its `max_length`. Its tokens sit in slots 0..length-1 of its rows, so:
+
+- a decode round over sessions of different lengths in one slab is one attention call over the rows they span
+  (a view, no copy): each row's mask stops at its own length; new keys are written straight into their slots;
+- a beam reorder is an index operation on the session's rows;
+- rolling back to a position is setting the length (slots past it are never attended: attention is causal).
+
+Slabs grow by doubling their rows when a session needs more, and are released when their last session leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.models.attention import attend, attention_mask
+from swarm.models.spec import ModelSpec
+
+MIN_CAPACITY = 32
+MIN_STEP = 16
+
+
+def capacity_for(max_length: int) -> int:
+    """The row capacity a session of `max_length` tokens gets: rounded up to a quarter of its power of two (so
+    at most a quarter of a row goes unused) and to at least `MIN_CAPACITY`, so that sessions of similar lengths
+    share a slab and batch into one attention call."""
+    if max_length <= MIN_CAPACITY:
+        return MIN_CAPACITY
+    step = max(MIN_STEP, 1 << (max_length.bit_length() - 3))
+    return -(-max_length // step) * step
+
+
+class Slab:
+    """Rows of one capacity, for layers [start, end) of the span."""
+
+    def __init__(self, spec: ModelSpec, layers: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.capacity = capacity
+        self.layers = layers
+        self.device, self.dtype = device, dtype
+        self.keys = self._empty(0)
+        self.values = self._empty(0)
+        self.valid = torch.zeros(0, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(0, capacity, dtype=torch.int64, device=device) if spec.alibi else None
+        self.used: list[bool] = []
+        """Rows handed out; the tensors may lag behind until `materialize`."""
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        spec = self.spec
+        shape = (self.layers, rows, spec.num_kv_heads, self.capacity, spec.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def take(self, count: int) -> int:
+        """The first of `count` adjacent free rows, adding rows (doubling) when there are none. Only the
+        bookkeeping changes here; the tensors grow in `materialize`, on the compute thread, so that a round
+        running meanwhile keeps writing where it reads."""
+        run = 0
+        for row, used in enumerate(self.used):
+            run = 0 if used else run + 1
+            if run == count:
+                first = row - count + 1
+                self.used[first : row + 1] = [True] * count
+                return first
+        first = len(self.used) - run  # a free run at the end extends into the new rows
+        self.used.extend([False] * (max(first + count, 2 * len(self.used), 2) - len(self.used)))
+        self.used[first : first + count] = [True] * count
+        return first
+
+    def give_back(self, first: int, count: int) -> None:
+        self.used[first : first + count] = [False] * count
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.used)
+
+    @torch.inference_mode()
+    def materialize(self) -> None:
+        """Grow the tensors to every row handed out (the old rows are copied once)."""
+        old, rows = self.keys.shape[1], len(self.used)
+        if rows <= old:
+            return
+        keys, values = self._empty(rows), self._empty(rows)
+        keys[:, :old], values[:, :old] = self.keys, self.values
+        self.keys, self.values = keys, values
+        valid = torch.zeros(rows, self.capacity, dtype=torch.bool, device=self.device)
+        valid[:old] = self.valid
+        self.valid = valid
+        if self.positions is not None:
+            positions = torch.zeros(rows, self.capacity, dtype=torch.int64, device=self.device)
+            positions[:old] = self.positions
+            self.positions = positions
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+@dataclass
+class CacheRows:
+    """One session's rows of a slab."""
+
+    slab: Slab
+    first: int
+    count: int
+    owner: KVCache
+
+    def release(self) -> None:
+        """Give the rows back (the session closed)."""
+        self.owner.release(self)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.first, self.first + self.count)
+
+    @torch.inference_mode()
+    def reorder(self, order: torch.Tensor) -> None:
+        """Beam search: row i of the session becomes its row `order[i]`, in every layer."""
+        slab, rows = self.slab, self.rows
+        slab.materialize()
+        order = order.to(slab.device)
+        slab.keys[:, rows] = slab.keys[:, rows].index_select(1, order)
+        slab.values[:, rows] = slab.values[:, rows].index_select(1, order)
+        slab.valid[rows] = slab.valid[rows].index_select(0, order)
+        if slab.positions is not None:
+            slab.positions[rows] = slab.positions[rows].index_select(0, order)
+
+    @torch.inference_mode()
+    def saved(self) -> tuple[torch.Tensor, ...]:
+        """Copies of the session's rows, for undoing a reorder if the step it came with fails."""
+        slab, rows = self.slab, self.rows
+        slab.materialize()
+        kept = (slab.keys[:, rows].clone(), slab.values[:, rows].clone(), slab.valid[rows].clone())
+        return kept + ((slab.positions[rows].clone(),) if slab.positions is not None else ())
+
+    @torch.inference_mode()
+    def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
+        slab, rows = self.slab, self.rows
+        slab.keys[:, rows], slab.values[:, rows], slab.valid[rows] = saved[:3]
+        if slab.positions is not None:
+            slab.positions[rows] = saved[3]
+
+
+@dataclass
+class KVCache:
+    """The slabs of one span's sessions; `allocate` and `release` keep track of who holds which rows."""
+
+    spec: ModelSpec
+    start: int
+    end: int
+    device: torch.device
+    dtype: torch.dtype
+    slabs: dict[int, Slab] = field(default_factory=dict)
+
+    def allocate(self, batch: int, max_length: int) -> CacheRows:
+        capacity = capacity_for(max_length)
+        slab = self.slabs.get(capacity)
+        if slab is None:
+            slab = self.slabs[capacity] = Slab(self.spec, self.end - self.start, capacity, self.device, self.dtype)
+        return CacheRows(slab, slab.take(batch), batch, self)
+
+    def release(self, rows: CacheRows) -> None:
+        rows.slab.give_back(rows.first, rows.count)
+        if rows.slab.empty and self.slabs.get(rows.slab.capacity) is rows.slab:
+            del self.slabs[rows.slab.capacity]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slab.nbytes for slab in self.slabs.values())
+
+
+@dataclass
+class RoundEntry:
+    """One session's part of a round: its rows, how many tokens it holds, and its new tokens' masks."""
+
+    rows: CacheRows
+    length: int
+    positions: torch.Tensor
+    """[batch, new tokens] positions of the new tokens."""
+    new_valid: torch.Tensor
+    """[batch, new tokens] which of them are real tokens (not padding)."""
+
+
+class RoundAttention:
+    """Attention for one forward over several sessions (a round): their rows are grouped by slab, each group
+    attended in one call over the rows it spans. Masks are built once per round; each layer writes its new keys
+    and values into the sessions' slots and attends. Rows of a group that do not take part (other sessions in
+    between) get an empty query whose output is dropped.
+
+    Sessions in a round all add the same number of new tokens (the batcher batches single-token steps; a
+    longer step runs alone)."""
+
+    def __init__(self, cache: KVCache, entries: list[RoundEntry]) -> None:
+        self.cache = cache
+        self.tokens = entries[0].positions.shape[1]
+        self.groups: list[_SlabGroup] = []
+        by_slab: dict[int, list[tuple[int, RoundEntry]]] = {}
+        offset = 0
+        for entry in entries:
+            by_slab.setdefault(id(entry.rows.slab), []).append((offset, entry))
+            offset += entry.rows.count
+        for members in by_slab.values():
+            self.groups.append(_SlabGroup.build(cache, members, self.tokens))
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return self.groups[0].attend(layer - self.cache.start, q, k, v, scale)
+        out = torch.empty_like(q)
+        for group in self.groups:
+            index = group.batch_index
+            out[index] = group.attend(layer - self.cache.start, q[index], k[index], v[index], scale)
+        return out
+
+
+@dataclass
+class _SlabGroup:
+    slab: Slab
+    lo: int
+    hi: int
+    batch_index: torch.Tensor
+    """The group's rows in the round's batch (which rows of q, k and v are its)."""
+    row_index: torch.Tensor
+    """Those rows' slab rows."""
+    slot_index: torch.Tensor
+    """[rows, tokens]: the slots the new tokens go to."""
+    dense: bool
+    """The group's rows are exactly slab rows lo..hi-1 in batch order: no scatter or gather needed."""
+    mask: torch.Tensor
+    span: int
+    """Slots attended (the longest row's length after this round)."""
+
+    @classmethod
+    def build(cls, cache: KVCache, members: list[tuple[int, RoundEntry]], tokens: int) -> _SlabGroup:
+        slab = members[0][1].rows.slab
+        slab.materialize()
+        device = slab.device
+        batch_rows, slab_rows, slots = [], [], []
+        for offset, entry in members:
+            count = entry.rows.count
+            batch_rows.append(torch.arange(offset, offset + count))
+            slab_rows.append(torch.arange(entry.rows.first, entry.rows.first + count))
+            slots.append((entry.length + torch.arange(tokens)).expand(count, tokens))
+        batch_index = torch.cat(batch_rows).to(device)
+        row_index = torch.cat(slab_rows).to(device)
+        slot_index = torch.cat(slots).to(device)
+        lo, hi = int(row_index.min()), int(row_index.max()) + 1
+        span = int(slot_index.max()) + 1
+        slab.valid[row_index[:, None], slot_index] = torch.cat([e.new_valid for _, e in members]).to(device)
+        if slab.positions is not None:
+            slab.positions[row_index[:, None], slot_index] = torch.cat([e.positions for _, e in members]).to(device)
+        dense = hi - lo == len(row_index) and bool((row_index == torch.arange(lo, hi, device=device)).all())
+        query_slots = torch.zeros(hi - lo, tokens, dtype=torch.int64, device=device)
+        query_slots[row_index - lo] = slot_index
+        positions = slab.positions[lo:hi, :span] if slab.positions is not None else None
+        mask = attention_mask(cache.spec, slab.valid[lo:hi, :span], query_slots, slab.dtype, positions)
+        return cls(slab, lo, hi, batch_index, row_index, slot_index, dense, mask, span)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        keys, values = self.slab.keys[layer], self.slab.values[layer]
+        if self.slot_index.shape[1] == 1:  # one new token per row: each row writes its own slot
+            slots = self.slot_index[:, 0]
+            keys[self.row_index, :, slots] = k[:, :, 0]
+            values[self.row_index, :, slots] = v[:, :, 0]
+        else:  # one session: its rows are adjacent and all hold the same number of tokens
+            first, tokens = int(self.slot_index[0, 0]), self.slot_index.shape[1]
+            keys[self.lo : self.hi, :, first : first + tokens] = k
+            values[self.lo : self.hi, :, first : first + tokens] = v
+        keys, values = keys[self.lo : self.hi, :, : self.span], values[self.lo : self.hi, :, : self.span]
+        if self.dense:
+            return attend(q, keys, values, self.mask, scale)
+        queries = q.new_zeros(self.hi - self.lo, *q.shape[1:])
+        queries[self.row_index - self.lo] = q
+        return attend(queries, keys, values, self.mask, scale)[self.row_index - self.lo]

@@ -1,0 +1,71 @@
+"""The feed-forward half of a layer: a dense MLP (gated or plain) or a mixture of experts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.models.spec import ModelSpec
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class DenseMLP(nn.Module):
+    """gated: down(act(gate(x)) * up(x)), gate and up fused in one projection; plain: down(act(up(x)))."""
+
+    def __init__(
+        self, spec: ModelSpec, weights: dict[str, torch.Tensor], linear: Callable[[dict, str], nn.Linear]
+    ) -> None:
+        super().__init__()
+        self.gated = spec.mlp == "gated"
+        self.up = linear(weights, "gate_up" if self.gated else "up")
+        self.down = linear(weights, "down")
+        self.act = ACTIVATIONS[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(x)))
+
+
+class MixtureOfExperts(nn.Module):
+    """A router scores every expert per token; the `top_k` best (softmax weights, renormalized when the family
+    does) each run a gated MLP on that token, and their outputs add up weighted. Experts are stacked in two
+    tensors, [experts, 2 * intermediate, hidden] (gate then up) and [experts, hidden, intermediate]."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        assert spec.moe is not None  # only built for MoE layers (a programming error, not input)
+        self.moe = spec.moe
+        self.router = nn.Parameter(weights["router.weight"], requires_grad=False)
+        self.gate_up = nn.Parameter(weights["experts.gate_up"], requires_grad=False)
+        self.down = nn.Parameter(weights["experts.down"], requires_grad=False)
+        self.act = ACTIVATIONS[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = F.linear(tokens, self.router)
+        probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probabilities, self.moe.top_k, dim=-1)
+        if self.moe.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.moe.weights_in_input_dtype:
+            weights = weights.to(tokens.dtype)
+        out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)  # one rounding at the end
+        by_slot = chosen.t()
+        for expert in chosen.unique().tolist():  # in the reference's order: experts, then slots, then tokens
+            slot, token_rows = torch.where(by_slot == expert)
+            gate, up = F.linear(tokens[token_rows], self.gate_up[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act(gate) * up, self.down[expert]) * weights[token_rows, slot, None]
+            out.index_add_(0, token_rows, expert_out.float())
+        return out.to(tokens.dtype).reshape(shape)

@@ -1,0 +1,73 @@
+"""A contiguous run of decoder layers and what one step shares across them (rotary tables, the attention)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from swarm.checkpoint import CheckpointIndex
+from swarm.models import ModelArchitecture
+from swarm.models.block import Attention, DecoderLayer, StepContext
+from swarm.models.rotary import inverse_frequencies, rotary_tables
+from swarm.models.weights import Source, load_weights, stored_names
+
+
+class LayerStack(nn.Module):
+    """Layers [start, end) of one model on one device."""
+
+    def __init__(self, architecture: ModelArchitecture, start: int, layers: list[DecoderLayer]) -> None:
+        super().__init__()
+        self.spec = architecture.spec
+        self.start = start
+        self.end = start + len(layers)
+        self.layers = nn.ModuleList(layers)
+        self._layer_list = layers  # slicing a ModuleList builds a module on every step; a list slice does not
+        rotary = self.spec.rotary
+        device = next(self.parameters()).device
+        self.inv_freq = inverse_frequencies(rotary, device) if rotary is not None else None
+
+    @classmethod
+    def load(
+        cls,
+        index: CheckpointIndex,
+        architecture: ModelArchitecture,
+        start: int,
+        end: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_tensor: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> LayerStack:
+        """Read exactly the tensors of layers [start, end), one layer at a time."""
+        layers = []
+        for i in range(start, end):
+            weights = load_weights(index, layer_sources(architecture, i), device, dtype, on_tensor)
+            layers.append(DecoderLayer(architecture.spec, i, weights).eval())
+        return cls(architecture, start, layers)
+
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention, start: int, end: int
+    ) -> torch.Tensor:
+        """Layers [start, end) (inside this stack) over new tokens at `positions` [batch, tokens]."""
+        context = StepContext(attention)
+        if self.inv_freq is not None and self.spec.rotary is not None:
+            context.cos, context.sin = rotary_tables(self.spec.rotary, self.inv_freq, positions, hidden.dtype)
+        for layer in self._layer_list[start - self.start : end - self.start]:
+            hidden = layer(hidden, context)
+        return hidden
+
+    def compile(self) -> None:
+        """Compile each layer with `torch.compile` (on first use; dynamic shapes, since a round's batch and
+        cached length change from step to step): on a GPU it fuses a decode step's many small operations."""
+        for layer in self._layer_list:
+            layer.forward = torch.compile(layer.forward, dynamic=True)  # type: ignore[method-assign]
+
+
+def layer_sources(architecture: ModelArchitecture, index: int) -> dict[str, Source]:
+    return architecture.family.sources_of_layer(architecture.spec, index)
+
+
+def layer_tensor_names(index: CheckpointIndex, architecture: ModelArchitecture, start: int, end: int) -> list[str]:
+    """The checkpoint tensors layers [start, end) are made of (for sizes and progress before loading)."""
+    return sorted({name for i in range(start, end) for name in stored_names(index, layer_sources(architecture, i))})
