@@ -95,11 +95,18 @@ def load_weights(
     dtype: torch.dtype,
     on_tensor: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Our parameters by name, built from exactly the checkpoint tensors `sources` name, in `dtype` on `device`."""
+    """Our parameters by name, built from exactly the checkpoint tensors `sources` name, in `dtype` on `device`.
+
+    Every parameter owns its memory: a tensor read from a shard is a view of the memory-mapped file, and one
+    kept alive would keep the file's mapping, with every page of it the loading touched, in the process."""
     resolved = {key: [resolve(index, names) for names in source.inputs] for key, source in sources.items()}
     stored = read_tensors(index, sorted({name for names in resolved.values() for name in names}), on_tensor=on_tensor)
+    mapped = {tensor.untyped_storage().data_ptr() for tensor in stored.values()}
     weights = {}
     for key, source in sources.items():
         value = source.combine([stored[name] for name in resolved[key]])
-        weights[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).contiguous()
+        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).contiguous()
+        if value.untyped_storage().data_ptr() in mapped:
+            value = value.clone()
+        weights[key] = value
     return weights
