@@ -163,3 +163,22 @@ def test_an_unsupported_model_type_is_refused_with_the_supported_ones() -> None:
     assert "'mamba'" in message
     for model_type in ("bloom", "falcon", "gpt2", "gpt_neox", "gptj", "llama", "mistral", "opt", "qwen2", "qwen3"):
         assert model_type in message
+
+
+def test_moe_routing_ties_pick_the_experts_transformers_picks(tmp_path: Path) -> None:
+    """Two experts with the same router row score the same for every token: whenever one of them is the second
+    choice, the tie decides which expert runs. Both sides take `torch.topk` of the same float32 probabilities."""
+    checkpoint = build_tiny("mixtral", tmp_path / "mixtral", sharded=False)
+    weights = checkpoint / "model.safetensors"
+    tensors = load_file(weights)
+    for layer in range(4):
+        router = tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        router[2] = router[1]
+    save_file(tensors, weights, {"format": "pt"})
+    local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    mask = torch.ones_like(PROMPT)
+    remote = Pipeline.load(checkpoint, split=2).greedy(PROMPT, mask, NEW_TOKENS)
+    expected = local_generate(local, PROMPT, mask)
+    assert remote.tokens.tolist() == expected.sequences.tolist()
+    for remote_logits, local_logits in zip(remote.logits, expected.logits, strict=True):
+        torch.testing.assert_close(remote_logits, local_logits, atol=1e-4, rtol=0)
