@@ -29,26 +29,30 @@ class Attention(Protocol):
 
 @dataclass
 class StepContext:
-    """What every layer of one forward shares: rotary tables for the new tokens' positions and the attention."""
+    """What every layer of one forward shares: the rotary tables of the new tokens' positions (and the rotation
+    they go with) and the attention."""
 
     attention: Attention
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
-    """Normalized in float32, scaled in the input's dtype (as Llama-style reference models do)."""
+    """Normalized in float32, scaled in the input's dtype (as Llama-style reference models do): in float32 one
+    fused `rms_norm`, bit-identical to the reference's five operations; otherwise the scale is applied after
+    rounding back, where the reference applies it."""
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.shape = tuple(weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -96,33 +100,37 @@ class DecoderLayer(nn.Module):
             MixtureOfExperts(spec, weights) if spec.layer_has_moe(index) else DenseMLP(spec, weights, make_linear)
         )
         self.scale = spec.scale / (index + 1) if spec.scale_by_layer else spec.scale
+        self.qk_heads = spec.num_heads + spec.num_kv_heads
 
     def forward(self, x: torch.Tensor, context: StepContext) -> torch.Tensor:
+        """(Submodules are called through `.forward`: a decode step of a small model is made of many tiny
+        operations, and `nn.Module.__call__`'s hook checks cost as much as some of them.)"""
         spec = self.spec
         if spec.residual == "post_norm":
-            x = self.attn_norm(x + self.attention(x, context))
-            return self.mlp_norm(x + self.mlp(x))  # type: ignore[misc]
-        normed = self.attn_norm(x)
+            x = self.attn_norm.forward(x + self.attention(x, context))
+            return self.mlp_norm.forward(x + self.mlp.forward(x))  # type: ignore[union-attr]
+        normed = self.attn_norm.forward(x)
         residual = normed if spec.residual_from_norm else x
         attended = self.attention(normed, context)
         if spec.residual == "sequential":
             x = residual + attended
-            normed = self.mlp_norm(x)  # type: ignore[misc]
-            return (normed if spec.residual_from_norm else x) + self.mlp(normed)
-        mlp_in = normed if spec.residual == "parallel" else self.mlp_norm(x)  # type: ignore[misc]
-        return (attended + self.mlp(mlp_in)) + residual  # the branches first: the reference's rounding in bf16
+            normed = self.mlp_norm.forward(x)  # type: ignore[union-attr]
+            return (normed if spec.residual_from_norm else x) + self.mlp.forward(normed)
+        mlp_in = normed if spec.residual == "parallel" else self.mlp_norm.forward(x)  # type: ignore[union-attr]
+        return (attended + self.mlp.forward(mlp_in)) + residual  # the branches first: the reference's rounding
 
     def attention(self, x: torch.Tensor, context: StepContext) -> torch.Tensor:
+        """Queries and keys stay side by side in the fused projection's heads [q..., k..., v...], so the
+        rotation turns both in one go."""
         spec = self.spec
         batch, tokens, _ = x.shape
-        q, k, v = self.qkv(x).split((spec.q_size, spec.kv_size, spec.kv_size), dim=-1)
-        q = q.view(batch, tokens, spec.num_heads, spec.head_dim)
-        k = k.view(batch, tokens, spec.num_kv_heads, spec.head_dim)
-        v = v.view(batch, tokens, spec.num_kv_heads, spec.head_dim)
+        heads = self.qkv.forward(x).view(batch, tokens, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        query_key, v = heads[:, :, : self.qk_heads], heads[:, :, self.qk_heads :]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if spec.rotary is not None and context.cos is not None and context.sin is not None:
-            q = apply_rotary(q, context.cos, context.sin, spec.rotary)
-            k = apply_rotary(k, context.cos, context.sin, spec.rotary)
+            q, k = query_key.split((spec.num_heads, spec.num_kv_heads), dim=2)
+            query_key = torch.cat((self.q_norm.forward(q), self.k_norm.forward(k)), dim=2)
+        if context.rotation is not None:
+            query_key = apply_rotary(query_key, context.cos, context.sin, context.rotation)  # type: ignore[arg-type]
+        q, k = query_key[:, :, : spec.num_heads], query_key[:, :, spec.num_heads :]
         out = context.attention(self.index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
-        return self.out(out.transpose(1, 2).reshape(batch, tokens, spec.q_size))
+        return self.out.forward(out.transpose(1, 2).reshape(batch, tokens, spec.q_size))

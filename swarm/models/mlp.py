@@ -32,9 +32,9 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = self.up(x).chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
-        return self.down(self.act(self.up(x)))
+            gate, up = self.up.forward(x).chunk(2, dim=-1)
+            return self.down.forward(self.act(gate) * up)
+        return self.down.forward(self.act(self.up.forward(x)))
 
 
 class MixtureOfExperts(nn.Module):

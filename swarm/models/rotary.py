@@ -1,7 +1,10 @@
-"""Rotary position embeddings: tables computed once per step from the positions, applied in every layer.
+"""Rotary position embeddings: a cos/sin table per node, looked up once per step, applied in every layer.
 
 The frequencies, their scaling and the float32-then-cast order follow the reference implementations, so the
-rotated queries and keys match `transformers` to float rounding.
+rotated queries and keys match `transformers` to the bit. The rotation itself is one matrix product with a
+signed permutation (`x @ R` is exactly (-x2, x1), or (-x1, x0) per pair for GPT-J): three operations per step
+and layer instead of slicing, negating and concatenating. Heads rotated only in part (GPT-NeoX, GPT-J) use
+the same formula, with cos 1 and sin 0 over the dimensions that do not turn.
 """
 
 from __future__ import annotations
@@ -34,25 +37,52 @@ def inverse_frequencies(rotary: Rotary, device: torch.device | None = None) -> t
     return torch.where(medium, smoothed, scaled)
 
 
-def rotary_tables(
-    rotary: Rotary, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for `positions` [batch, tokens]: [batch, tokens, 1, dim], broadcast over heads."""
-    freqs = positions.to(inv_freq.device, torch.float32)[..., None] * inv_freq
-    table = torch.repeat_interleave(freqs, 2, dim=-1) if rotary.interleaved else torch.cat((freqs, freqs), dim=-1)
-    return table.cos().to(dtype)[:, :, None], table.sin().to(dtype)[:, :, None]
+def rotation_matrix(rotary: Rotary, head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """R with `x @ R` = the rotated partner of each turning dimension (signed), 0 for the others."""
+    matrix = torch.zeros(head_dim, head_dim, dtype=dtype, device=device)
+    if rotary.interleaved:  # (x0, x1) -> (-x1, x0)
+        for even in range(0, rotary.dim, 2):
+            matrix[even + 1, even], matrix[even, even + 1] = -1, 1
+    else:  # (x1, x2) -> (-x2, x1), halves of the turning part
+        half = rotary.dim // 2
+        for index in range(half):
+            matrix[index + half, index], matrix[index, index + half] = -1, 1
+    return matrix
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """Rotate the first `rotary.dim` dimensions of every head of `x` [batch, tokens, heads, head_dim]."""
-    if rotary.dim == x.shape[-1]:
-        return x * cos + _rotated(x, rotary.interleaved) * sin
-    turning, rest = x[..., : rotary.dim], x[..., rotary.dim :]
-    return torch.cat((turning * cos + _rotated(turning, rotary.interleaved) * sin, rest), dim=-1)
+class RotaryTable:
+    """cos and sin of every position seen so far, [positions, head_dim] in the compute dtype, grown by doubling
+    as longer sequences arrive; a step's tables are two lookups."""
+
+    def __init__(self, rotary: Rotary, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rotary = rotary
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.inv_freq = inverse_frequencies(rotary, device)
+        self.rotation = rotation_matrix(rotary, head_dim, dtype, device)
+        self.cos = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.sin = torch.empty(0, head_dim, dtype=dtype, device=device)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` [batch, tokens]: [batch, tokens, 1, head_dim], broadcast over heads."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos.shape[0]:
+            self._grow(max(needed, 2 * self.cos.shape[0], 64))
+        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+
+    def _grow(self, length: int) -> None:
+        positions = torch.arange(length, device=self.inv_freq.device)
+        freqs = positions.float()[:, None] * self.inv_freq
+        if self.rotary.interleaved:
+            angles = torch.repeat_interleave(freqs, 2, dim=-1)
+        else:
+            angles = torch.cat((freqs, freqs), dim=-1)
+        still = self.head_dim - self.rotary.dim  # dimensions that do not turn: cos 1, sin 0
+        ones, zeros = torch.ones(length, still), torch.zeros(length, still)
+        self.cos = torch.cat((angles.cos().to(self.dtype), ones.to(self.cos)), dim=-1)
+        self.sin = torch.cat((angles.sin().to(self.dtype), zeros.to(self.sin)), dim=-1)
 
 
-def _rotated(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    if interleaved:  # (x0, x1, x2, x3) -> (-x1, x0, -x3, x2)
-        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate every head of `x` [batch, tokens, heads, head_dim] (queries and keys together)."""
+    return x * cos + (x @ rotation) * sin

@@ -10,7 +10,7 @@ from torch import nn
 from swarm.checkpoint import CheckpointIndex
 from swarm.models import ModelArchitecture
 from swarm.models.block import Attention, DecoderLayer, StepContext
-from swarm.models.rotary import inverse_frequencies, rotary_tables
+from swarm.models.rotary import RotaryTable
 from swarm.models.weights import Source, load_weights, stored_names
 
 
@@ -25,8 +25,9 @@ class LayerStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self._layer_list = layers  # slicing a ModuleList builds a module on every step; a list slice does not
         rotary = self.spec.rotary
-        device = next(self.parameters()).device
-        self.inv_freq = inverse_frequencies(rotary, device) if rotary is not None else None
+        weight = next(self.parameters())
+        dtype = compute_dtype(weight)
+        self.rotary = RotaryTable(rotary, self.spec.head_dim, dtype, weight.device) if rotary is not None else None
 
     @classmethod
     def load(
@@ -51,10 +52,11 @@ class LayerStack(nn.Module):
     ) -> torch.Tensor:
         """Layers [start, end) (inside this stack) over new tokens at `positions` [batch, tokens]."""
         context = StepContext(attention)
-        if self.inv_freq is not None and self.spec.rotary is not None:
-            context.cos, context.sin = rotary_tables(self.spec.rotary, self.inv_freq, positions, hidden.dtype)
+        if self.rotary is not None:
+            context.cos, context.sin = self.rotary.lookup(positions)
+            context.rotation = self.rotary.rotation
         for layer in self._layer_list[start - self.start : end - self.start]:
-            hidden = layer(hidden, context)
+            hidden = layer.forward(hidden, context)  # not __call__: see DecoderLayer.forward
         return hidden
 
     def compile(self) -> None:
@@ -62,6 +64,12 @@ class LayerStack(nn.Module):
         cached length change from step to step): on a GPU it fuses a decode step's many small operations."""
         for layer in self._layer_list:
             layer.forward = torch.compile(layer.forward, dynamic=True)  # type: ignore[method-assign]
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype activations run in: the weights' own, float32 under int8 weights (which are quantized after
+    loading, so this is read while they are still floating)."""
+    return weight.dtype if weight.is_floating_point() else torch.float32
 
 
 def layer_sources(architecture: ModelArchitecture, index: int) -> dict[str, Source]:
