@@ -1,9 +1,9 @@
-"""One connection per peer, shared by every session this client holds there.
+"""One connection per peer, shared by every session this client holds there, with several steps in flight.
 
-Concurrent sessions (a gateway's requests, `DecodeScheduler`'s jobs) step at about the same moment. On a
-shared channel, the steps queued while the previous frame was in flight leave together as one `StepMany`
-frame, so the peer reads, validates and answers them in one go, and its batcher runs them as one round.
-Other requests (open, close) take their turn between frames.
+A step goes out as soon as it is ready; its reply is matched by `step_id`, whatever order replies come in, so
+the sessions of a client (a gateway's requests, `DecodeScheduler`'s lanes) never wait for each other's frames.
+`open_session` and `close_session` are answered by session id. A reader task receives every frame of the
+connection and hands each reply to whoever waits for it.
 
 A peer sees one connection, so the sessions opened on it belong to it: when it drops, the peer frees them
 all, and every session waiting on it gets `PeerUnreachableError` and fails over on its own.
@@ -12,171 +12,136 @@ all, and every session waiting on it gets `PeerUnreachableError` and fails over 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import websockets
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
-from swarm.errors import PeerUnreachableError, RemoteError
-from swarm.protocol import (
-    MAX_STEPS_PER_FRAME,
-    Error,
-    Step,
-    StepGroup,
-    StepGroupResult,
-    StepMany,
-    StepManyResult,
-    StepResult,
-)
-from swarm.transport import Credentials, open_connection, request
+from swarm.errors import PeerUnreachableError, ProtocolError, RemoteError
+from swarm.protocol import Error, SessionClosed, SessionOpened, Step, StepResult, decode_message, encode_message
+from swarm.transport import Credentials, open_connection
 
 log = logging.getLogger("swarm.client")
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
-COALESCE_BYTES = 8 * 2**20
-"""Steps join a frame while their tensors fit in this many bytes (a lone step always goes): well under a
-node's frame limit, so long prompts queued together still travel, just in separate frames."""
-
-
-@dataclass
-class _QueuedStep:
-    step: Step
-    reply: asyncio.Future[StepResult]
-
 
 @dataclass
 class PeerChannel:
-    """A connection to one peer that carries frames one at a time and coalesces concurrent steps."""
+    """A connection to one peer that carries any number of requests at once."""
 
     address: str
     connection: ClientConnection
     timeout: float
-    version: int = 1
-    """The protocol version the peer answered `hello` in: `step_group` frames need 2."""
-    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _queued: list[_QueuedStep] = field(default_factory=list)
-    _sender: asyncio.Task[None] | None = None
+    version: int = 3
+    _steps: dict[int, asyncio.Future[StepResult]] = field(default_factory=dict)
+    _requests: dict[str, asyncio.Future[BaseModel]] = field(default_factory=dict)
+    _reader: asyncio.Task[None] | None = None
+    _step_ids: itertools.count[int] = field(default_factory=itertools.count)
     steps_sent: int = 0
     frames_sent: int = 0
     broken: bool = False
-    """Set when a frame went unanswered or the wrong answer came: replies could no longer be told apart."""
+    """Set when the connection failed, a request went unanswered or an answer matched nothing."""
 
     @property
     def alive(self) -> bool:
         return not self.broken and self.connection.state.name == "OPEN"
 
+    def next_step_id(self) -> int:
+        return next(self._step_ids)
+
+    async def step(self, message: Step) -> StepResult:
+        """Send `message` (its `step_id` from `next_step_id`) and wait for its reply, while other frames come and
+        go. A step refused as a whole raises `RemoteError`; per-session errors are in the reply's `errors`."""
+        reply = asyncio.get_running_loop().create_future()
+        self._steps[message.step_id] = reply
+        self.frames_sent += 1
+        self.steps_sent += len(message.session_ids)
+        result = await self._exchange(message, reply, lambda: self._steps.pop(message.step_id, None))
+        if result.hidden.shape[:1] != [sum(message.rows)] or (
+            result.errors is not None and len(result.errors) != len(message.session_ids)
+        ):
+            self._break(PeerUnreachableError(f"{self.address} answered a step of {sum(message.rows)} rows wrongly"))
+            raise PeerUnreachableError(f"{self.address} answered a step wrongly")
+        return result
+
     async def request(self, message: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
-        async with self._turn:
-            try:
-                return await request(self.connection, message, expect, timeout or self.timeout, self.address)
-            except RemoteError:
-                raise
-            except Exception:
-                self._break()
-                raise
+        """`open_session` or `close_session`, answered by the session's id."""
+        session_id: str = message.session_id  # type: ignore[attr-defined]
+        reply = asyncio.get_running_loop().create_future()
+        self._requests[session_id] = reply
+        answer = await self._exchange(message, reply, lambda: self._requests.pop(session_id, None), timeout)
+        if not isinstance(answer, expect):
+            self._break(ProtocolError("bad_request", f"{self.address} answered {answer.type!r}"))  # type: ignore[attr-defined]
+            raise PeerUnreachableError(f"expected {expect.__name__} from {self.address}, got {answer.type!r}")  # type: ignore[attr-defined]
+        return answer
 
-    @property
-    def takes_groups(self) -> bool:
-        return self.version >= 2
+    async def _exchange(self, message, reply, forget, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        if self.broken:
+            forget()
+            raise PeerUnreachableError(f"the connection to {self.address} is gone")
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        try:
+            await self.connection.send(encode_message(message))
+            async with asyncio.timeout(timeout or self.timeout):
+                return await reply
+        except (websockets.ConnectionClosed, OSError) as exc:
+            self._break(PeerUnreachableError(f"connection to {self.address} lost: {exc}"))
+            raise PeerUnreachableError(f"connection to {self.address} lost: {exc}") from exc
+        except TimeoutError:  # the peer's state for this request is unknown: give the connection up
+            self._break(PeerUnreachableError(f"{self.address} did not answer within {timeout or self.timeout} s"))
+            raise PeerUnreachableError(f"{self.address} did not answer within {timeout or self.timeout} s") from None
+        finally:
+            forget()
 
-    async def step_group(self, group: StepGroup) -> StepGroupResult:
-        """Send a group of sessions' steps as one frame, between the other frames (see `client.group`)."""
-        self.frames_sent += 1
-        self.steps_sent += len(group.session_ids)
-        reply = await self.request(group, StepGroupResult)
-        if len(reply.errors) != len(group.session_ids) or reply.hidden.shape[:1] != [sum(group.rows)]:
-            self._break()
-            raise PeerUnreachableError(f"{self.address} answered a group of {len(group.session_ids)} steps wrongly")
-        return reply
+    async def _read(self) -> None:
+        """Hand every frame to the request it answers; anything unmatched breaks the connection."""
+        try:
+            async for frame in self.connection:
+                self._deliver(decode_message(frame))
+        except Exception as exc:  # the connection dropped, or a frame made no sense
+            self._break(PeerUnreachableError(f"connection to {self.address} lost: {exc}"))
+        else:
+            self._break(PeerUnreachableError(f"{self.address} closed the connection"))
 
-    async def step(self, step: Step) -> StepResult:
-        """Send `step` in the next frame to this peer and wait for its own result.
+    def _deliver(self, message: BaseModel) -> None:
+        if isinstance(message, StepResult):
+            waiting = self._steps.get(message.step_id)
+        elif isinstance(message, (SessionOpened, SessionClosed)):
+            waiting = self._requests.get(message.session_id)
+        elif isinstance(message, Error) and message.step_id is not None:
+            waiting = self._steps.get(message.step_id)
+        elif isinstance(message, Error) and message.session_id is not None:
+            waiting = self._requests.get(message.session_id)
+        else:
+            waiting = None
+        if waiting is None:
+            raise ProtocolError("bad_request", f"{self.address} sent {message.type!r} that answers nothing")  # type: ignore[attr-defined]
+        if waiting.done():
+            return
+        if isinstance(message, Error):
+            waiting.set_exception(RemoteError(message.code, message.message, self.address))
+        else:
+            waiting.set_result(message)
 
-        A step that finds the channel idle leaves at once from the caller's own task (a lone generation's
-        every step): no sender task, no extra turns of the event loop. Steps that come while a frame is in
-        flight queue up and leave together after it."""
-        if not self._queued and not self._turn.locked():
-            async with self._turn:  # free, so taken without yielding: nobody can slip in before this frame
-                try:
-                    (outcome,) = await self._exchange([step])
-                except Exception:  # the connection is gone or the frame was refused
-                    self._break()
-                    raise
-            if isinstance(outcome, Exception):
-                raise outcome
-            return outcome
-        queued = _QueuedStep(step, asyncio.get_running_loop().create_future())
-        self._queued.append(queued)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_queued())
-        return await queued.reply
-
-    async def _send_queued(self) -> None:
-        while self._queued:
-            async with self._turn:
-                batch = _next_frame(self._queued)
-                self._queued = self._queued[len(batch) :]
-                try:
-                    results = await self._exchange([queued.step for queued in batch])
-                except Exception as exc:  # the connection is gone or the frame was refused: every step fails
-                    self._break()
-                    for queued in batch:
-                        _settle(queued.reply, exc)
-                    continue
-            for queued, result in zip(batch, results, strict=True):
-                _settle(queued.reply, result)
-
-    async def _exchange(self, steps: list[Step]) -> list[StepResult | Exception]:
-        self.frames_sent += 1
-        self.steps_sent += len(steps)
-        if len(steps) == 1:
-            try:
-                return [await request(self.connection, steps[0], StepResult, self.timeout, self.address)]
-            except RemoteError as exc:
-                return [exc]
-        many = StepMany.trusted(type="step_many", steps=steps)
-        reply = await request(self.connection, many, StepManyResult, self.timeout, self.address)
-        if len(reply.results) != len(steps):
-            raise PeerUnreachableError(f"{self.address} answered {len(reply.results)} of {len(steps)} steps")
-        return [
-            RemoteError(result.code, result.message, self.address) if isinstance(result, Error) else result
-            for result in reply.results
-        ]
-
-    def _break(self) -> None:
-        """Give up on the connection at once; the peer frees its sessions, which fail over elsewhere."""
-        self.broken = True
-        self.connection.transport.abort()
+    def _break(self, error: Exception) -> None:
+        """Give up on the connection at once; every request waiting on it fails, the peer frees its sessions."""
+        if not self.broken:
+            self.broken = True
+            self.connection.transport.abort()
+        for waiting in [*self._steps.values(), *self._requests.values()]:
+            if not waiting.done():
+                waiting.set_exception(error)
 
     async def close(self) -> None:
         await self.connection.close()
-
-
-def _next_frame(queued: list[_QueuedStep]) -> list[_QueuedStep]:
-    size, count = 0, 0
-    for item in queued[:MAX_STEPS_PER_FRAME]:
-        size += _step_bytes(item.step)
-        if count and size > COALESCE_BYTES:
-            break
-        count += 1
-    return queued[:count]
-
-
-def _step_bytes(step: Step) -> int:
-    tensors = (step.hidden, step.position_ids, step.attention_mask, step.hypo_ids)
-    return sum(len(tensor.data) for tensor in tensors if tensor is not None)
-
-
-def _settle(future: asyncio.Future[StepResult], outcome: StepResult | Exception) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 class ChannelPool:

@@ -1,10 +1,10 @@
-"""One decode step of many sessions at once, sent as `step_group` frames.
+"""One decode step of many sessions at once, sent as one step frame per peer and layer range.
 
 `DecodeScheduler`'s jobs decode in lockstep: every tick, each of their sessions sends one token's hidden states
 through its chain. Sessions whose next link is the same layer range on the same peer travel together in one
-`step_group` frame: one tensor to encode and send for all of them, one for the peer to check and answer,
-instead of one per session. Each session keeps its own link sessions, history and failover: whoever's step
-fails in a group (the peer answered it with an error, or the frame was lost) carries on alone through
+`step` frame: one tensor to encode and send for all of them, one for the peer to check and answer, instead of
+one per session. Each session keeps its own link sessions, history and failover: whoever's step fails in a
+group (the peer answered it with an error, or the frame was lost) carries on alone through
 `ChainSession.step_link`, which fails over and retries exactly as a step sent alone would.
 """
 
@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from client.channel import COALESCE_BYTES
 from client.session import ChainSession, LinkFailure, LinkSession, StepInputs, wire_hidden
 from swarm.errors import RemoteError
-from swarm.protocol import MAX_STEPS_PER_FRAME, StepGroup, WireTensor
+from swarm.protocol import MAX_SESSIONS_PER_STEP, Step, WireTensor
+
+GROUP_BYTES = 8 * 2**20
+"""Sessions join a group while their hidden states fit in this many bytes (a lone session always goes): well
+under a node's frame limit."""
 
 
 @dataclass
@@ -61,11 +64,10 @@ async def step_together(
 
 
 async def _step_link(members: list[_Member]) -> None:
-    """Step members that are all at the same layers of the same peer: together, if the peer takes groups and
-    the step is one token (a decode step); each on its own otherwise."""
-    one_token = members[0].inputs.hidden.shape[1] == 1  # the members' rows all come from one tensor
-    if len(members) == 1 or not one_token or not members[0].link.channel.takes_groups:
-        await asyncio.gather(*(_step_alone(member, None) for member in members))
+    """Step members that are all at the same layers of the same peer: together, as one frame (or a few, see
+    `GROUP_BYTES`); a lone member goes through its own session."""
+    if len(members) == 1:
+        await _step_alone(members[0], None)
         return
     await asyncio.gather(*(_step_group(group) for group in _frames(members)))
 
@@ -77,14 +79,14 @@ async def _step_group(members: list[_Member]) -> None:
 
 
 def _frames(members: list[_Member]) -> list[list[_Member]]:
-    """Members cut into groups a peer accepts: at most `MAX_STEPS_PER_FRAME` sessions, and hidden states of at
-    most `COALESCE_BYTES` unless a single session's alone is larger."""
+    """Members cut into groups a peer accepts: at most `MAX_SESSIONS_PER_STEP` sessions, and hidden states of at
+    most `GROUP_BYTES` unless a single session's alone is larger."""
     groups: list[list[_Member]] = [[]]
     size = 0
     for member in members:
         hidden = member.inputs.hidden
         bytes_ = hidden.numel() * hidden.element_size()
-        if groups[-1] and (len(groups[-1]) == MAX_STEPS_PER_FRAME or size + bytes_ > COALESCE_BYTES):
+        if groups[-1] and (len(groups[-1]) == MAX_SESSIONS_PER_STEP or size + bytes_ > GROUP_BYTES):
             groups.append([])
             size = 0
         groups[-1].append(member)
@@ -93,26 +95,27 @@ def _frames(members: list[_Member]) -> list[list[_Member]]:
 
 
 async def _send_group(members: list[_Member]) -> list[Exception | None]:
-    """One `step_group` frame for the members; returns the failure of each member's step (None: it went on)."""
+    """One step frame for the members; returns the failure of each member's step (None: it went on)."""
     links = [member.link for member in members]
     lead = links[0]
-    message = StepGroup.trusted(
-        type="step_group",
+    message = Step.trusted(
+        type="step",
+        step_id=lead.channel.next_step_id(),
         session_ids=[link.session_id for link in links],
-        step_ids=[link.next_step_id() for link in links],
         rows=[member.session.batch_size for member in members],
         hidden=wire_hidden(torch.cat([m.inputs.hidden for m in members]), lead.link.peer.dtype, lead.codec),
         position_ids=WireTensor.from_torch(torch.cat([m.inputs.position_ids for m in members])),
-        attention_mask=WireTensor.from_torch(torch.cat([m.inputs.attention_mask for m in members])),
+        attention_mask=_mask(torch.cat([m.inputs.attention_mask for m in members])),
     )
     try:
-        reply = await lead.channel.step_group(message)
-    except LinkFailure as exc:  # the frame is lost: every member's step failed on this link
+        reply = await lead.channel.step(message)
+    except LinkFailure as exc:  # the frame is lost or refused: every member's step failed on this link
         return [exc] * len(members)
     output = reply.hidden.to_torch()
     failures: list[Exception | None] = []
     first = 0
-    for member, link, error in zip(members, links, reply.errors, strict=True):
+    errors = reply.errors if reply.errors is not None else [None] * len(members)
+    for member, link, error in zip(members, links, errors, strict=True):
         rows = slice(first, first + member.session.batch_size)
         first += member.session.batch_size
         if error is not None:
@@ -134,3 +137,8 @@ async def _step_alone(member: _Member, failure: Exception | None) -> None:
         return
     member.inputs = member.inputs.following(output)
     member.index += 1
+
+
+def _mask(mask: torch.Tensor) -> WireTensor | None:
+    """A mask of only ones travels as none at all."""
+    return None if bool(mask.all()) else WireTensor.from_torch(mask)

@@ -115,6 +115,11 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The local modules' dtype (Hugging Face's own property walks every parameter, on every step)."""
+        return self.local.embed.weight.dtype
+
     def get_input_embeddings(self) -> nn.Module:
         return self.local.embed
 

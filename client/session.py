@@ -8,7 +8,6 @@ output is the same as if nothing had failed.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -57,16 +56,23 @@ def wire_hidden(hidden: torch.Tensor, peer_dtype: str, codec: Codec = "raw") -> 
 
 @dataclass(frozen=True)
 class StepInputs:
-    """One step as sent to a link (positions int64, mask bool); kept as history for replay after a failover."""
+    """One step as sent to a link (positions int64, mask bool); kept as history for replay after a failover.
+
+    `wire` holds the positions, mask and beam reorder as they travel, encoded once for every link of the chain
+    (only the hidden states differ from link to link); a mask of only ones travels as none at all."""
 
     hidden: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     hypo_ids: torch.Tensor | None
+    wire: WireInputs | None = None
 
     def following(self, hidden: torch.Tensor) -> StepInputs:
         """The same step as the next link gets it: the same positions, this link's output."""
-        return StepInputs(hidden, self.position_ids, self.attention_mask, self.hypo_ids)
+        return StepInputs(hidden, self.position_ids, self.attention_mask, self.hypo_ids, self.encoded())
+
+    def encoded(self) -> WireInputs:
+        return self.wire if self.wire is not None else WireInputs.of(self)
 
     def compact(self) -> StepInputs:
         """The same step in tensors of its own wherever it holds a view (a session's rows of a group's tensors):
@@ -76,6 +82,22 @@ class StepInputs:
             _own(self.position_ids),
             _own(self.attention_mask),
             _own(self.hypo_ids) if self.hypo_ids is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class WireInputs:
+    position_ids: WireTensor
+    attention_mask: WireTensor | None
+    hypo_ids: WireTensor | None
+
+    @classmethod
+    def of(cls, inputs: StepInputs) -> WireInputs:
+        mask = inputs.attention_mask
+        return cls(
+            WireTensor.from_torch(inputs.position_ids),
+            None if bool(mask.all()) else WireTensor.from_torch(mask),
+            WireTensor.from_torch(inputs.hypo_ids) if inputs.hypo_ids is not None else None,
         )
 
 
@@ -95,7 +117,6 @@ class LinkSession:
         self.session_id = session_id
         self.codec = codec
         self.history: list[StepInputs] = []
-        self._step_ids = itertools.count()
 
     @classmethod
     async def open(
@@ -109,20 +130,21 @@ class LinkSession:
         await channel.request(message, SessionOpened, timeout=STEP_TIMEOUT)
         return cls(link, channel, session_id, codec)
 
-    def next_step_id(self) -> int:
-        return next(self._step_ids)
-
     async def step(self, inputs: StepInputs) -> torch.Tensor:
+        wire = inputs.encoded()
         message = Step.trusted(
             type="step",
-            session_id=self.session_id,
-            step_id=self.next_step_id(),
+            step_id=self.channel.next_step_id(),
+            session_ids=[self.session_id],
+            rows=[inputs.hidden.shape[0]],
             hidden=wire_hidden(inputs.hidden, self.link.peer.dtype, self.codec),
-            position_ids=WireTensor.from_torch(inputs.position_ids),
-            attention_mask=WireTensor.from_torch(inputs.attention_mask),
-            hypo_ids=WireTensor.from_torch(inputs.hypo_ids) if inputs.hypo_ids is not None else None,
+            position_ids=wire.position_ids,
+            attention_mask=wire.attention_mask,
+            hypo_ids=wire.hypo_ids,
         )
         reply = await self.channel.step(message)
+        if reply.errors is not None and reply.errors[0] is not None:
+            raise RemoteError(reply.errors[0].code, reply.errors[0].message, self.channel.address)
         self.record(inputs)
         return reply.hidden.to_torch()
 

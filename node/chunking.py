@@ -20,9 +20,9 @@ from node.validation import StepInputs
 class SessionCheckpoint:
     """What a step changes on a session, kept so that a failed step (or chunk of one) is undone exactly.
 
-    The cache needs nothing but the length: a step only writes slots past it, which attention (causal) never
-    reads again once the length is set back. A beam reorder moves rows, so a step that starts with one keeps
-    a copy of the session's rows."""
+    The cache needs little more than the length: a step only writes slots past it, which are hidden from
+    attention again when the length is set back. A beam reorder moves rows, so a step that starts with one
+    keeps a copy of the session's rows."""
 
     length: int
     last_positions: torch.Tensor | None
@@ -39,6 +39,7 @@ class SessionCheckpoint:
         session.last_positions = self.last_positions
         if self.rows is not None:
             session.cache.restore(self.rows)  # type: ignore[attr-defined]
+        session.cache.truncate(self.length)  # type: ignore[attr-defined]
 
 
 def split_step(inputs: StepInputs, size: int) -> list[StepInputs]:
@@ -48,7 +49,7 @@ def split_step(inputs: StepInputs, size: int) -> list[StepInputs]:
         StepInputs(
             inputs.hidden[:, begin : begin + size],
             inputs.position_ids[:, begin : begin + size],
-            inputs.attention_mask[:, begin : begin + size],
+            inputs.attention_mask[:, begin : begin + size] if inputs.attention_mask is not None else None,
             inputs.hypo_ids if begin == 0 else None,
         )
         for begin in range(0, tokens, size)

@@ -1,14 +1,16 @@
 """The node's KV cache: every session's keys and values in a few preallocated slabs, attended where they lie.
 
 A slab holds rows of one capacity (tokens per row) for all the span's layers: keys and values
-[layers, rows, kv_heads, capacity, head_dim], which slots hold real tokens (`valid`, left padding is not) and,
-for ALiBi, each slot's position. A session of batch b takes b adjacent rows of the slab whose capacity first
-fits its `max_length`. Its tokens sit in slots 0..length-1 of its rows, so:
+[layers, rows, kv_heads, capacity, head_dim], an additive attention bias per slot (0 for a real token, the
+dtype's minimum for left padding and for every slot past the row's length) and, for ALiBi, each slot's
+position. A session of batch b takes b adjacent rows of the slab whose capacity first fits its `max_length`.
+Its tokens sit in slots 0..length-1 of its rows, so:
 
+- a decode step's attention mask is the slot biases as they are (a view): nothing is built per step;
 - a decode round over sessions of different lengths in one slab is one attention call over the rows they span
-  (a view, no copy): each row's mask stops at its own length; new keys are written straight into their slots;
+  (a view, no copy): each row's bias hides the slots past its own length; new keys go straight to their slots;
 - a beam reorder is an index operation on the session's rows;
-- rolling back to a position is setting the length (slots past it are never attended: attention is causal).
+- rolling back to a position sets the length and hides the slots past it again.
 
 Slabs grow by doubling their rows when a session needs more, and are released when their last session leaves.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.models.attention import attend, attention_mask
+from swarm.models.attention import attend, blocked, full_mask, needs_full_mask, slot_bias
 from swarm.models.spec import ModelSpec
 
 MIN_CAPACITY = 32
@@ -46,7 +48,7 @@ class Slab:
         self.device, self.dtype = device, dtype
         self.keys = self._empty(0)
         self.values = self._empty(0)
-        self.valid = torch.zeros(0, capacity, dtype=torch.bool, device=device)
+        self.bias = torch.empty(0, capacity, dtype=dtype, device=device)
         self.positions = torch.zeros(0, capacity, dtype=torch.int64, device=device) if spec.alibi else None
         self.used: list[bool] = []
         """Rows handed out; the tensors may lag behind until `materialize`."""
@@ -88,9 +90,9 @@ class Slab:
         keys, values = self._empty(rows), self._empty(rows)
         keys[:, :old], values[:, :old] = self.keys, self.values
         self.keys, self.values = keys, values
-        valid = torch.zeros(rows, self.capacity, dtype=torch.bool, device=self.device)
-        valid[:old] = self.valid
-        self.valid = valid
+        bias = torch.full((rows, self.capacity), blocked(self.dtype), dtype=self.dtype, device=self.device)
+        bias[:old] = self.bias
+        self.bias = bias
         if self.positions is not None:
             positions = torch.zeros(rows, self.capacity, dtype=torch.int64, device=self.device)
             positions[:old] = self.positions
@@ -109,6 +111,8 @@ class CacheRows:
     first: int
     count: int
     owner: KVCache
+    fresh: bool = True
+    """The rows may still hold a former session's biases: the first round that uses them hides every slot."""
 
     def release(self) -> None:
         """Give the rows back (the session closed)."""
@@ -118,6 +122,19 @@ class CacheRows:
     def rows(self) -> slice:
         return slice(self.first, self.first + self.count)
 
+    def prepare(self) -> None:
+        """Before a round (on the compute thread): the slab's tensors exist, and fresh rows hide every slot."""
+        self.slab.materialize()
+        if self.fresh:
+            self.slab.bias[self.rows] = blocked(self.slab.dtype)
+            self.fresh = False
+
+    @torch.inference_mode()
+    def truncate(self, length: int) -> None:
+        """Forget the slots from `length` on (a failed step is undone): hidden from attention again."""
+        if not self.fresh:
+            self.slab.bias[self.rows, length:] = blocked(self.slab.dtype)
+
     @torch.inference_mode()
     def reorder(self, order: torch.Tensor) -> None:
         """Beam search: row i of the session becomes its row `order[i]`, in every layer."""
@@ -126,7 +143,7 @@ class CacheRows:
         order = order.to(slab.device)
         slab.keys[:, rows] = slab.keys[:, rows].index_select(1, order)
         slab.values[:, rows] = slab.values[:, rows].index_select(1, order)
-        slab.valid[rows] = slab.valid[rows].index_select(0, order)
+        slab.bias[rows] = slab.bias[rows].index_select(0, order)
         if slab.positions is not None:
             slab.positions[rows] = slab.positions[rows].index_select(0, order)
 
@@ -135,13 +152,13 @@ class CacheRows:
         """Copies of the session's rows, for undoing a reorder if the step it came with fails."""
         slab, rows = self.slab, self.rows
         slab.materialize()
-        kept = (slab.keys[:, rows].clone(), slab.values[:, rows].clone(), slab.valid[rows].clone())
+        kept = (slab.keys[:, rows].clone(), slab.values[:, rows].clone(), slab.bias[rows].clone())
         return kept + ((slab.positions[rows].clone(),) if slab.positions is not None else ())
 
     @torch.inference_mode()
     def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
         slab, rows = self.slab, self.rows
-        slab.keys[:, rows], slab.values[:, rows], slab.valid[rows] = saved[:3]
+        slab.keys[:, rows], slab.values[:, rows], slab.bias[rows] = saved[:3]
         if slab.positions is not None:
             slab.positions[rows] = saved[3]
 
@@ -182,52 +199,102 @@ class RoundEntry:
     length: int
     positions: torch.Tensor
     """[batch, new tokens] positions of the new tokens."""
-    new_valid: torch.Tensor
-    """[batch, new tokens] which of them are real tokens (not padding)."""
+    new_valid: torch.Tensor | None
+    """[batch, new tokens] which of them are real tokens (not padding); None: all of them."""
 
 
 class RoundAttention:
-    """Attention for one forward over several sessions (a round): their rows are grouped by slab, each group
-    attended in one call over the rows it spans. Masks are built once per round; each layer writes its new keys
-    and values into the sessions' slots and attends. Rows of a group that do not take part (other sessions in
-    between) get an empty query whose output is dropped.
+    """Attention for one forward over one or more sessions (a round): their rows are grouped by slab, each group
+    attended in one call over the rows it spans. Masks are set up once per round; each layer writes its new
+    keys and values into the sessions' slots and attends.
 
     Sessions in a round all add the same number of new tokens (the batcher batches single-token steps; a
     longer step runs alone)."""
 
     def __init__(self, cache: KVCache, entries: list[RoundEntry]) -> None:
         self.cache = cache
-        self.tokens = entries[0].positions.shape[1]
-        self.groups: list[_SlabGroup] = []
         by_slab: dict[int, list[tuple[int, RoundEntry]]] = {}
         offset = 0
         for entry in entries:
             by_slab.setdefault(id(entry.rows.slab), []).append((offset, entry))
             offset += entry.rows.count
-        for members in by_slab.values():
-            self.groups.append(_SlabGroup.build(cache, members, self.tokens))
+        self.groups = [
+            _OneSession.build(cache, members[0][1]) if len(members) == 1 else _Sessions.build(cache, members)
+            for members in by_slab.values()
+        ]
+        self.batch_indexes = [] if len(self.groups) == 1 else [_batch_index(members) for members in by_slab.values()]
 
+    @torch.compiler.disable  # `--compile` compiles the layers' math around it; the cache writes stay eager
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        layer -= self.cache.start
         if len(self.groups) == 1:
-            return self.groups[0].attend(layer - self.cache.start, q, k, v, scale)
+            return self.groups[0].attend(layer, q, k, v, scale)
         out = torch.empty_like(q)
-        for group in self.groups:
-            index = group.batch_index
-            out[index] = group.attend(layer - self.cache.start, q[index], k[index], v[index], scale)
+        for group, index in zip(self.groups, self.batch_indexes, strict=True):
+            out[index] = group.attend(layer, q[index], k[index], v[index], scale)
         return out
 
 
+def _batch_index(members: list[tuple[int, RoundEntry]]) -> torch.Tensor:
+    """The rows of the round's batch that belong to these sessions."""
+    rows = [torch.arange(offset, offset + entry.rows.count) for offset, entry in members]
+    return torch.cat(rows).to(members[0][1].rows.slab.device)
+
+
 @dataclass
-class _SlabGroup:
+class _OneSession:
+    """One session's rows (adjacent, all holding the same number of tokens): views of every layer's slots,
+    made once per round, so a layer writes its new keys and attends with two copies and one call."""
+
+    new_keys: torch.Tensor
+    new_values: torch.Tensor
+    """[layers, batch, kv_heads, new tokens, head_dim]: where the new keys and values go."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    """[layers, batch, kv_heads, slots attended, head_dim]"""
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, cache: KVCache, entry: RoundEntry) -> _OneSession:
+        cache_rows = entry.rows
+        cache_rows.prepare()
+        slab, rows = cache_rows.slab, cache_rows.rows
+        tokens = entry.positions.shape[1]
+        first, span = entry.length, entry.length + tokens
+        if entry.new_valid is None:
+            slab.bias[rows, first:span] = 0
+        else:
+            slab.bias[rows, first:span] = slot_bias(entry.new_valid.to(slab.device), slab.dtype)
+        if slab.positions is not None:
+            slab.positions[rows, first:span] = entry.positions.to(slab.device)
+        if needs_full_mask(cache.spec, tokens):
+            slots = torch.arange(first, span, device=slab.device).expand(cache_rows.count, tokens)
+            positions = slab.positions[rows, :span] if slab.positions is not None else None
+            mask = full_mask(cache.spec, slab.bias[rows, :span], slots, positions)
+        else:
+            mask = slab.bias[rows, None, None, :span]
+        keys, values = slab.keys[:, rows], slab.values[:, rows]
+        return cls(
+            keys[:, :, :, first:span], values[:, :, :, first:span], keys[:, :, :, :span], values[:, :, :, :span], mask
+        )
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        self.new_keys[layer] = k
+        self.new_values[layer] = v
+        return attend(q, self.keys[layer], self.values[layer], self.mask, scale)
+
+
+@dataclass
+class _Sessions:
+    """Several sessions' single-token steps in one slab: index writes, one attention call over rows lo..hi."""
+
     slab: Slab
     lo: int
     hi: int
-    batch_index: torch.Tensor
-    """The group's rows in the round's batch (which rows of q, k and v are its)."""
     row_index: torch.Tensor
     """Those rows' slab rows."""
-    slot_index: torch.Tensor
-    """[rows, tokens]: the slots the new tokens go to."""
+    slots: torch.Tensor
+    """The slot each row's new token goes to."""
     dense: bool
     """The group's rows are exactly slab rows lo..hi-1 in batch order: no scatter or gather needed."""
     mask: torch.Tensor
@@ -235,44 +302,53 @@ class _SlabGroup:
     """Slots attended (the longest row's length after this round)."""
 
     @classmethod
-    def build(cls, cache: KVCache, members: list[tuple[int, RoundEntry]], tokens: int) -> _SlabGroup:
+    def build(cls, cache: KVCache, members: list[tuple[int, RoundEntry]]) -> _Sessions:
+        spec = cache.spec
         slab = members[0][1].rows.slab
-        slab.materialize()
         device = slab.device
-        batch_rows, slab_rows, slots = [], [], []
-        for offset, entry in members:
+        slab_rows, slots = [], []
+        for _, entry in members:
+            entry.rows.prepare()
             count = entry.rows.count
-            batch_rows.append(torch.arange(offset, offset + count))
             slab_rows.append(torch.arange(entry.rows.first, entry.rows.first + count))
-            slots.append((entry.length + torch.arange(tokens)).expand(count, tokens))
-        batch_index = torch.cat(batch_rows).to(device)
+            slots.append(torch.full((count,), entry.length))
         row_index = torch.cat(slab_rows).to(device)
         slot_index = torch.cat(slots).to(device)
         lo, hi = int(row_index.min()), int(row_index.max()) + 1
         span = int(slot_index.max()) + 1
-        slab.valid[row_index[:, None], slot_index] = torch.cat([e.new_valid for _, e in members]).to(device)
+        if all(entry.new_valid is None for _, entry in members):
+            slab.bias[row_index, slot_index] = 0
+        else:
+            real = [
+                e.new_valid if e.new_valid is not None else torch.ones(e.rows.count, 1, dtype=torch.bool)
+                for _, e in members
+            ]
+            slab.bias[row_index, slot_index] = slot_bias(torch.cat(real).to(device)[:, 0], slab.dtype)
         if slab.positions is not None:
-            slab.positions[row_index[:, None], slot_index] = torch.cat([e.positions for _, e in members]).to(device)
+            slab.positions[row_index, slot_index] = torch.cat([e.positions for _, e in members]).to(device)[:, 0]
         dense = hi - lo == len(row_index) and bool((row_index == torch.arange(lo, hi, device=device)).all())
-        query_slots = torch.zeros(hi - lo, tokens, dtype=torch.int64, device=device)
-        query_slots[row_index - lo] = slot_index
-        positions = slab.positions[lo:hi, :span] if slab.positions is not None else None
-        mask = attention_mask(cache.spec, slab.valid[lo:hi, :span], query_slots, slab.dtype, positions)
-        return cls(slab, lo, hi, batch_index, row_index, slot_index, dense, mask, span)
+        if needs_full_mask(spec, 1):
+            query_slots = torch.zeros(hi - lo, 1, dtype=torch.int64, device=device)
+            query_slots[row_index - lo, 0] = slot_index
+            positions = slab.positions[lo:hi, :span] if slab.positions is not None else None
+            mask = full_mask(spec, slab.bias[lo:hi, :span], query_slots, positions)
+        else:
+            mask = slab.bias[lo:hi, None, None, :span]
+        return cls(slab, lo, hi, row_index, slot_index, dense, mask, span)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         keys, values = self.slab.keys[layer], self.slab.values[layer]
-        if self.slot_index.shape[1] == 1:  # one new token per row: each row writes its own slot
-            slots = self.slot_index[:, 0]
-            keys[self.row_index, :, slots] = k[:, :, 0]
-            values[self.row_index, :, slots] = v[:, :, 0]
-        else:  # one session: its rows are adjacent and all hold the same number of tokens
-            first, tokens = int(self.slot_index[0, 0]), self.slot_index.shape[1]
-            keys[self.lo : self.hi, :, first : first + tokens] = k
-            values[self.lo : self.hi, :, first : first + tokens] = v
+        keys[self.row_index, :, self.slots] = k[:, :, 0]
+        values[self.row_index, :, self.slots] = v[:, :, 0]
         keys, values = keys[self.lo : self.hi, :, : self.span], values[self.lo : self.hi, :, : self.span]
         if self.dense:
             return attend(q, keys, values, self.mask, scale)
         queries = q.new_zeros(self.hi - self.lo, *q.shape[1:])
         queries[self.row_index - self.lo] = q
         return attend(queries, keys, values, self.mask, scale)[self.row_index - self.lo]
+
+
+def _real(entry: RoundEntry) -> torch.Tensor:
+    if entry.new_valid is not None:
+        return entry.new_valid
+    return torch.ones(entry.rows.count, entry.positions.shape[1], dtype=torch.bool)

@@ -82,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--announce-interval", type=float, help="seconds between heartbeats (default 5)")
     add("--session-idle-timeout", type=float, help="seconds before an idle session is freed (default 300)")
     add("--max-session-seconds", type=float, help="longest a session may stay open (default 86400)")
-    add("--step-timeout", type=float, help="a step computing longer ends its session (default 120)")
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
     add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     add("--quantize", choices=["int8"], help="store linear weights as int8 (torchao, weight-only; CPU or GPU)")
@@ -180,11 +179,11 @@ async def serve(settings: NodeSettings) -> None:
     log.info("node %s: loading layers %s of %s", identity.peer_id, format_layer_range(start, end), identity.model_name)
     loop = asyncio.get_running_loop()
     node.span = await loop.run_in_executor(
-        node.compute, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize
+        None, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize
     )
     if settings.compile:
         node.span.stack.compile()  # compiled by the first steps, here: measuring throughput runs a few
-    node.throughput = await loop.run_in_executor(node.compute, node.span.measure_throughput)
+    node.throughput = await loop.run_in_executor(None, node.span.measure_throughput)
     node.state = "online"
     announcer.announce_now()
     log.info(
@@ -204,7 +203,6 @@ async def serve(settings: NodeSettings) -> None:
     await announcer.stop(leave=True)
     server.close()
     await server.wait_closed()
-    node.compute.shutdown(wait=False, cancel_futures=True)
 
 
 async def make_plan(

@@ -1,7 +1,8 @@
 """The node's websocket endpoint: sessions, steps and stateless forwards over its span.
 
-All compute runs on one worker thread, so the event loop stays free for heartbeats and other
-clients' frames, and two sessions never touch the layers at the same time.
+Each frame is answered in a task of its own, so a client may have several steps in flight on one connection
+(replies carry their `step_id`); the steps themselves go through `node.steps`, which runs them in rounds on the
+event loop. A session belongs to the connection that opened it and ends with it.
 """
 
 from __future__ import annotations
@@ -9,32 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import websockets
 from websockets.asyncio.server import ServerConnection
 
 import swarm
-from node.batching import StepBatcher
 from node.kv_cache import capacity_for
 from node.metrics import NodeMetrics
 from node.sessions import SessionTable
 from node.settings import NodeSettings
 from node.span import LoadedSpan
-from node.validation import (
-    StepInputs,
-    check_layer_range,
-    decode_group,
-    decode_hidden,
-    decode_mask,
-    decode_positions,
-    validate_group_member,
-    validate_step,
-)
+from node.steps import StepScheduler, StepService
+from node.validation import check_layer_range, decode_hidden, decode_mask, decode_positions
 from swarm.errors import ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (
@@ -52,11 +41,6 @@ from swarm.protocol import (
     SessionClosed,
     SessionOpened,
     Step,
-    StepGroup,
-    StepGroupResult,
-    StepMany,
-    StepManyResult,
-    StepResult,
     Welcome,
     WireTensor,
     decode_message,
@@ -65,10 +49,8 @@ from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.node")
 
-INLINE_SECONDS = 0.005
-"""Lone decode steps faster than this on average skip the hop to the compute thread (see `_compute`)."""
-
-T = TypeVar("T")
+FRAMES_IN_FLIGHT = 64
+"""Frames of one connection being answered at once; beyond that the node stops reading it until one is done."""
 
 
 @dataclass
@@ -93,17 +75,17 @@ class NodeServer:
         self.state: PeerState = "joining"
         self.throughput = 0.0
         self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions)
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
-        self._computing = 0  # calls on the compute thread now (or waiting for it)
-        self._quick_seconds = 0.0  # moving average of how long quick calls take
         self.metrics = NodeMetrics(self.sessions, lambda: self.state)
-        self.batcher = StepBatcher(
-            self._compute,
+        self.scheduler = StepScheduler(self._ready_span, self.metrics, settings.batch_steps, settings.prefill_chunk)
+        self.steps = StepService(
+            self.sessions,
             self._ready_span,
-            self.metrics.batched_steps.inc,
-            enabled=settings.batch_steps,
-            chunk_tokens=settings.prefill_chunk,
-            runs_inline=self._runs_inline,
+            self.scheduler,
+            self._failed,
+            identity.hidden_size,
+            identity.dtype,
+            settings.max_length,
+            self.metrics,
         )
 
     def peer_info(self) -> PeerInfo:
@@ -134,8 +116,9 @@ class NodeServer:
         )
 
     async def handle(self, connection: ServerConnection) -> None:
-        """One client or peer connection: handshake, then request/reply until it closes."""
+        """One client or peer connection: handshake, then every frame answered in a task of its own."""
         owner = id(connection)
+        answering: set[asyncio.Task[None]] = set()
         try:
             try:
                 version = check_hello(
@@ -146,12 +129,24 @@ class NodeServer:
                 return
             await send(connection, Welcome(version=version, node=self.peer_info(), limits=self.limits()))
             async for frame in connection:
-                await send(connection, await self._answer(frame, owner))
+                task = asyncio.create_task(self._answer_frame(connection, frame, owner))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+                if len(answering) >= FRAMES_IN_FLIGHT:
+                    await asyncio.wait(answering, return_when=asyncio.FIRST_COMPLETED)
         except websockets.ConnectionClosed:
             pass
         finally:
+            for task in answering:
+                task.cancel()
             for session_id in self.sessions.close_owned_by(owner):
                 log.info("session %s freed: its connection closed", session_id)
+
+    async def _answer_frame(self, connection: ServerConnection, frame: bytes | str, owner: int) -> None:
+        try:
+            await send(connection, await self._answer(frame, owner))
+        except websockets.ConnectionClosed:
+            pass
 
     async def _answer(self, frame: bytes | str, owner: int) -> Message:
         try:
@@ -159,17 +154,11 @@ class NodeServer:
         except ProtocolError as exc:
             self.metrics.errors.labels(exc.code).inc()
             return error_frame(exc)
-        if isinstance(message, StepMany):  # each step succeeds or fails on its own; they share one round
-            answers = [self._guarded(self._step(step, owner), step.session_id, owner) for step in message.steps]
-            return StepManyResult.trusted(type="step_many_result", results=await asyncio.gather(*answers))
-        if isinstance(message, StepGroup):
-            return await self._step_group(message, owner)
-        return await self._guarded(self._dispatch(message, owner), getattr(message, "session_id", None), owner)
-
-    async def _guarded(self, answer: Awaitable[Message], session_id: str | None, owner: int) -> Message:
-        """The answer, or the error frame it ended in; an error ends the session it happened in."""
+        if isinstance(message, Step):
+            return await self.steps.answer(message, owner)
+        session_id = getattr(message, "session_id", None)
         try:
-            return await answer
+            return await self._dispatch(message, owner)
         except Exception as exc:
             return self._failed(exc, session_id, owner)
 
@@ -197,8 +186,6 @@ class NodeServer:
         return True
 
     async def _dispatch(self, message: Message, owner: int) -> Message:
-        if isinstance(message, Step):
-            return await self._step(message, owner, alone=True)
         if isinstance(message, OpenSession):
             span = self._ready_span()
             check_layer_range(message.start, message.end, (span.start, span.end))
@@ -219,7 +206,7 @@ class NodeServer:
             self.sessions.close(message.session_id)
             return SessionClosed(session_id=message.session_id)
         if isinstance(message, Forward):
-            return await self._forward(message)
+            return self._forward(message)
         raise ProtocolError("bad_request", f"a node does not accept {message.type!r} messages")
 
     def _ready_span(self) -> LoadedSpan:
@@ -227,73 +214,18 @@ class NodeServer:
             raise ProtocolError("busy", f"node is {self.state}, not taking work; try another peer")
         return self.span
 
-    async def _step(self, message: Step, owner: int, alone: bool = False) -> StepResult:
-        """`alone`: the step came in a frame of its own (a `step_many` frame's steps are meant to batch)."""
-        self._ready_span()  # refuses work unless online
-        session = self.sessions.get(message.session_id, owner)
-        inputs = validate_step(
-            session,
-            message.hidden,
-            message.position_ids,
-            message.attention_mask,
-            message.hypo_ids,
-            self.identity.hidden_size,
-        )
-        session.last_used = time.monotonic()
-        hidden = await self.batcher.submit(session, inputs, alone=alone)
-        self.metrics.steps.labels("step").inc()
-        reply = WireTensor.from_torch(hidden, message.hidden.codec)  # replies mirror the request's codec
-        return StepResult.trusted(
-            type="step_result", session_id=session.session_id, step_id=message.step_id, hidden=reply
-        )
-
-    async def _step_group(self, message: StepGroup, owner: int) -> StepGroupResult:
-        """Each session's rows of the group are a step of its own, checked, run and answered on its own (a bad
-        one ends only its session), but the group's tensors are decoded and checked once for all of them."""
-        rows = message.rows
-        outcomes: list[torch.Tensor | BaseException]
-        try:
-            self._ready_span()
-            group = decode_group(message, self.identity.hidden_size, self.settings.max_length)
-        except ProtocolError as exc:  # nothing in the group can run: every session's step failed
-            outcomes = [exc] * len(rows)
-        else:
-            steps, first = [], 0
-            for session_id, count in zip(message.session_ids, rows, strict=True):
-                steps.append(self._group_member(session_id, owner, group, slice(first, first + count)))
-                first += count
-            outcomes = await asyncio.gather(*steps, return_exceptions=True)
-        outputs, errors = [], []
-        for session_id, count, outcome in zip(message.session_ids, rows, outcomes, strict=True):
-            if isinstance(outcome, torch.Tensor):
-                outputs.append(outcome)
-                errors.append(None)
-                continue
-            if not isinstance(outcome, Exception):  # cancelled: the connection is going away
-                raise outcome
-            outputs.append(torch.zeros(count, 1, self.identity.hidden_size, dtype=self.identity.dtype))
-            errors.append(self._failed(outcome, session_id, owner))
-        self.metrics.steps.labels("step").inc(errors.count(None))
-        reply = WireTensor.from_torch(torch.cat(outputs), message.hidden.codec)  # replies mirror the request's codec
-        return StepGroupResult.trusted(type="step_group_result", hidden=reply, errors=errors)
-
-    async def _group_member(self, session_id: str, owner: int, group: StepInputs, rows: slice) -> torch.Tensor:
-        session = self.sessions.get(session_id, owner)
-        inputs = validate_group_member(
-            session, StepInputs(group.hidden[rows], group.position_ids[rows], group.attention_mask[rows], None)
-        )
-        session.last_used = time.monotonic()
-        output = await self.batcher.submit(session, inputs)
-        return output.to("cpu", self.identity.dtype)
-
-    async def _forward(self, message: Forward) -> ForwardResult:
+    def _forward(self, message: Forward) -> ForwardResult:
+        """A stateless pass over a whole sequence, computed at once (it keeps the loop for its duration)."""
         span = self._ready_span()
         check_layer_range(message.start, message.end, (span.start, span.end))
         hidden = decode_hidden(message.hidden, self.identity.hidden_size, self.settings.max_batch_size)
         shape = (hidden.shape[0], hidden.shape[1])
         positions = decode_positions(message.position_ids, shape, self.settings.max_length)
         mask = decode_mask(message.attention_mask, shape)
-        out = await self._compute(span.forward_stateless, hidden, positions, mask, message.start, message.end)
+        real = mask if mask is not None else torch.ones(shape, dtype=torch.bool)
+        began = time.perf_counter()
+        out = span.forward_stateless(hidden, positions, real, message.start, message.end)
+        self.metrics.step_seconds.observe(time.perf_counter() - began)
         self.metrics.steps.labels("forward").inc()
         return ForwardResult(hidden=WireTensor.from_torch(out, message.hidden.codec))
 
@@ -303,40 +235,6 @@ class NodeServer:
             time.monotonic(), settings.session_idle_timeout, settings.max_session_seconds
         ):
             log.info("session %s expired (idle or past its maximum age)", session_id)
-
-    async def _compute(self, function: Callable[..., T], *args: object, quick: bool = False) -> T:
-        """Run on the compute thread, bounded by `--step-timeout` (the step's session then ends).
-
-        `quick` work (a lone single-token step) runs right here on the event loop instead, while the compute
-        thread is idle and such work has lately taken under `INLINE_SECONDS`: handing it to the thread and
-        back costs more than a small model's decode step itself, and blocking the loop that briefly delays
-        nothing that matters."""
-        began = time.perf_counter()
-        if quick and self._runs_inline():
-            result = function(*args)
-        else:
-            future = asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
-            self._computing += 1
-            future.add_done_callback(self._computed)  # when the thread is done, even with a step that timed out
-            try:
-                async with asyncio.timeout(self.settings.step_timeout):
-                    result = await asyncio.shield(future)
-            except TimeoutError:
-                raise ProtocolError("internal", f"step took longer than {self.settings.step_timeout:g} s") from None
-        took = time.perf_counter() - began
-        if quick:
-            self._quick_seconds += 0.2 * (took - self._quick_seconds)
-        self.metrics.step_seconds.observe(took)
-        return result
-
-    def _runs_inline(self) -> bool:
-        """Whether quick work would run right on the event loop now (see `_compute`)."""
-        return not self._computing and self._quick_seconds < INLINE_SECONDS
-
-    def _computed(self, future: asyncio.Future[object]) -> None:
-        self._computing -= 1
-        if not future.cancelled():
-            future.exception()  # a step that timed out may fail later; nobody awaits it any more
 
     def http_routes(self) -> dict[str, Route]:
         return {

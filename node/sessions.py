@@ -38,6 +38,8 @@ class Session:
     length: int = 0
     """Tokens its cache holds, padding included."""
     last_positions: torch.Tensor | None = None
+    closed: bool = False
+    """Set when the session ends: a step of it still waiting must not run (its cache rows are given away)."""
 
 
 class SessionTable:
@@ -97,6 +99,7 @@ class SessionTable:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return False
+        session.closed = True
         session.cache.release()
         return True
 

@@ -34,7 +34,6 @@ class NodeSettings(BaseSettings):
     max_message_bytes: int = Field(64 * 2**20, ge=1024)
     session_idle_timeout: float = Field(300.0, gt=0)
     max_session_seconds: float = Field(24 * 3600.0, gt=0, description="a session is ended after this long")
-    step_timeout: float = Field(120.0, gt=0, description="a step that computes longer ends its session")
     drain_timeout: float = Field(15.0, ge=0, description="on SIGTERM, how long to wait for clients to move")
     announce_interval: float = Field(5.0, gt=0)
     token: str | None = Field(None, repr=False)

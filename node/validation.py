@@ -14,7 +14,7 @@ import torch
 
 from node.sessions import Session
 from swarm.errors import ProtocolError
-from swarm.protocol import StepGroup, WireTensor
+from swarm.protocol import Step, WireTensor
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int64", "int32")
@@ -30,7 +30,8 @@ _EXPONENT_BITS = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7
 class StepInputs:
     hidden: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """None: every new token is real (a frame without a mask, or with one of only ones)."""
     hypo_ids: torch.Tensor | None
 
 
@@ -87,61 +88,67 @@ def _check_positions(positions: np.ndarray, limit: int, previous: torch.Tensor |
         raise _bad("position_ids go backwards relative to the previous step")
 
 
-def decode_mask(wire: WireTensor | None, shape: tuple[int, int]) -> torch.Tensor:
+def decode_mask(wire: WireTensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The new tokens' padding mask, or None when every one of them is real."""
     if wire is None:
-        return torch.ones(shape, dtype=torch.bool)
+        return None
     if wire.dtype not in MASK_DTYPES or tuple(wire.shape) != shape:
         raise _bad(f"attention_mask must be 0/1 of shape {list(shape)}, got {wire.dtype} {wire.shape}")
     mask = _values(wire, shape)
     if ((mask != 0) & (mask != 1)).any():
         raise _bad("attention_mask values must be 0 or 1")
-    return torch.from_numpy(mask != 0)
+    real = mask != 0
+    return None if real.all() else torch.from_numpy(real)
 
 
-def decode_hypo_ids(wire: WireTensor | None, batch: int) -> torch.Tensor | None:
+def decode_hypo_ids(wire: WireTensor | None, rows: list[int]) -> torch.Tensor | None:
+    """Beam reorders, one per row: each session's entries index its own rows."""
     if wire is None:
         return None
-    if wire.dtype not in INDEX_DTYPES or wire.shape != [batch]:
-        raise _bad(f"hypo_ids must be int64 of shape [{batch}], got {wire.dtype} {wire.shape}")
-    hypo_ids = _values(wire, (batch,))
-    if hypo_ids.size and (hypo_ids.min() < 0 or hypo_ids.max() >= batch):
-        raise _bad(f"hypo_ids must lie in [0, {batch})")
+    total = sum(rows)
+    if wire.dtype not in INDEX_DTYPES or wire.shape != [total]:
+        raise _bad(f"hypo_ids must be int64 of shape [{total}], got {wire.dtype} {wire.shape}")
+    hypo_ids = _values(wire, (total,))
+    first = 0
+    for count in rows:
+        own = hypo_ids[first : first + count]
+        if own.min() < 0 or own.max() >= count:
+            raise _bad(f"a session's hypo_ids must lie in [0, {count}), its own rows")
+        first += count
     return torch.from_numpy(hypo_ids.astype(np.int64))
 
 
-def validate_step(
-    session: Session,
-    hidden: WireTensor,
-    position_ids: WireTensor,
-    attention_mask: WireTensor | None,
-    hypo_ids: WireTensor | None,
-    hidden_size: int,
-) -> StepInputs:
-    """Everything a step needs, checked against the session it would change."""
-    decoded = decode_hidden(hidden, hidden_size, session.batch_size)
-    batch, tokens, _ = decoded.shape
-    _check_fits(session, batch, tokens)
-    positions = decode_positions(position_ids, (batch, tokens), session.max_length, session.last_positions)
+def decode_step(message: Step, hidden_size: int, max_length: int) -> StepInputs:
+    """A step's stacked tensors, checked once for all its sessions: shapes, dtypes, finiteness, positions in
+    [0, `max_length`) and not decreasing along a row, 0/1 masks, beam reorders within each session's rows."""
+    rows = sum(message.rows)
+    hidden = decode_hidden(message.hidden, hidden_size, rows)
+    if hidden.shape[0] != rows:
+        raise _bad(f"the step's sessions have {rows} rows together, hidden has {hidden.shape[0]}")
+    shape = (rows, hidden.shape[1])
     return StepInputs(
-        decoded, positions, decode_mask(attention_mask, (batch, tokens)), decode_hypo_ids(hypo_ids, batch)
+        hidden,
+        decode_positions(message.position_ids, shape, max_length),
+        decode_mask(message.attention_mask, shape),
+        decode_hypo_ids(message.hypo_ids, message.rows),
     )
 
 
-def decode_group(message: StepGroup, hidden_size: int, max_length: int) -> StepInputs:
-    """A `step_group`'s stacked tensors, checked once for all its sessions: one token per row."""
-    rows = sum(message.rows)
-    hidden = decode_hidden(message.hidden, hidden_size, rows)
-    if hidden.shape[:2] != (rows, 1):
-        raise _bad(f"a step_group carries one token for each of its {rows} rows, got hidden {list(hidden.shape)}")
-    positions = decode_positions(message.position_ids, (rows, 1), max_length)
-    return StepInputs(hidden, positions, decode_mask(message.attention_mask, (rows, 1)), None)
-
-
-def validate_group_member(session: Session, inputs: StepInputs) -> StepInputs:
-    """One session's rows of a decoded `step_group`, checked against that session."""
-    _check_fits(session, inputs.hidden.shape[0], inputs.hidden.shape[1])
-    _check_positions(inputs.position_ids.numpy(), session.max_length, session.last_positions)
-    return inputs
+def session_rows(session: Session, inputs: StepInputs, rows: slice) -> StepInputs:
+    """One session's rows of a decoded step, checked against that session: its batch, its room left, and
+    positions that do not go back behind its last step's (after the step's beam reorder)."""
+    own = StepInputs(
+        inputs.hidden[rows],
+        inputs.position_ids[rows],
+        inputs.attention_mask[rows] if inputs.attention_mask is not None else None,
+        inputs.hypo_ids[rows] if inputs.hypo_ids is not None else None,
+    )
+    _check_fits(session, own.hidden.shape[0], own.hidden.shape[1])
+    previous = session.last_positions
+    if previous is not None and own.hypo_ids is not None:
+        previous = previous[own.hypo_ids]
+    _check_positions(own.position_ids.numpy(), session.max_length, previous)
+    return own
 
 
 def _check_fits(session: Session, batch: int, tokens: int) -> None:

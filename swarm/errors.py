@@ -10,12 +10,14 @@ class SwarmError(Exception):
 
 
 class ProtocolError(SwarmError):
-    """A frame broke the wire contract; `code` is one of `protocol.ERROR_CODES`."""
+    """A frame broke the wire contract; `code` is one of `protocol.ERROR_CODES`. `step_id`: the step the
+    refused frame carried, when it could be read, so that the error frame can name it."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, step_id: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.step_id = step_id
 
 
 class RemoteError(ProtocolError):

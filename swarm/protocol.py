@@ -6,10 +6,8 @@ shape (or, for hidden states, optionally 8-bit compressed), never pickled. Decod
 everything, so code past `decode_message` can trust types and tensor sizes (semantic checks such as
 "does this shape fit the session" stay with the node).
 
-Fields added to version 1 after its release (`WireTensor.codec`/`scales`, `PeerInfo.codecs`) are
-optional: frames without them stay valid, and they are left out of a frame while they hold their
-default, so such frames are byte-for-byte what older peers send. Older peers refuse frames that carry
-them (extra fields are refused), which includes the `PeerInfo` of any node that advertises a codec.
+Optional fields are left out of a frame while they hold their default (`omitted_when_default`), so a
+frame carries only what it says.
 """
 
 from __future__ import annotations
@@ -26,13 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from swarm import compression
 from swarm.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
-"""The newest version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
-understand a frame. Version 2 adds `step_group`; everything else is as in version 1."""
+PROTOCOL_VERSION = 3
+"""The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
+understand a frame. Version 3 has one step message for one or many sessions, matched to its reply by
+`step_id`, so several can be in flight on a connection; versions 1 and 2 had `step`, `step_many` and
+`step_group` answered in order."""
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (3,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
-with `bad_request`, and a client then tries the next older one."""
+with `bad_request`, and a client then tries the next older one it speaks."""
 
 ERROR_CODES = ("bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal")
 ErrorCode = Literal["bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal"]
@@ -249,26 +249,49 @@ class SessionOpened(_Strict):
     session_id: Id
 
 
-class Step(_Strict):
-    """New positions of one session: hidden [B, T, H], position_ids [B, T], attention_mask [B, T].
+MAX_SESSIONS_PER_STEP = 1024
 
-    `hypo_ids` [B], when given, reorders the session's cache rows before the step (beam search).
-    """
+
+class Step(_Strict):
+    """New positions of one or more sessions opened on this connection, their rows stacked: session i owns the
+    `rows[i]` rows after those of the sessions before it in hidden [R, T, H], position_ids [R, T] and
+    attention_mask [R, T] (all T new tokens each, R the sum of `rows`).
+
+    `hypo_ids` [R], when given, reorders each session's cache rows before the step (beam search): a session's
+    entries index its own rows. `step_id` is unique among the steps in flight on the connection; the reply
+    carries it, so a client may send the next step before this one's reply arrives."""
 
     type: Literal["step"] = "step"
-    session_id: Id
     step_id: Count
+    session_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_SESSIONS_PER_STEP)]
+    rows: Annotated[list[Annotated[int, Field(ge=1, le=2**16)]], Field(min_length=1, max_length=MAX_SESSIONS_PER_STEP)]
     hidden: WireTensor
     position_ids: WireTensor
     attention_mask: WireTensor | None = None
     hypo_ids: WireTensor | None = None
 
+    omitted_when_default = frozenset({"attention_mask", "hypo_ids"})
+
+    @model_validator(mode="after")
+    def _one_entry_per_session(self) -> Step:
+        if len(self.session_ids) != len(self.rows):
+            raise ValueError("session_ids and rows must have one entry per session")
+        if len(set(self.session_ids)) != len(self.session_ids):
+            raise ValueError("a session may appear only once per step (its next step needs this one's result)")
+        return self
+
 
 class StepResult(_Strict):
+    """The answer to a `Step`: hidden [R, T, H] in the request's codec, rows in the request's order. `errors`,
+    when given, has one entry per session: None, or the error that ended that session's step (its rows are then
+    zeros); it is left out when every session's step succeeded."""
+
     type: Literal["step_result"] = "step_result"
-    session_id: Id
     step_id: Count
     hidden: WireTensor
+    errors: list[Error | None] | None = None
+
+    omitted_when_default = frozenset({"errors"})
 
 
 class CloseSession(_Strict):
@@ -298,73 +321,16 @@ class ForwardResult(_Strict):
 
 
 class Error(_Strict):
+    """A request failed. `step_id` names the step whose frame was refused as a whole; `session_id` the session
+    an `open_session` or `close_session` was about."""
+
     type: Literal["error"] = "error"
     code: ErrorCode
     message: Annotated[str, Field(max_length=4096)]
     session_id: Id | None = None
+    step_id: Count | None = None
 
-
-MAX_STEPS_PER_FRAME = 1024
-
-SessionIds = Annotated[list[Id], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
-
-
-class StepMany(_Strict):
-    """Steps of several sessions opened on this connection, in one frame: the node validates each on its
-    own and runs them as one round (a client's concurrent sessions; see client/channel.py)."""
-
-    type: Literal["step_many"] = "step_many"
-    steps: Annotated[list[Step], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
-
-    @model_validator(mode="after")
-    def _one_step_per_session(self) -> StepMany:
-        _check_once_each([step.session_id for step in self.steps])
-        return self
-
-
-class StepManyResult(_Strict):
-    """One entry per step of a `StepMany`, in its order: its result, or the error that ended that step only."""
-
-    type: Literal["step_many_result"] = "step_many_result"
-    results: list[Annotated[StepResult | Error, Field(discriminator="type")]]
-
-
-class StepGroup(_Strict):
-    """One new position for each of several sessions opened on this connection, their rows stacked in one tensor
-    each (version 2): hidden [R, 1, H], position_ids [R, 1], attention_mask [R, 1], where session i owns the
-    `rows[i]` rows after those of the sessions before it and R is the sum of `rows`.
-
-    The sessions of a client's concurrent generations decode in lockstep; as a group they cost one tensor to
-    encode, decode and validate instead of one per session, and the node runs them as one batched forward."""
-
-    type: Literal["step_group"] = "step_group"
-    session_ids: SessionIds
-    step_ids: Annotated[list[Count], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
-    rows: Annotated[list[Annotated[int, Field(ge=1, le=2**16)]], Field(min_length=1, max_length=MAX_STEPS_PER_FRAME)]
-    hidden: WireTensor
-    position_ids: WireTensor
-    attention_mask: WireTensor | None = None
-
-    @model_validator(mode="after")
-    def _one_entry_per_session(self) -> StepGroup:
-        if not len(self.session_ids) == len(self.step_ids) == len(self.rows):
-            raise ValueError("session_ids, step_ids and rows must have one entry per session")
-        _check_once_each(self.session_ids)
-        return self
-
-
-class StepGroupResult(_Strict):
-    """The answer to a `StepGroup`: hidden [R, 1, H] in the request's codec, rows in the request's order, and
-    per session either None or the error that ended that session's step (its rows are then zeros)."""
-
-    type: Literal["step_group_result"] = "step_group_result"
-    hidden: WireTensor
-    errors: list[Error | None]
-
-
-def _check_once_each(session_ids: list[str]) -> None:
-    if len(set(session_ids)) != len(session_ids):
-        raise ValueError("a session may appear only once per frame (its next step needs this one's result)")
+    omitted_when_default = frozenset({"session_id", "step_id"})
 
 
 Message = Annotated[
@@ -380,10 +346,6 @@ Message = Annotated[
         SessionOpened,
         Step,
         StepResult,
-        StepMany,
-        StepManyResult,
-        StepGroup,
-        StepGroupResult,
         CloseSession,
         SessionClosed,
         Forward,
@@ -451,4 +413,7 @@ def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise ProtocolError("bad_request", f"invalid {payload['type']!r} message at {where}: {first['msg']}") from None
+        step_id = payload.get("step_id")
+        step_id = step_id if type(step_id) is int and 0 <= step_id <= 2**40 else None
+        message = f"invalid {payload['type']!r} message at {where}: {first['msg']}"
+        raise ProtocolError("bad_request", message, step_id) from None

@@ -144,4 +144,4 @@ def check_hello(message: Message, token: str | None) -> int:
 
 
 def error_frame(exc: ProtocolError, session_id: str | None = None) -> Error:
-    return Error(code=exc.code, message=exc.message[:4096], session_id=session_id)
+    return Error(code=exc.code, message=exc.message[:4096], session_id=session_id, step_id=exc.step_id)

@@ -13,7 +13,7 @@ from client import group
 from client.group import step_together
 from client.session import ChainSession, LinkSession
 from swarm.errors import RemoteError
-from swarm.protocol import Error, Step, StepGroup, StepGroupResult, StepResult, WireTensor
+from swarm.protocol import Error, Step, StepResult, WireTensor
 from swarm.routing import Link
 from tests.swarm.test_routing import peer
 
@@ -22,39 +22,35 @@ HIDDEN = 4
 
 @dataclass
 class FakeChannel:
-    """A peer whose layers add `offset` to the hidden states; `refuse` names sessions whose steps it rejects."""
+    """A peer whose layers add `offset` to the hidden states; `refuse` names sessions whose steps it rejects.
+    `frames` lists the sessions of every step frame it got."""
 
     address: str
     offset: float
-    version: int = 2
     refuse: set[str] = field(default_factory=set)
-    groups: list[list[str]] = field(default_factory=list)
-    singles: list[str] = field(default_factory=list)
+    frames: list[list[str]] = field(default_factory=list)
+    _ids: int = 0
 
-    @property
-    def takes_groups(self) -> bool:
-        return self.version >= 2
+    def next_step_id(self) -> int:
+        self._ids += 1
+        return self._ids
 
-    async def step_group(self, group: StepGroup) -> StepGroupResult:
-        self.groups.append(list(group.session_ids))
-        hidden = group.hidden.to_torch() + self.offset
+    async def step(self, message: Step) -> StepResult:
+        self.frames.append(list(message.session_ids))
+        hidden = message.hidden.to_torch() + self.offset
         errors: list[Error | None] = []
         first = 0
-        for session_id, rows in zip(group.session_ids, group.rows, strict=True):
+        for session_id, rows in zip(message.session_ids, message.rows, strict=True):
             if session_id in self.refuse:
                 hidden[first : first + rows] = 0
-                errors.append(Error(code="bad_request", message="refused", session_id=session_id))
+                errors.append(Error(code="bad_request", message="refused"))
             else:
                 errors.append(None)
             first += rows
-        return StepGroupResult(hidden=WireTensor.from_torch(hidden), errors=errors)
-
-    async def step(self, step: Step) -> StepResult:
-        self.singles.append(step.session_id)
-        if step.session_id in self.refuse:
-            raise RemoteError("bad_request", "refused", self.address)
-        hidden = WireTensor.from_torch(step.hidden.to_torch() + self.offset)
-        return StepResult(session_id=step.session_id, step_id=step.step_id, hidden=hidden)
+        failed = errors.count(None) < len(errors)
+        return StepResult(
+            step_id=message.step_id, hidden=WireTensor.from_torch(hidden), errors=errors if failed else None
+        )
 
 
 def chain(name: str, channels: list[FakeChannel], rows: int = 1) -> ChainSession:
@@ -78,8 +74,7 @@ def test_sessions_on_the_same_peers_go_as_one_group_per_link() -> None:
     hidden = torch.arange(4 * HIDDEN, dtype=torch.float32).reshape(4, 1, HIDDEN)
     outputs = step(sessions, hidden)
     torch.testing.assert_close(torch.cat(outputs), hidden + 11.0)  # type: ignore[arg-type]
-    assert first.groups == [["x-0", "y-0", "z-0"]] and second.groups == [["x-1", "y-1", "z-1"]]
-    assert first.singles == second.singles == []
+    assert first.frames == [["x-0", "y-0", "z-0"]] and second.frames == [["x-1", "y-1", "z-1"]]
     for session, rows in zip(sessions, (slice(0, 1), slice(1, 3), slice(3, 4)), strict=True):
         history = [link.history for link in session.links]
         assert all(len(steps) == 1 for steps in history)  # kept for replay after a failover
@@ -98,25 +93,24 @@ def test_a_refused_session_fails_alone_and_the_others_go_on() -> None:
     assert isinstance(y, RemoteError) and y.code == "bad_request"
     torch.testing.assert_close(x, hidden[0:1] + 11.0)
     torch.testing.assert_close(z, hidden[2:3] + 11.0)
-    assert second.groups == [["x-1", "z-1"]]
+    assert first.frames == [["x-0", "y-0", "z-0"]] and second.frames == [["x-1", "z-1"]]
     assert sessions[1].links[0].history == [] and sessions[1].links[1].history == []
 
 
-def test_sessions_on_different_peers_or_version_1_peers_step_alone() -> None:
-    shared, own, old = FakeChannel("a", 1.0), FakeChannel("b", 2.0), FakeChannel("c", 3.0, version=1)
-    sessions = [chain("x", [shared, own]), chain("y", [shared, old]), chain("z", [shared, old])]
+def test_a_session_alone_on_its_peer_steps_alone_and_the_others_group_per_peer() -> None:
+    shared, own, other = FakeChannel("a", 1.0), FakeChannel("b", 2.0), FakeChannel("c", 3.0)
+    sessions = [chain("x", [shared, own]), chain("y", [shared, other]), chain("z", [shared, other])]
     hidden = torch.randn(3, 1, HIDDEN)
     outputs = step(sessions, hidden)
     torch.testing.assert_close(torch.cat(outputs), hidden + torch.tensor([3.0, 4.0, 4.0])[:, None, None])  # type: ignore[arg-type]
-    assert shared.groups == [["x-0", "y-0", "z-0"]]
-    assert own.singles == ["x-1"] and sorted(old.singles) == ["y-1", "z-1"] and old.groups == []
+    assert shared.frames == [["x-0", "y-0", "z-0"]]
+    assert own.frames == [["x-1"]] and other.frames == [["y-1", "z-1"]]
 
 
 def test_groups_larger_than_a_frame_allows_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(group, "MAX_STEPS_PER_FRAME", 2)
+    monkeypatch.setattr(group, "MAX_SESSIONS_PER_STEP", 2)
     first = FakeChannel("a", 1.0)
     sessions = [chain(name, [first]) for name in "vwxyz"]
     hidden = torch.randn(5, 1, HIDDEN)
     torch.testing.assert_close(torch.cat(step(sessions, hidden)), hidden + 1.0)  # type: ignore[arg-type]
-    assert first.groups == [["v-0", "w-0"], ["x-0", "y-0"], ["z-0"]]
-    assert first.singles == []
+    assert first.frames == [["v-0", "w-0"], ["x-0", "y-0"], ["z-0"]]

@@ -34,4 +34,4 @@ def stored(session: Session) -> tuple[torch.Tensor, torch.Tensor]:
 def real_tokens(session: Session) -> torch.Tensor:
     """[batch, length]: which of a session's cached tokens are real (not left padding)."""
     rows = rows_of(session)
-    return rows.slab.valid[rows.rows, : session.length]
+    return rows.slab.bias[rows.rows, : session.length] == 0

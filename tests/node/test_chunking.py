@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.batching import StepBatcher, run_alone
-from node.chunking import ChunkedStep, SessionCheckpoint, split_step
+from node import steps as node_steps
+from node.chunking import SessionCheckpoint, split_step
+from node.metrics import NodeMetrics
 from node.sessions import Session, SessionTable
 from node.span import LoadedSpan
+from node.steps import StepScheduler, run_alone
 from node.validation import StepInputs
 from tests.checkpoints import build_tiny
 from tests.node.session_helpers import open_session, real_tokens, rows_of, stored
@@ -21,13 +23,24 @@ PROMPT_TOKENS = 11
 TOLERANCE = dict(atol=1e-5, rtol=1.3e-6)  # float32; chunks change matmul shapes, so bits may differ
 
 
-async def inline(function: Callable[..., object], *args: object, quick: bool = False) -> object:
-    """Stands for the node's compute thread: runs the work at once, in order."""
-    return function(*args)
+def batcher(span: LoadedSpan, chunk_tokens: int) -> StepScheduler:
+    metrics = NodeMetrics(SessionTable(1, 1), lambda: "online")
+    return StepScheduler(lambda: span, metrics, chunk_tokens=chunk_tokens)
 
 
-def batcher(span: LoadedSpan, chunk_tokens: int, compute: Callable[..., object] = inline) -> StepBatcher:
-    return StepBatcher(compute, lambda: span, lambda size: None, chunk_tokens=chunk_tokens)  # type: ignore[arg-type]
+async def submitted(scheduler: StepScheduler, session: Session, inputs: StepInputs) -> torch.Tensor:
+    return await scheduler.submit(session, inputs)
+
+
+def watch_runs(monkeypatch: pytest.MonkeyPatch, before: Callable[[Session, bool], None]) -> None:
+    """Call `before(session, is_chunk)` ahead of every step or chunk the scheduler runs alone."""
+    real = node_steps.run_alone
+
+    def watched(span, session, inputs, checkpoint=None):  # type: ignore[no-untyped-def]
+        before(session, checkpoint is not None)
+        return real(span, session, inputs, checkpoint)
+
+    monkeypatch.setattr(node_steps, "run_alone", watched)
 
 
 def prompt(hidden_size: int, generator: torch.Generator, padding: tuple[int, ...] = (0, 3)) -> StepInputs:
@@ -134,27 +147,25 @@ def test_chunked_prefill_equals_unchunked_in_other_families(family: str, tmp_pat
     assert_same_session(whole_session, chunked_session)
 
 
-def test_another_sessions_decode_step_runs_between_prefill_chunks(span: LoadedSpan) -> None:
+def test_another_sessions_decode_step_runs_between_prefill_chunks(
+    span: LoadedSpan, monkeypatch: pytest.MonkeyPatch
+) -> None:
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
     generator = torch.Generator().manual_seed(2)
     long_prompt, short = open_session(span, table, "long", 2), open_session(span, table, "short", 1)
     run_alone(span, short, first_step(torch.randn(1, 4, 64, generator=generator)))
     computed: list[str] = []
     finished: list[str] = []
+    decode: list[asyncio.Future[torch.Tensor]] = []
 
-    decode: list[asyncio.Task[torch.Tensor]] = []
-
-    async def recording(function: Callable[..., object], *args: object, quick: bool = False) -> object:
-        session = args[1]
-        assert isinstance(session, Session)
+    def recording(session: Session, chunk: bool) -> None:
         computed.append(session.session_id)
         if not decode:  # the prompt's first chunk is computing: a decode step of another session arrives
-            decode.append(asyncio.create_task(steps.submit(short, following(short, torch.randn(1, 1, 64)))))
+            decode.append(steps.submit(short, following(short, torch.randn(1, 1, 64))))
             decode[0].add_done_callback(lambda _: finished.append("short"))
-        await asyncio.sleep(0)  # the event loop runs while the compute thread works
-        return function(*args)
 
-    steps = batcher(span, 3, recording)
+    watch_runs(monkeypatch, recording)
+    steps = batcher(span, 3)
 
     async def main() -> None:
         await steps.submit(long_prompt, prompt(64, generator))
@@ -203,6 +214,7 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
     layer = span.stack.layers[1]
     real_forward = layer.forward
     fail_now = False
+    victim_chunks = 0
 
     def second_layer(*args: object, **kwargs: object) -> object:
         if fail_now:  # the first layer of the span has already written this chunk to the cache
@@ -211,13 +223,13 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
 
     monkeypatch.setattr(layer, "forward", second_layer)
 
-    async def compute(function: Callable[..., object], *args: object, quick: bool = False) -> object:
-        nonlocal fail_now
-        chunked = args[-1]
-        fail_now = isinstance(chunked, ChunkedStep) and len(chunked.outputs) == 1
-        return function(*args)
+    def before(session: Session, chunk: bool) -> None:
+        nonlocal fail_now, victim_chunks
+        victim_chunks += session is victim and chunk
+        fail_now = session is victim and victim_chunks == 2
 
-    steps = batcher(span, 3, compute)
+    watch_runs(monkeypatch, before)
+    steps = batcher(span, 3)
 
     async def main() -> tuple[BaseException | torch.Tensor, ...]:
         return tuple(
@@ -235,8 +247,9 @@ def test_a_failure_in_a_middle_chunk_leaves_the_session_as_before_the_step(
     for kept, expected in zip(stored(victim), stored(reference), strict=True):
         assert torch.equal(kept, expected)
     monkeypatch.undo()
+    fail_now = False
     again = batcher(span, 3)
-    retried = asyncio.run(again.submit(victim, following(victim, long_step, reorder)))
+    retried = asyncio.run(submitted(again, victim, following(victim, long_step, reorder)))
     expected = run_alone(span, reference, following(reference, long_step, reorder))
     torch.testing.assert_close(retried, expected, **TOLERANCE)
     assert_same_session(reference, victim)
@@ -255,29 +268,34 @@ def test_a_checkpoint_copies_the_session_rows_only_for_a_step_that_reorders_them
     assert reordering.rows[0].data_ptr() != rows.slab.keys.data_ptr()
 
 
-def test_a_long_step_whose_request_is_cancelled_stops_between_chunks_and_is_undone(span: LoadedSpan) -> None:
+def test_a_long_step_whose_request_is_cancelled_stops_between_chunks_and_is_undone(
+    span: LoadedSpan, monkeypatch: pytest.MonkeyPatch
+) -> None:
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
     session, fresh = open_session(span, table, "gone", 2), open_session(span, table, "fresh", 2)
-    computed: list[str] = []
-    requests: list[asyncio.Task[torch.Tensor]] = []
+    computed: list[bool] = []
+    requests: list[asyncio.Future[torch.Tensor]] = []
 
-    async def compute(function: Callable[..., object], *args: object, quick: bool = False) -> object:
-        computed.append(function.__name__)
-        result = function(*args)
-        if len(computed) == 1:  # the client goes away while the first chunk computes
+    def before(running: Session, chunk: bool) -> None:
+        computed.append(chunk)
+        if len(computed) == 2:  # the client went away while the first chunk computed
             requests[0].cancel()
-        return result
 
-    steps = batcher(span, 3, compute)
+    steps = batcher(span, 3)
     after = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(6))
 
     async def main() -> torch.Tensor:
-        requests.append(asyncio.create_task(steps.submit(session, prompt(64, torch.Generator().manual_seed(6)))))
+        watch_runs(monkeypatch, before)
+        requests.append(steps.submit(session, prompt(64, torch.Generator().manual_seed(6))))
+        requests[0].add_done_callback(lambda _: None)
+        await asyncio.sleep(0)  # the first chunk runs
+        requests[0].cancel()
         with pytest.raises(asyncio.CancelledError):
             await requests[0]
         return await steps.submit(session, first_step(after))
 
     output = asyncio.run(main())
-    assert computed == ["run_next_chunk", "run_alone"]  # the prompt's other three chunks never ran
+    monkeypatch.undo()
+    assert computed == [True, False]  # the prompt's other three chunks never ran
     torch.testing.assert_close(output, run_alone(span, fresh, first_step(after)), **TOLERANCE)
     assert_same_session(fresh, session)

@@ -86,8 +86,8 @@ def test_a_sub_range_of_the_span_runs_alone(tiny_llama: Path) -> None:
 
 def test_compiled_layers_compute_what_plain_ones_do(tiny_llama: Path) -> None:
     """`swarm-node --compile`: the same prefill and decode rounds through torch.compile'd layers."""
-    from node.batching import run_alone
     from node.sessions import SessionTable
+    from node.steps import run_alone
     from node.validation import StepInputs
     from tests.node.session_helpers import open_session
 

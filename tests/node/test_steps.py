@@ -1,18 +1,22 @@
-"""Batched decode steps give each session exactly what it gets alone."""
+"""The node's step rounds: batched decode steps give each session exactly what it gets alone, steps that wait
+together run together, a session's steps run in order, an ended session's step never runs."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
-from node import batching
-from node.batching import PendingStep, StepBatcher, can_batch, run_alone, run_batched
+from node import steps
 from node.kv_cache import capacity_for
+from node.metrics import NodeMetrics
 from node.sessions import Session, SessionTable
 from node.span import LoadedSpan
+from node.steps import PendingStep, StepScheduler, run_alone, run_batched
 from node.validation import StepInputs
+from swarm.errors import ProtocolError
 from tests.node.session_helpers import rows_of, stored
 
 
@@ -48,9 +52,7 @@ def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
     async def pending() -> list[PendingStep]:
         return [PendingStep(s, step_inputs(d, s.length)) for s, d in zip(batched_sessions, decodes, strict=True)]
 
-    steps = asyncio.run(pending())
-    assert can_batch(steps)
-    batched = run_batched(span, steps)
+    batched = run_batched(span, asyncio.run(pending()))
     for one, many in zip(alone, batched, strict=True):
         torch.testing.assert_close(many, one, atol=1e-5, rtol=0)
     for a, b in zip(alone_sessions, batched_sessions, strict=True):
@@ -67,46 +69,72 @@ def test_batched_decode_equals_each_session_alone(tiny_llama: Path) -> None:
         )
 
 
-def test_a_lone_quick_step_runs_in_its_own_request_and_steps_that_came_together_batch(tiny_llama: Path) -> None:
-    """With nothing queued or running, a decode step that came alone has nobody to batch with: it skips the
-    queue and the worker's turn. Steps of one frame, or arriving while a round runs, queue up and batch."""
+def scheduler(span: LoadedSpan, table: SessionTable, **options: object) -> StepScheduler:
+    return StepScheduler(lambda: span, NodeMetrics(table, lambda: "online"), **options)  # type: ignore[arg-type]
+
+
+def test_steps_that_wait_together_run_as_one_round_and_a_lone_step_alone(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps submitted before the scheduler gets its turn (one frame's sessions, or frames that arrived during
+    the previous round) make up one round: single-token steps over the same layers run as one forward."""
     span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
     table = SessionTable(cache_tokens=10_000, max_sessions=8)
     sessions = prefilled(span, table, "s", [torch.randn(1, 4, 64) for _ in range(3)])
-    ran_in: list[tuple[asyncio.Task, int]] = []
-    release = asyncio.Event()
-    inline_allowed = True
-    batcher: StepBatcher
+    rounds: list[int] = []
+    real = steps.run_batched
+    monkeypatch.setattr(steps, "run_batched", lambda span, batch: rounds.append(len(batch)) or real(span, batch))
 
-    async def compute(function, *args, quick: bool = False):
-        task = asyncio.current_task()
-        ran_in.append((task, len(args[1]) if function is run_batched else 1))  # type: ignore[arg-type]
-        if task is batcher._worker and not inline_allowed and not release.is_set():
-            await release.wait()  # this round holds the compute thread until released
-        return function(*args)
+    async def scenario() -> None:
+        scheduling = scheduler(span, table)
 
-    async def scenario() -> list[tuple[str, int]]:
-        nonlocal inline_allowed, batcher
-        batcher = StepBatcher(compute, lambda: span, lambda size: None, runs_inline=lambda: inline_allowed)
+        def decode(session: Session) -> asyncio.Future[torch.Tensor]:
+            return scheduling.submit(session, step_inputs(torch.randn(1, 1, 64), session.length))
 
-        def decode(session, name: str, alone: bool = True) -> asyncio.Task:
-            inputs = step_inputs(torch.randn(1, 1, 64), session.length)
-            return asyncio.create_task(batcher.submit(session, inputs, alone=alone), name=name)
+        await decode(sessions[0])  # alone: nothing to batch with
+        await asyncio.gather(*(decode(session) for session in sessions))  # together: one round
+        metrics = scheduling._metrics
+        assert metrics.batched_steps._value.get() == 3  # type: ignore[attr-defined]
 
-        await decode(sessions[0], "lone")  # nothing else around: computed inside its own request
-        # steps that arrived together (one step_many frame) are not alone: they wait for the worker and batch
-        await asyncio.gather(decode(sessions[1], "frame-1", alone=False), decode(sessions[2], "frame-2", alone=False))
-        inline_allowed = False
-        first = decode(sessions[0], "queued")  # the compute thread is busy: it goes through the worker
-        await asyncio.sleep(0.01)
-        inline_allowed = True  # even where inline compute is allowed, a running round makes the others queue
-        late = [decode(sessions[1], "late-1"), decode(sessions[2], "late-2")]
-        await asyncio.sleep(0.01)
-        release.set()
-        await asyncio.gather(first, *late)
-        return [("worker" if task is batcher._worker else task.get_name(), size) for task, size in ran_in]
+    asyncio.run(scenario())
+    assert rounds == [3]
 
-    assert asyncio.run(scenario()) == [("lone", 1), ("worker", 2), ("worker", 1), ("worker", 2)]
+
+def test_steps_of_a_session_sent_back_to_back_run_one_per_round_in_order(tiny_llama: Path) -> None:
+    """A client may send a session's next step before the reply to the previous one arrives (pipelining): the
+    second waits for the first, in the next round, and sees its tokens."""
+    span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
+    table = SessionTable(cache_tokens=10_000, max_sessions=8)
+    generator = torch.Generator().manual_seed(3)
+    prompt, first, second = (torch.randn(1, n, 64, generator=generator) for n in (5, 1, 1))
+    alone, pipelined = prefilled(span, table, "a", [prompt]) + prefilled(span, table, "p", [prompt])
+    expected = [run_alone(span, alone, step_inputs(hidden, 5 + i)) for i, hidden in enumerate((first, second))]
+
+    async def scenario() -> list[torch.Tensor]:
+        scheduling = scheduler(span, table)
+        both = [scheduling.submit(pipelined, step_inputs(hidden, 5 + i)) for i, hidden in enumerate((first, second))]
+        return list(await asyncio.gather(*both))
+
+    for got, want in zip(asyncio.run(scenario()), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert pipelined.length == alone.length == 7
+
+
+def test_a_step_of_a_session_that_ended_before_it_ran_fails_and_touches_no_cache(tiny_llama: Path) -> None:
+    """Its rows may already be another session's: the step must not run."""
+    span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
+    table = SessionTable(cache_tokens=10_000, max_sessions=8)
+    (session,) = prefilled(span, table, "s", [torch.randn(1, 4, 64)])
+
+    async def scenario() -> None:
+        waiting = scheduler(span, table).submit(session, step_inputs(torch.randn(1, 1, 64), 4))
+        table.close(session.session_id)
+        with pytest.raises(ProtocolError) as failure:
+            await waiting
+        assert failure.value.code == "unknown_session"
+
+    asyncio.run(scenario())
+    assert session.length == 4
 
 
 def test_sessions_of_any_lengths_batch_where_their_caches_lie_and_stay_exact(tiny_llama: Path) -> None:
@@ -140,24 +168,3 @@ def test_sessions_of_any_lengths_batch_where_their_caches_lie_and_stay_exact(tin
     for a, b in zip(alone, batched, strict=True):
         assert a.length == b.length
         torch.testing.assert_close(stored(b)[0], stored(a)[0], atol=1e-5, rtol=0)
-
-
-def test_small_batched_rounds_may_skip_the_compute_thread_and_large_ones_do_not(tiny_llama: Path) -> None:
-    span = LoadedSpan.load(tiny_llama, 2, 6, torch.device("cpu"), torch.float32, show_progress=False)
-    table = SessionTable(cache_tokens=100_000, max_sessions=8)
-    rounds: list[tuple[int, bool]] = []
-
-    async def compute(function, *args, quick: bool = False):
-        if function is run_batched:
-            rounds.append((sum(step.session.batch_size for step in args[1]), quick))
-        return function(*args)
-
-    async def scenario() -> None:
-        batcher = StepBatcher(compute, lambda: span, lambda size: None)
-        for rows in (1, batching.QUICK_BATCH_ROWS // 2 + 1):
-            pair = prefilled(span, table, f"{rows}-", [torch.randn(rows, 2, 64) for _ in range(2)])
-            steps = [(session, step_inputs(torch.randn(rows, 1, 64), session.length)) for session in pair]
-            await asyncio.gather(*(batcher.submit(session, inputs) for session, inputs in steps))
-
-    asyncio.run(scenario())
-    assert rounds == [(2, True), (2 * (batching.QUICK_BATCH_ROWS // 2 + 1), False)]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from node.sessions import SessionTable
-from node.validation import check_layer_range, validate_step
+from node.validation import StepInputs, check_layer_range, decode_step, session_rows
 from swarm.errors import ProtocolError
-from swarm.protocol import WireTensor
+from swarm.protocol import Step, WireTensor
 
 HIDDEN = 8
 
@@ -28,14 +28,25 @@ def wire(tensor: torch.Tensor) -> WireTensor:
     return WireTensor.from_torch(tensor)
 
 
+def validated(s, hidden: WireTensor, positions: WireTensor, mask=None, hypo=None) -> StepInputs:
+    """A one-session step frame's tensors, decoded and checked against session `s` as a node does."""
+    rows = hidden.shape[0] if hidden.shape else 1
+    message = Step.model_construct(
+        type="step",
+        step_id=0,
+        session_ids=["s"],
+        rows=[rows],
+        hidden=hidden,
+        position_ids=positions,
+        attention_mask=mask,
+        hypo_ids=hypo,
+    )
+    return session_rows(s, decode_step(message, HIDDEN, s.max_length), slice(0, rows))
+
+
 def check(s, hidden, positions, mask=None, hypo=None):
-    return validate_step(
-        s,
-        wire(hidden),
-        wire(positions),
-        None if mask is None else wire(mask),
-        None if hypo is None else wire(hypo),
-        HIDDEN,
+    return validated(
+        s, wire(hidden), wire(positions), None if mask is None else wire(mask), None if hypo is None else wire(hypo)
     )
 
 
@@ -49,7 +60,7 @@ def test_a_well_formed_step_passes() -> None:
     inputs = check(
         session(), torch.randn(2, 3, HIDDEN), torch.arange(3).expand(2, 3), torch.ones(2, 3, dtype=torch.bool)
     )
-    assert inputs.hidden.shape == (2, 3, HIDDEN) and inputs.attention_mask.all()
+    assert inputs.hidden.shape == (2, 3, HIDDEN) and inputs.attention_mask is None  # every new token is real
 
 
 def test_wrong_shapes_dtypes_and_values_are_refused() -> None:
@@ -90,7 +101,7 @@ def test_integer_and_bool_inputs_arrive_as_torch_tensors_of_the_dtype_the_layers
 
 
 def test_positions_stay_inside_the_session_and_move_forward() -> None:
-    rejects("max_length", session(length=15), torch.randn(2, 2, HIDDEN), torch.tensor([[15, 16], [15, 16]]))
+    rejects("max_length", session(length=15), torch.randn(2, 2, HIDDEN), torch.tensor([[14, 15], [14, 15]]))
     rejects(r"\[0, 16\)", session(), torch.randn(2, 1, HIDDEN), torch.tensor([[16], [0]]))
     rejects("decrease", session(), torch.randn(2, 2, HIDDEN), torch.tensor([[1, 0], [0, 1]]))
     moved = session(length=3)
@@ -108,14 +119,14 @@ def test_layer_ranges_must_lie_inside_the_span() -> None:
 def test_compressed_hidden_states_decode_and_non_finite_scales_are_refused() -> None:
     positions = torch.arange(3).expand(2, 3)
     hidden = WireTensor.from_torch(torch.randn(2, 3, HIDDEN), "int8-block")
-    inputs = validate_step(session(), hidden, wire(positions), None, None, HIDDEN)
+    inputs = validated(session(), hidden, wire(positions))
     assert inputs.hidden.dtype == torch.float32 and inputs.hidden.shape == (2, 3, HIDDEN)
     for bad in (float("nan"), float("inf")):
         scales = torch.full((2 * 3,), bad).numpy().tobytes()
         forged = hidden.model_copy(update={"scales": scales})
         with pytest.raises(ProtocolError, match="NaN") as info:
-            validate_step(session(), forged, wire(positions), None, None, HIDDEN)
+            validated(session(), forged, wire(positions))
         assert info.value.code == "bad_request"
     nan_input = WireTensor.from_torch(torch.full((2, 3, HIDDEN), float("nan")), "int8-block")
     with pytest.raises(ProtocolError, match="NaN"):
-        validate_step(session(), nan_input, wire(positions), None, None, HIDDEN)
+        validated(session(), nan_input, wire(positions))

@@ -145,7 +145,8 @@ def test_quantize_is_idempotent_so_requantizing_between_hops_adds_no_error() -> 
 
 def test_raw_frames_carry_no_new_fields() -> None:
     step = Step(
-        session_id="s",
+        session_ids=["s"],
+        rows=[1],
         step_id=0,
         hidden=WireTensor.from_torch(torch.randn(1, 1, 8)),
         position_ids=WireTensor.from_torch(torch.zeros(1, 1, dtype=torch.long)),

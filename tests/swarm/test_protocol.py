@@ -14,10 +14,6 @@ from swarm.protocol import (
     Hello,
     PeerInfo,
     Step,
-    StepGroup,
-    StepGroupResult,
-    StepMany,
-    StepManyResult,
     StepResult,
     WireTensor,
     decode_message,
@@ -47,7 +43,8 @@ def peer(**overrides: object) -> PeerInfo:
 def test_tensors_round_trip_bit_exactly(dtype: torch.dtype) -> None:
     tensor = (torch.randn(2, 3, 5) * 10).to(dtype)
     step = Step(
-        session_id="s",
+        session_ids=["s"],
+        rows=[2],
         step_id=3,
         hidden=WireTensor.from_torch(tensor),
         position_ids=WireTensor.from_torch(torch.arange(3).expand(2, 3)),
@@ -86,7 +83,7 @@ def test_garbage_is_a_bad_request() -> None:
 
 def test_unknown_type_and_missing_fields_are_named() -> None:
     assert "launch_missiles" in expect_code(msgpack.packb({"type": "launch_missiles"}), "bad_request")
-    message = expect_code(msgpack.packb({"type": "step", "session_id": "s"}), "bad_request")
+    message = expect_code(msgpack.packb({"type": "step", "session_ids": ["s"]}), "bad_request")
     assert "step" in message
 
 
@@ -128,78 +125,65 @@ def test_peer_span_must_fit_the_model() -> None:
         peer(end=9)
 
 
-def a_step(session_id: str) -> Step:
-    return Step(
-        session_id=session_id,
-        step_id=0,
-        hidden=WireTensor.from_torch(torch.zeros(1, 1, 4)),
-        position_ids=WireTensor.from_torch(torch.zeros(1, 1, dtype=torch.long)),
-    )
-
-
-def test_step_many_round_trips_with_a_result_or_an_error_per_step() -> None:
-    many = StepMany(steps=[a_step("a"), a_step("b")])
-    assert decode_message(encode_message(many)) == many
-    answer = StepManyResult(
-        results=[
-            StepResult(session_id="a", step_id=0, hidden=WireTensor.from_torch(torch.ones(1, 1, 4))),
-            Error(code="bad_request", message="wrong shape", session_id="b"),
-        ]
-    )
-    decoded = decode_message(encode_message(answer))
-    assert isinstance(decoded, StepManyResult)
-    assert [type(result) for result in decoded.results] == [StepResult, Error]
-
-
-@pytest.mark.parametrize("sessions", [[], ["a", "a"]], ids=["empty", "same session twice"])
-def test_step_many_needs_distinct_sessions_and_at_least_one_step(sessions: list[str]) -> None:
-    frame = msgpack.packb({"type": "step_many", "steps": [a_step(s).model_dump() for s in sessions]})
-    with pytest.raises(ProtocolError) as caught:
-        decode_message(frame)
-    assert caught.value.code == "bad_request"
-
-
-def a_group(session_ids: list[str], step_ids: list[int], rows: list[int]) -> dict[str, object]:
-    total = sum(rows)
-    return StepGroup.model_construct(
-        type="step_group",
+def a_step(session_ids: list[str], rows: list[int], step_id: int = 0) -> dict[str, object]:
+    total = max(sum(rows), 1)
+    return Step.model_construct(
+        type="step",
+        step_id=step_id,
         session_ids=session_ids,
-        step_ids=step_ids,
         rows=rows,
         hidden=WireTensor.from_torch(torch.zeros(total, 1, 4)),
         position_ids=WireTensor.from_torch(torch.zeros(total, 1, dtype=torch.long)),
         attention_mask=None,
+        hypo_ids=None,
     ).model_dump()
 
 
-def test_step_group_round_trips_with_an_error_or_none_per_session() -> None:
-    group = decode_message(msgpack.packb(a_group(["a", "b"], [3, 0], [1, 2])))
-    assert isinstance(group, StepGroup) and group.rows == [1, 2]
-    assert decode_message(encode_message(group)) == group
-    answer = StepGroupResult(
+def test_a_step_of_several_sessions_round_trips_with_an_error_or_none_per_session() -> None:
+    step = decode_message(msgpack.packb(a_step(["a", "b"], [1, 2], step_id=7)))
+    assert isinstance(step, Step) and step.rows == [1, 2] and step.step_id == 7
+    assert decode_message(encode_message(step)) == step
+    answer = StepResult(
+        step_id=7,
         hidden=WireTensor.from_torch(torch.ones(3, 1, 4)),
-        errors=[None, Error(code="unknown_session", message="gone", session_id="b")],
+        errors=[None, Error(code="unknown_session", message="gone")],
     )
     decoded = decode_message(encode_message(answer))
-    assert isinstance(decoded, StepGroupResult) and decoded == answer
+    assert isinstance(decoded, StepResult) and decoded == answer
+
+
+def test_a_reply_without_errors_leaves_the_field_out() -> None:
+    answer = StepResult(step_id=1, hidden=WireTensor.from_torch(torch.ones(1, 1, 4)))
+    assert "errors" not in msgpack.unpackb(encode_message(answer))
+    assert decode_message(encode_message(answer)) == answer
+
+
+def test_an_error_names_the_step_it_refuses() -> None:
+    error = Error(code="too_large", message="frame too large", step_id=4)
+    assert decode_message(encode_message(error)) == error
+    assert "session_id" not in msgpack.unpackb(encode_message(error))
 
 
 @pytest.mark.parametrize(
-    ("sessions", "step_ids", "rows"),
-    [([], [], []), (["a", "a"], [0, 0], [1, 1]), (["a", "b"], [0], [1, 1]), (["a"], [0], [0])],
-    ids=["empty", "same session twice", "a step id missing", "no rows"],
+    ("sessions", "rows"),
+    [([], []), (["a", "a"], [1, 1]), (["a", "b"], [1]), (["a"], [0])],
+    ids=["empty", "same session twice", "rows missing", "no rows"],
 )
-def test_step_group_needs_distinct_sessions_each_with_a_step_id_and_rows(
-    sessions: list[str], step_ids: list[int], rows: list[int]
-) -> None:
+def test_a_step_needs_distinct_sessions_each_with_rows(sessions: list[str], rows: list[int]) -> None:
     with pytest.raises(ProtocolError) as caught:
-        decode_message(msgpack.packb(a_group(sessions, step_ids, rows)))
+        decode_message(msgpack.packb(a_step(sessions, rows)))
     assert caught.value.code == "bad_request"
 
 
 def test_trusted_messages_equal_validated_ones_and_encode_the_same() -> None:
     tensor = WireTensor.from_torch(torch.randn(2, 1, 4))
-    values = dict(session_id="a", step_id=3, hidden=tensor, position_ids=WireTensor.from_torch(torch.ones(2, 1).long()))
+    values = dict(
+        session_ids=["a"],
+        rows=[2],
+        step_id=3,
+        hidden=tensor,
+        position_ids=WireTensor.from_torch(torch.ones(2, 1).long()),
+    )
     trusted, validated = Step.trusted(**values), Step(**values)
     assert trusted == validated and trusted.attention_mask is None and trusted.type == "step"
     assert trusted.model_fields_set == validated.model_fields_set

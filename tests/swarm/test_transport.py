@@ -1,4 +1,4 @@
-"""The handshake: a client speaks the newest protocol version its peer speaks, and older peers still work."""
+"""The handshake: a client speaks the newest protocol version its peer speaks, and is told clearly when none."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from swarm import transport
 from swarm.errors import ProtocolError, RemoteError
 from swarm.protocol import PROTOCOL_VERSION, Hello, Welcome, decode_message
 from swarm.transport import check_hello, error_frame, open_connection, send
@@ -37,22 +38,23 @@ async def handshake_with(speaks: tuple[int, ...]) -> tuple[int, list[int]]:
 
 
 def test_a_client_speaks_the_newest_version_first() -> None:
-    assert asyncio.run(handshake_with((1, 2))) == (PROTOCOL_VERSION, [PROTOCOL_VERSION])
+    assert asyncio.run(handshake_with((PROTOCOL_VERSION,))) == (PROTOCOL_VERSION, [PROTOCOL_VERSION])
 
 
-def test_a_client_falls_back_to_version_1_for_an_older_peer() -> None:
-    assert asyncio.run(handshake_with((1,))) == (1, [2, 1])
+def test_a_client_that_speaks_several_versions_falls_back_for_an_older_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "SUPPORTED_VERSIONS", (PROTOCOL_VERSION - 1, PROTOCOL_VERSION))
+    older = PROTOCOL_VERSION - 1
+    assert asyncio.run(handshake_with((older,))) == (older, [PROTOCOL_VERSION, older])
 
 
 def test_a_peer_that_speaks_no_version_of_ours_is_refused_with_its_reason() -> None:
-    with pytest.raises(RemoteError, match="protocol version 1 is not supported"):
+    with pytest.raises(RemoteError, match=f"protocol version {PROTOCOL_VERSION} is not supported"):
         asyncio.run(handshake_with((7,)))
 
 
-def test_servers_answer_in_the_version_they_were_greeted_in() -> None:
-    assert check_hello(Hello(version=1), None) == 1
-    assert check_hello(Hello(version=2), None) == 2
+def test_servers_answer_in_the_version_they_were_greeted_in_and_refuse_older_ones() -> None:
+    assert check_hello(Hello(version=PROTOCOL_VERSION), None) == PROTOCOL_VERSION
     with pytest.raises(ProtocolError) as refused:
-        check_hello(Hello(version=3), None)
+        check_hello(Hello(version=2), None)
     assert refused.value.code == "bad_request"
-    assert refused.value.message.startswith("protocol version 3 is not supported")
+    assert refused.value.message.startswith("protocol version 2 is not supported")

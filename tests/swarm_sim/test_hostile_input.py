@@ -25,8 +25,6 @@ from swarm.protocol import (
     Hello,
     OpenSession,
     Step,
-    StepGroup,
-    StepMany,
     WireTensor,
     decode_message,
     encode_message,
@@ -81,8 +79,24 @@ def open_session(connection: ClientConnection, session_id: str, max_length: int 
     assert ask(connection, frame).type == "session_opened"
 
 
+def expect_step_error(connection: ClientConnection, frame: bytes, code: str) -> str:
+    """A step that failed: refused as a whole (an error frame naming it), or its one session's step failed."""
+    reply = ask(connection, frame)
+    if reply.type == "step_result":
+        assert reply.errors is not None and len(reply.errors) == 1, reply
+        reply = reply.errors[0]
+    assert reply.type == "error" and reply.code == code, reply
+    return reply.message
+
+
 def step_message(session_id: str, hidden: torch.Tensor, positions: torch.Tensor, step_id: int = 0) -> Step:
-    return Step(session_id=session_id, step_id=step_id, hidden=wire(hidden), position_ids=wire(positions))
+    return Step(
+        step_id=step_id,
+        session_ids=[session_id],
+        rows=[hidden.shape[0]],
+        hidden=wire(hidden),
+        position_ids=wire(positions),
+    )
 
 
 def step(session_id: str, hidden: torch.Tensor, positions: torch.Tensor, step_id: int = 0) -> bytes:
@@ -106,9 +120,9 @@ def test_each_named_bad_frame_gets_its_typed_error(node: Process) -> None:
         expect_error(connection, b"\xc1 this is not msgpack", "bad_request")
         expect_error(connection, "text frames are not the protocol", "bad_request")
         expect_error(connection, msgpack.packb({"type": "announce"}), "bad_request")
-        expect_error(connection, msgpack.packb({"type": "step", "session_id": "s"}), "bad_request")
+        expect_error(connection, msgpack.packb({"type": "step", "session_ids": ["s"]}), "bad_request")
         expect_error(connection, encode_message(Hello(version=PROTOCOL_VERSION)), "bad_request")
-        expect_error(connection, good_step("never-opened"), "unknown_session")
+        expect_step_error(connection, good_step("never-opened"), "unknown_session")
         frame = encode_message(OpenSession(session_id="r", start=4, end=9, max_length=8, batch_size=1))
         assert "span" in expect_error(connection, frame, "bad_request")
         expect_error(connection, b"\x00" * (MAX_MESSAGE_BYTES + 1), "too_large")
@@ -122,9 +136,9 @@ def test_each_named_bad_frame_gets_its_typed_error(node: Process) -> None:
         }
         for session_id, (what, frame) in zip(("s1", "s2", "s3", "s4", "s5"), cases.items(), strict=True):
             open_session(connection, session_id, max_length=16)
-            expect_error(connection, frame, "bad_request")
+            expect_step_error(connection, frame, "bad_request")
             # the bad frame ended that session, and only that one
-            assert expect_error(connection, good_step(session_id), "unknown_session"), what
+            assert expect_step_error(connection, good_step(session_id), "unknown_session"), what
 
 
 def test_positions_going_backwards_end_the_session(node: Process) -> None:
@@ -132,68 +146,45 @@ def test_positions_going_backwards_end_the_session(node: Process) -> None:
         open_session(connection, "back")
         assert ask(connection, good_step("back", 0)).type == "step_result"
         assert ask(connection, good_step("back", 1)).type == "step_result"
-        assert "backwards" in expect_error(connection, good_step("back", 0), "bad_request")
+        assert "backwards" in expect_step_error(connection, good_step("back", 0), "bad_request")
 
 
 def test_sessions_are_private_to_their_connection(node: Process) -> None:
     with raw_connection(node) as owner, raw_connection(node) as intruder:
         open_session(owner, "mine")
-        expect_error(intruder, good_step("mine"), "unknown_session")
+        expect_step_error(intruder, good_step("mine"), "unknown_session")
         expect_error(intruder, encode_message(CloseSession(session_id="mine")), "unknown_session")
         assert ask(owner, good_step("mine")).type == "step_result"
 
 
-def test_a_bad_step_inside_step_many_ends_only_its_own_session(node: Process) -> None:
-    with raw_connection(node) as connection, raw_connection(node) as other:
-        for session_id in ("m1", "m2", "m3"):
-            open_session(connection, session_id)
-        open_session(other, "theirs")
-        first = torch.tensor([[0]])
-        steps = [
-            step_message("m1", torch.randn(1, 1, HIDDEN), first),
-            step_message("m2", torch.randn(1, 1, HIDDEN + 1), first),  # wrong hidden size
-            step_message("theirs", torch.randn(1, 1, HIDDEN), first),  # another connection's session
-            step_message("m3", torch.randn(1, 1, HIDDEN), first),
-        ]
-        reply = ask(connection, encode_message(StepMany(steps=steps)))
-        assert reply.type == "step_many_result"
-        assert [r.type for r in reply.results] == ["step_result", "error", "error", "step_result"]
-        assert [r.code for r in reply.results if r.type == "error"] == ["bad_request", "unknown_session"]
-        assert ask(connection, good_step("m1", 1)).type == "step_result"
-        assert ask(connection, good_step("m3", 1)).type == "step_result"
-        expect_error(connection, good_step("m2", 0), "unknown_session")
-        assert ask(other, good_step("theirs", 0)).type == "step_result"
-
-
-def test_a_node_still_speaks_version_1_to_older_clients(node: Process) -> None:
+def test_a_node_refuses_an_older_protocol_version_with_the_one_it_speaks(node: Process) -> None:
     with raw_connection(node, hello=False) as connection:
-        welcome = ask(connection, encode_message(Hello(version=1)))
-        assert welcome.type == "welcome" and welcome.version == 1
-        open_session(connection, "old")
-        assert ask(connection, good_step("old")).type == "step_result"
+        message = expect_error(connection, encode_message(Hello(version=2)), "bad_request")
+        assert message.startswith("protocol version 2") and str(PROTOCOL_VERSION) in message
 
 
-def group(session_ids: list[str], hidden: torch.Tensor, positions: list[int], rows: list[int] | None = None) -> bytes:
+def several(session_ids: list[str], hidden: torch.Tensor, position: int, rows: list[int] | None = None) -> bytes:
+    """One step frame for several sessions, their rows stacked."""
     rows = rows or [1] * len(session_ids)
-    message = StepGroup(
+    message = Step(
+        step_id=position,
         session_ids=session_ids,
-        step_ids=positions,
         rows=rows,
         hidden=wire(hidden),
-        position_ids=wire(torch.tensor(positions).repeat_interleave(torch.tensor(rows))[:, None]),
+        position_ids=wire(torch.full((sum(rows), hidden.shape[1]), position)),
     )
     return encode_message(message)
 
 
-def test_a_step_group_gives_each_session_what_its_own_steps_give(node: Process) -> None:
+def test_a_step_of_several_sessions_gives_each_what_its_own_steps_give(node: Process) -> None:
     generator = torch.Generator().manual_seed(3)
     inputs = [torch.randn(2, 1, HIDDEN, generator=generator) for _ in range(3)]
     with raw_connection(node) as connection:
         for session_id in ("g1", "g2", "a1", "a2"):
             open_session(connection, session_id)
         for position, hidden in enumerate(inputs):
-            reply = ask(connection, group(["g1", "g2"], hidden, [position, position]))
-            assert reply.type == "step_group_result" and reply.errors == [None, None]
+            reply = ask(connection, several(["g1", "g2"], hidden, position))
+            assert reply.type == "step_result" and reply.errors is None and reply.step_id == position
             grouped = reply.hidden.to_torch()
             alone = [
                 ask(connection, step(sid, hidden[i : i + 1], torch.tensor([[position]]), position))
@@ -202,16 +193,14 @@ def test_a_step_group_gives_each_session_what_its_own_steps_give(node: Process) 
             torch.testing.assert_close(grouped, torch.cat([r.hidden.to_torch() for r in alone]), rtol=1e-5, atol=1e-5)
 
 
-def test_a_bad_session_inside_step_group_ends_only_its_own_session(node: Process) -> None:
+def test_a_bad_session_inside_a_step_ends_only_its_own_session(node: Process) -> None:
     with raw_connection(node) as connection, raw_connection(node) as other:
         for session_id in ("q1", "q2", "q3"):
             open_session(connection, session_id)
         open_session(other, "their-q")
         # q2 was opened for one row and claims two; their-q belongs to another connection
-        reply = ask(
-            connection, group(["q1", "q2", "their-q", "q3"], torch.randn(5, 1, HIDDEN), [0, 0, 0, 0], [1, 2, 1, 1])
-        )
-        assert reply.type == "step_group_result"
+        reply = ask(connection, several(["q1", "q2", "their-q", "q3"], torch.randn(5, 1, HIDDEN), 0, [1, 2, 1, 1]))
+        assert reply.type == "step_result"
         assert [error.code if error else None for error in reply.errors] == [
             None,
             "bad_request",
@@ -222,32 +211,35 @@ def test_a_bad_session_inside_step_group_ends_only_its_own_session(node: Process
         assert not reply.hidden.to_torch()[1:4].any(), "the failed sessions' rows are zeros"
         assert ask(connection, good_step("q1", 1)).type == "step_result"
         assert ask(connection, good_step("q3", 1)).type == "step_result"
-        expect_error(connection, good_step("q2", 0), "unknown_session")
+        expect_step_error(connection, good_step("q2", 0), "unknown_session")
         assert ask(other, good_step("their-q", 0)).type == "step_result"
 
 
-def test_a_step_group_with_bad_tensors_fails_every_session_in_it(node: Process) -> None:
+def test_a_step_with_bad_tensors_fails_every_session_in_it(node: Process) -> None:
     with raw_connection(node) as connection:
         for session_id in ("n1", "n2"):
             open_session(connection, session_id)
         hidden = torch.randn(2, 1, HIDDEN)
         hidden[1, 0, 5] = float("nan")
-        reply = ask(connection, group(["n1", "n2"], hidden, [0, 0]))
+        reply = ask(connection, several(["n1", "n2"], hidden, 0))
         assert [error.code for error in reply.errors] == ["bad_request", "bad_request"]
         assert "NaN" in reply.errors[0].message
-        two_tokens = encode_message(
-            StepGroup(
-                session_ids=["n3"],
-                step_ids=[0],
-                rows=[1],
-                hidden=wire(torch.randn(1, 2, HIDDEN)),
-                position_ids=wire(torch.tensor([[0, 1]])),
-            )
-        )
-        open_session(connection, "n3")
-        assert "one token" in ask(connection, two_tokens).errors[0].message
-        for session_id in ("n1", "n2", "n3"):
-            expect_error(connection, good_step(session_id), "unknown_session")
+        for session_id in ("n1", "n2"):
+            expect_step_error(connection, good_step(session_id), "unknown_session")
+
+
+def test_steps_in_flight_together_are_answered_each_by_its_step_id(node: Process) -> None:
+    """A client need not wait for a reply before its next step: every reply names its step."""
+    with raw_connection(node) as connection:
+        for session_id in ("p1", "p2"):
+            open_session(connection, session_id)
+        frames = [good_step("p1", 0), good_step("p2", 0)]
+        frames.append(step("p1", torch.randn(1, 1, HIDDEN), torch.tensor([[1]]), 7))  # p1's next, right away
+        for frame in frames:
+            connection.send(frame)
+        replies = [decode_message(connection.recv(timeout=30)) for _ in frames]
+        assert sorted(reply.step_id for reply in replies) == [0, 0, 7]
+        assert all(reply.type == "step_result" and reply.errors is None for reply in replies)
 
 
 json_values = st.recursive(
@@ -264,8 +256,6 @@ message_types = st.sampled_from(
     [
         "hello",
         "step",
-        "step_many",
-        "step_group",
         "open_session",
         "close_session",
         "forward",
@@ -292,6 +282,8 @@ frames = st.one_of(
             {
                 "type": kind,
                 "session_id": "fuzz",
+                "session_ids": ["fuzz"],
+                "rows": [1],
                 "step_id": 0,
                 "start": 0,
                 "end": 8,
@@ -337,7 +329,6 @@ def test_random_frames_never_take_the_node_down_nor_disturb_a_healthy_session(
             answers = (
                 "error",
                 "step_result",
-                "step_group_result",
                 "session_opened",
                 "session_closed",
                 "forward_result",

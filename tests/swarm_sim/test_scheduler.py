@@ -17,7 +17,7 @@ from client.channel import PeerChannel
 from client.scheduler import DecodeScheduler
 from client.session import ChainSession
 from swarm.launcher import LocalSwarm, Process
-from swarm.protocol import StepGroup, StepGroupResult
+from swarm.protocol import Step, StepResult
 from tests.processors import AtStep
 
 PROMPTS = [
@@ -122,31 +122,21 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
     assert frames <= sum(group_frames) + 2 * len(PROMPTS) < steps, "a tick's steps should travel together"
 
 
-def test_decode_steps_travel_in_groups_and_as_single_steps_to_version_1_peers(
-    scheduler: DecodeScheduler,
-    model: DistributedModelForCausalLM,
-    local_llama: PreTrainedModel,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_lanes_decode_steps_travel_to_each_peer_as_one_frame(
+    scheduler: DecodeScheduler, local_llama: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    groups: list[int] = []
-    send_group = PeerChannel.step_group
+    sizes: list[int] = []
+    send = PeerChannel.step
 
-    async def counted(channel: PeerChannel, group: StepGroup) -> StepGroupResult:
-        groups.append(len(group.session_ids))
-        return await send_group(channel, group)
+    async def counted(channel: PeerChannel, message: Step) -> StepResult:
+        sizes.append(len(message.session_ids))
+        return await send(channel, message)
 
-    monkeypatch.setattr(PeerChannel, "step_group", counted)
+    monkeypatch.setattr(PeerChannel, "step", counted)
     jobs = [job(scheduler, prompt, 14) for prompt in PROMPTS[:4]]
     for result, prompt in zip(run_concurrently(jobs), PROMPTS, strict=False):
         assert isinstance(result, torch.Tensor) and result[0].tolist() == local_greedy(local_llama, prompt, 14)
-    assert groups and max(groups) >= 2, "a lane's decode steps should go to each peer as one group"
-
-    groups.clear()
-    for channel in model.channels.channels:  # peers that answered hello in version 1 know no step_group
-        monkeypatch.setattr(channel, "version", 1)
-    for result, prompt in zip(run_concurrently(jobs), PROMPTS, strict=False):
-        assert isinstance(result, torch.Tensor) and result[0].tolist() == local_greedy(local_llama, prompt, 14)
-    assert groups == []
+    assert sizes and max(sizes) >= 2, "a lane's decode steps should go to each peer as one frame"
 
 
 def test_a_job_joining_late_and_a_padded_batch_job_match_local_generate(

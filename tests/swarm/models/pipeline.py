@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from client.model import position_ids_from_mask
-from node.batching import run_alone
 from node.kv_cache import capacity_for
 from node.sessions import Session, SessionTable
 from node.span import LoadedSpan
+from node.steps import run_alone
 from node.validation import StepInputs
 from swarm.models import ModelArchitecture
 from swarm.models.local import LocalModules

@@ -1,0 +1,313 @@
+"""A step, from the frame to the reply: decode -> validate -> schedule -> forward -> encode.
+
+Every step frame goes this one way, whether it carries one session or a whole tick of a client's sessions.
+The frame's tensors are decoded and checked once; each session's rows are checked against that session, and a
+bad one ends only its own session. The rows then wait for the next round: `StepScheduler` runs rounds on the
+event loop, one after the other. A round takes the oldest waiting step of every session (a session's steps run
+in the order they came); single-token steps over the same layers run as one batched forward over the sessions'
+cache rows, whatever their lengths (`node.kv_cache`), the rest alone. A step longer than `--prefill-chunk`
+tokens runs one chunk per round, so other sessions' decode steps come in between. Between rounds the loop reads
+whatever frames arrived meanwhile: they make up the next round. The reply stacks the sessions' outputs in the
+frame's order, in the codec the request used.
+
+Rounds run on the event loop itself, never on another thread: handing each round to a thread and back cost
+more than a small model's decode step, and a round is bounded (`--prefill-chunk`), so heartbeats still go out
+between rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from node.chunking import ChunkedStep, SessionCheckpoint
+from node.kv_cache import RoundEntry
+from node.metrics import NodeMetrics
+from node.sessions import Session, SessionTable
+from node.span import LoadedSpan
+from node.validation import StepInputs, decode_step, session_rows
+from swarm.errors import ProtocolError
+from swarm.protocol import Error, Step, StepResult, WireTensor
+
+log = logging.getLogger("swarm.node")
+
+Outcome = torch.Tensor | Exception
+
+
+# --- decode, validate, encode -------------------------------------------------------------------------------------
+
+
+class StepService:
+    """Answers step frames for one node: the sessions it holds, its span (None while it is not taking work), and
+    what to do with a session whose step failed (`end_session`: the server ends it and counts the error)."""
+
+    def __init__(
+        self,
+        sessions: SessionTable,
+        span: Callable[[], LoadedSpan],
+        scheduler: StepScheduler,
+        end_session: Callable[[Exception, str, int], Error],
+        hidden_size: int,
+        dtype: torch.dtype,
+        max_length: int,
+        metrics: NodeMetrics,
+    ) -> None:
+        self.sessions = sessions
+        self.span = span
+        self.scheduler = scheduler
+        self.end_session = end_session
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.max_length = max_length
+        self.metrics = metrics
+
+    async def answer(self, message: Step, owner: int) -> StepResult:
+        """Every session's rows of the step, each run or failed on its own. Nothing awaits before the rows are
+        scheduled, so the steps of a connection are scheduled in the order their frames arrived."""
+        outcomes: list[Outcome]
+        try:
+            self.span()  # refuses the whole frame unless the node takes work
+            inputs = decode_step(message, self.hidden_size, self.max_length)
+        except ProtocolError as exc:  # nothing in the frame can run: every session's step failed
+            outcomes = [exc] * len(message.session_ids)
+        else:
+            waiting, first = [], 0
+            for session_id, count in zip(message.session_ids, message.rows, strict=True):
+                waiting.append(self._schedule(session_id, owner, inputs, slice(first, first + count)))
+                first += count
+            outcomes = [await _outcome(waiting[0])] if len(waiting) == 1 else await _outcomes(waiting)
+        return self._reply(message, owner, outcomes)
+
+    def _schedule(self, session_id: str, owner: int, inputs: StepInputs, rows: slice) -> asyncio.Future[torch.Tensor]:
+        try:
+            session = self.sessions.get(session_id, owner)
+            own = session_rows(session, inputs, rows)
+        except ProtocolError as exc:
+            failed: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        session.last_used = time.monotonic()
+        return self.scheduler.submit(session, own)
+
+    def _reply(self, message: Step, owner: int, outcomes: list[Outcome | BaseException]) -> StepResult:
+        outputs: list[torch.Tensor] = []
+        errors: list[Error | None] = []
+        for session_id, count, outcome in zip(message.session_ids, message.rows, outcomes, strict=True):
+            if isinstance(outcome, torch.Tensor):
+                outputs.append(outcome)
+                errors.append(None)
+                continue
+            if not isinstance(outcome, Exception):  # cancelled: the connection is going away
+                raise outcome
+            tokens = message.hidden.shape[1] if len(message.hidden.shape) == 3 else 1
+            outputs.append(torch.zeros(count, tokens, self.hidden_size, dtype=self.dtype))
+            errors.append(self.end_session(outcome, session_id, owner))
+        self.metrics.steps.labels("step").inc(errors.count(None))
+        hidden = outputs[0] if len(outputs) == 1 else torch.cat([output.to(self.dtype) for output in outputs])
+        return StepResult.trusted(
+            type="step_result",
+            step_id=message.step_id,
+            hidden=WireTensor.from_torch(hidden, message.hidden.codec),  # replies mirror the request's codec
+            errors=None if errors.count(None) == len(errors) else errors,
+        )
+
+
+async def _outcome(waiting: asyncio.Future[torch.Tensor]) -> Outcome:
+    try:
+        return await waiting
+    except Exception as exc:  # this session's step failed; the reply says so
+        return exc
+
+
+async def _outcomes(waiting: list[asyncio.Future[torch.Tensor]]) -> list[Outcome]:
+    return list(await asyncio.gather(*waiting, return_exceptions=True))  # type: ignore[arg-type]
+
+
+# --- schedule and forward -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PendingStep:
+    session: Session
+    inputs: StepInputs
+    done: asyncio.Future[torch.Tensor] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    chunked: ChunkedStep | None = None
+
+    @property
+    def batchable(self) -> bool:
+        return self.inputs.hidden.shape[1] == 1 and self.inputs.hypo_ids is None and self.session.length > 0
+
+    @property
+    def group(self) -> tuple[int, int]:
+        return self.session.start, self.session.end
+
+
+class StepScheduler:
+    """Runs waiting steps in rounds on the event loop. `batching` off: every step runs alone; `chunk_tokens`:
+    steps longer than this run in chunks, one per round (0: never cut)."""
+
+    def __init__(
+        self, span: Callable[[], LoadedSpan], metrics: NodeMetrics, batching: bool = True, chunk_tokens: int = 256
+    ) -> None:
+        self._span = span
+        self._metrics = metrics
+        self.batching = batching
+        self.chunk_tokens = chunk_tokens
+        self._waiting: dict[int, deque[PendingStep]] = {}  # by id(session), oldest session first
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    def submit(self, session: Session, inputs: StepInputs) -> asyncio.Future[torch.Tensor]:
+        """The step's output, computed after every step submitted earlier on the same session."""
+        pending = PendingStep(session, inputs)
+        self._waiting.setdefault(id(session), deque()).append(pending)
+        self._wake.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        return pending.done
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                self._run_round([steps[0] for steps in self._waiting.values()])
+                await asyncio.sleep(0)  # frames that arrived meanwhile join the next round
+
+    def _run_round(self, steps: list[PendingStep]) -> None:
+        steps = [step for step in steps if not self._abandoned(step)]
+        for step in [step for step in steps if step.session.closed]:  # its rows may belong to another session now
+            self._finish(step, ProtocolError("unknown_session", "the session ended before this step ran"))
+        steps = [step for step in steps if not step.session.closed]
+        if not steps:
+            return
+        try:
+            span = self._span()
+        except ProtocolError as exc:  # the node stopped taking work while these steps waited
+            for step in steps:
+                self._finish(step, exc)
+            return
+        began = time.perf_counter()
+        alone: list[PendingStep] = []
+        batches: dict[tuple[int, int], list[PendingStep]] = {}
+        for step in steps:
+            if self.batching and step.batchable:
+                batches.setdefault(step.group, []).append(step)
+            else:
+                alone.append(step)
+        for batch in batches.values():  # decode steps first: a long prompt delays them by one chunk at most
+            if len(batch) > 1:
+                self._run_batch(span, batch)
+            else:
+                self._run_alone(span, batch[0])
+        for step in alone:
+            self._run_alone(span, step)
+        self._metrics.step_seconds.observe(time.perf_counter() - began)
+
+    def _run_batch(self, span: LoadedSpan, batch: list[PendingStep]) -> None:
+        try:
+            outputs = run_batched(span, batch)
+        except Exception:  # a failure inside the batch is retried one by one, so it ends one session only
+            log.exception("batched step failed; running its %d steps one by one", len(batch))
+            for step in batch:
+                self._run_alone(span, step)
+            return
+        self._metrics.batched_steps.inc(len(batch))
+        for step, output in zip(batch, outputs, strict=True):
+            self._finish(step, output)
+
+    def _run_alone(self, span: LoadedSpan, step: PendingStep) -> None:
+        try:
+            if step.chunked is None and 0 < self.chunk_tokens < step.inputs.hidden.shape[1]:
+                step.chunked = ChunkedStep.start(step.session, step.inputs, self.chunk_tokens)
+            if step.chunked is None:
+                output = run_alone(span, step.session, step.inputs)
+            else:  # one chunk per round; the step stays first in its session's line until the last one
+                chunked = step.chunked
+                chunked.outputs.append(run_alone(span, step.session, chunked.next_chunk, chunked.checkpoint))
+                if not chunked.finished:
+                    return
+                output = torch.cat(chunked.outputs, dim=1)
+        except Exception as exc:  # the step (or chunk) already put its session back; only this step fails
+            self._finish(step, exc)
+            return
+        self._finish(step, output)
+
+    def _finish(self, step: PendingStep, outcome: Outcome) -> None:
+        self._leave_line(step)
+        if step.done.done():
+            return
+        if isinstance(outcome, Exception):
+            step.done.set_exception(outcome)
+        else:
+            step.done.set_result(outcome)
+
+    def _leave_line(self, step: PendingStep) -> None:
+        line = self._waiting.get(id(step.session))
+        if line and line[0] is step:
+            line.popleft()
+            if not line:
+                del self._waiting[id(step.session)]
+
+    def _abandoned(self, step: PendingStep) -> bool:
+        """Nobody awaits the step any more (its request was cancelled): it is dropped, and the chunks of it
+        already run are undone, so the session's next step finds the session as its client last saw it."""
+        if not step.done.cancelled():
+            return False
+        if step.chunked is not None:
+            step.chunked.checkpoint.restore(step.session)
+        self._leave_line(step)
+        return True
+
+
+def run_alone(
+    span: LoadedSpan, session: Session, inputs: StepInputs, checkpoint: SessionCheckpoint | None = None
+) -> torch.Tensor:
+    """Apply one validated step (or chunk of one) to a session's cache; on failure the session goes back to
+    `checkpoint`, by default its state before this call."""
+    if checkpoint is None:
+        checkpoint = SessionCheckpoint.of(session, inputs.hypo_ids is not None)
+    try:
+        if inputs.hypo_ids is not None:
+            session.cache.reorder(inputs.hypo_ids)  # type: ignore[attr-defined]
+            if session.last_positions is not None:
+                session.last_positions = session.last_positions[inputs.hypo_ids]
+        hidden = span.run_round(inputs.hidden, [_entry(session, inputs)], session.start, session.end)
+        _advance(session, inputs)
+        return hidden
+    except BaseException:
+        checkpoint.restore(session)
+        raise
+
+
+def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor]:
+    """One forward for several sessions' single-token steps over the same layers; each session's output rows.
+    A failure leaves every session as it was (their lengths only move once all is done)."""
+    start, end = steps[0].group
+    hidden = span.run_round(
+        torch.cat([step.inputs.hidden for step in steps]),
+        [_entry(step.session, step.inputs) for step in steps],
+        start,
+        end,
+    )
+    outputs, row = [], 0
+    for step in steps:
+        _advance(step.session, step.inputs)
+        outputs.append(hidden[row : row + step.session.batch_size])
+        row += step.session.batch_size
+    return outputs
+
+
+def _entry(session: Session, inputs: StepInputs) -> RoundEntry:
+    return RoundEntry(session.cache, session.length, inputs.position_ids, inputs.attention_mask)  # type: ignore[arg-type]
+
+
+def _advance(session: Session, inputs: StepInputs) -> None:
+    session.length += inputs.hidden.shape[1]
+    session.last_positions = inputs.position_ids[:, -1]
