@@ -23,6 +23,15 @@ PRESETS: dict[str, dict[str, int]] = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
+    # Petals' benchmark shape: a ~60M-parameter Llama, hidden 512, 8 layers
+    "h512": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    ),
     "250m": dict(
         vocab_size=32000,
         hidden_size=1024,

@@ -9,21 +9,22 @@ node then comes back for the next round. Reported next to the per-token latency 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
+
+import argparse
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from itertools import pairwise
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import LogitsProcessor, LogitsProcessorList
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PRESETS, build_random_llama, median, write_json
 from client import DistributedModelForCausalLM

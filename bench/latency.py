@@ -9,23 +9,27 @@ a shared machine's speed drifts by up to 2x over seconds, and pairs taken side b
     python bench/latency.py --preset 250m --nodes 1,2,3 --repeats 3
     python bench/latency.py --preset tiny --family bloom    # any supported model_type, at the preset's size
     python bench/latency.py --preset tiny --compression int8-block   # 8-bit hidden states on the wire
+    python bench/latency.py --preset h512 --threads 1      # every process pinned to one torch thread
+
+By default every process runs as a user would start it (torch picks its threads); `--threads N` gives the
+local baseline and every node N torch threads instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
+
+import argparse
+import itertools
+import tempfile
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LogitsProcessorList
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import itertools
 
 from bench.common import PRESETS, TokenClock, build_random_model, median, write_json
 from client import DistributedModelForCausalLM
@@ -76,14 +80,21 @@ def main() -> int:
         default="none",
         help="hidden states on the wire; the report adds the logits' error against the local model",
     )
+    parser.add_argument(
+        "--threads",
+        default="default",
+        help="torch threads of the local baseline and every node: default (as a user starts them) or a number",
+    )
     parser.add_argument("--json", type=Path, help="where to write results (default bench/results/latency-PRESET.json)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    threads = None if args.threads == "default" else int(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     cache_dir = Path(tempfile.gettempdir()) / "swarm-bench"
     model_path = args.model or build_random_model(args.preset, cache_dir / f"{args.family}-{args.preset}", args.family)
     random_name = args.preset if args.family == "llama" else f"{args.family}-{args.preset}"
     label = args.model.name if args.model else random_name
-    suffix = "" if args.compression == "none" else f"-{args.compression}"
+    suffix = ("" if args.compression == "none" else f"-{args.compression}") + (f"-threads{threads}" if threads else "")
 
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers
@@ -95,7 +106,7 @@ def main() -> int:
     rows = []
     local_intervals: list[float] = []
     for parts in (int(n) for n in args.nodes.split(",")):
-        with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir)) as swarm:
+        with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir), threads=threads) as swarm:
             swarm.start_registry()
             for layers in spans(num_layers, parts):
                 swarm.start_node(model_path, layers)
@@ -128,7 +139,7 @@ def main() -> int:
     for row in rows:
         row["local_ms_per_token"] = local_ms
 
-    title = f"decode latency, {label} ({num_layers} layers), {args.new_tokens} new tokens, medians"
+    title = f"decode latency, {label} ({num_layers} layers), {args.new_tokens} new tokens, threads {args.threads}"
     table = Table(title=f"{title}, compression {args.compression}")
     for column in ("nodes", "local ms/token", "swarm ms/token", "swarm/local", "overhead ms/hop", "logits rel. err"):
         table.add_column(column, justify="right")
@@ -153,6 +164,7 @@ def main() -> int:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "compression": args.compression,
+            "threads": args.threads,
             "results": rows,
         },
     )

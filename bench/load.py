@@ -9,17 +9,18 @@ and the process's peak resident memory (VmHWM) once it is up. Medians over `--re
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
+
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PRESETS, build_random_llama, write_json
 from swarm.launcher import LocalSwarm

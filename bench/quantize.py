@@ -9,17 +9,18 @@ error, next-token agreement, and whether 32-token greedy continuations stay iden
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
+
+import argparse
+import statistics
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_json
 from node.span import LoadedSpan

@@ -8,26 +8,31 @@ swarm/local throughput ratio. Local and swarm runs alternate and each ratio comp
 side (a shared machine's speed drifts by up to 2x over seconds); the ratios reported are their medians.
 
     python bench/throughput.py --preset tiny --sessions 1,4,16,32
+    python bench/throughput.py --preset h512 --sessions 1,8 --threads 1
+
+By default every process runs as a user would start it (torch picks its threads); `--threads N` gives the
+local baseline and every node N torch threads instead.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
+
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LogitsProcessorList
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PRESETS, TokenClock, build_random_llama, cpu_seconds, write_json
 from client import DistributedModelForCausalLM
@@ -132,9 +137,12 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--threads", default="default", help="torch threads per process: default or a number")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    threads = None if args.threads == "default" else int(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model_path = build_random_llama(args.preset, Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{args.preset}")
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers
@@ -142,7 +150,7 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, local.config.vocab_size, (max(counts), args.prompt_tokens), generator=generator)
     rows = []
-    with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir)) as swarm:
+    with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir), threads=threads) as swarm:
         swarm.start_registry()
         half = num_layers // 2
         spans = [f"0-{half - 1}", f"{half}-{num_layers - 1}"]
@@ -210,7 +218,7 @@ def main() -> int:
     Console().print(table)
     out = args.json or Path(__file__).parent / "results" / f"throughput-{args.preset}.json"
     payload = {"benchmark": "throughput", "model": args.preset, "new_tokens": args.new_tokens, "results": rows}
-    write_json(out, {**payload, "repeats": args.repeats})
+    write_json(out, {**payload, "repeats": args.repeats, "threads": args.threads})
     print(f"wrote {out}")
     return 0
 

@@ -47,6 +47,8 @@ class DecodeJob:
     session: ChainSession | None = None
     generated: int = 0
     unfinished: torch.Tensor = field(init=False)
+    last_positions: torch.Tensor = field(init=False)
+    """Each row's position of its last token sent to the swarm."""
 
     def __post_init__(self) -> None:
         self.unfinished = torch.ones(self.input_ids.shape[0], dtype=torch.bool)
@@ -60,10 +62,14 @@ class DecodeJob:
         return self.session is not None
 
     def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token ids the swarm has not seen yet, their positions, and their part of the attention mask."""
-        new = self.input_ids.shape[1] if not self.prefilled else 1
-        positions = position_ids_from_mask(self.attention_mask)[:, -new:]
-        return self.input_ids[:, -new:], positions, self.attention_mask[:, -new:]
+        """Token ids the swarm has not seen yet, their positions, and their part of the attention mask. Positions
+        come from the prompt's mask once; every new token is real, one position past its row's last."""
+        if not self.prefilled:
+            positions = position_ids_from_mask(self.attention_mask)
+            self.last_positions = positions[:, -1]
+            return self.input_ids, positions, self.attention_mask
+        self.last_positions = self.last_positions + 1
+        return self.input_ids[:, -1:], self.last_positions[:, None], self.attention_mask[:, -1:]
 
     def choose(self, logits: torch.Tensor) -> None:
         """Pick every row's next token from the last position's logits, exactly as greedy `generate()` does."""

@@ -306,27 +306,24 @@ class _Sessions:
         spec = cache.spec
         slab = members[0][1].rows.slab
         device = slab.device
-        slab_rows, slots = [], []
+        slab_rows: list[int] = []
+        slots: list[int] = []
         for _, entry in members:
             entry.rows.prepare()
-            count = entry.rows.count
-            slab_rows.append(torch.arange(entry.rows.first, entry.rows.first + count))
-            slots.append(torch.full((count,), entry.length))
-        row_index = torch.cat(slab_rows).to(device)
-        slot_index = torch.cat(slots).to(device)
-        lo, hi = int(row_index.min()), int(row_index.max()) + 1
-        span = int(slot_index.max()) + 1
+            slab_rows.extend(range(entry.rows.first, entry.rows.first + entry.rows.count))
+            slots.extend([entry.length] * entry.rows.count)
+        row_index = torch.tensor(slab_rows, device=device)
+        slot_index = torch.tensor(slots, device=device)
+        lo, hi = min(slab_rows), max(slab_rows) + 1
+        span = max(slots) + 1
         if all(entry.new_valid is None for _, entry in members):
             slab.bias[row_index, slot_index] = 0
         else:
-            real = [
-                e.new_valid if e.new_valid is not None else torch.ones(e.rows.count, 1, dtype=torch.bool)
-                for _, e in members
-            ]
+            real = [_real(entry) for _, entry in members]
             slab.bias[row_index, slot_index] = slot_bias(torch.cat(real).to(device)[:, 0], slab.dtype)
         if slab.positions is not None:
             slab.positions[row_index, slot_index] = torch.cat([e.positions for _, e in members]).to(device)[:, 0]
-        dense = hi - lo == len(row_index) and bool((row_index == torch.arange(lo, hi, device=device)).all())
+        dense = slab_rows == list(range(lo, hi))
         if needs_full_mask(spec, 1):
             query_slots = torch.zeros(hi - lo, 1, dtype=torch.int64, device=device)
             query_slots[row_index - lo, 0] = slot_index

@@ -1,7 +1,8 @@
 """A whole swarm on this machine: a registry and nodes as child processes on loopback.
 
-The demo, the tests and the benchmarks all start swarms through this module. Each node gets one
-torch thread and binds 127.0.0.1 only; closing the swarm stops every child, also after an error.
+The demo, the tests and the benchmarks all start swarms through this module. Each node binds 127.0.0.1
+only and gets one torch thread, unless `threads=None` starts it as a user would (torch's own choice);
+closing the swarm stops every child, also after an error.
 """
 
 from __future__ import annotations
@@ -25,17 +26,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env(threads: int | None = 1, **extra: str) -> dict[str, str]:
+    """The environment of a child process: offline, unbuffered, and `threads` torch threads (None: whatever
+    torch picks, as a user's process would get)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
-    env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    if threads is not None:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env.update(extra)
     return env
 
@@ -73,6 +70,8 @@ class LocalSwarm:
 
     workdir: Path
     announce_interval: float = 1.0
+    threads: int | None = 1
+    """Torch threads per child; None starts children as a user would (no thread settings at all)."""
     token: str | None = None
     scheme: str = "ws"
     tls_ca: str | None = None
@@ -91,7 +90,7 @@ class LocalSwarm:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env or child_env(),
+            env=env or child_env(self.threads),
             start_new_session=True,
         )
         log_file.close()
@@ -121,8 +120,7 @@ class LocalSwarm:
             layers,
             "--registry",
             self.registry_url,
-            "--torch-threads",
-            "1",
+            *(["--torch-threads", str(self.threads)] if self.threads is not None else []),
             "--no-progress",
             "--announce-interval",
             str(self.announce_interval),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -24,3 +28,20 @@ def test_prefill_chunk_comes_from_the_environment_and_must_not_be_negative(monke
     assert NodeSettings().prefill_chunk == 64
     with pytest.raises(ValidationError, match="prefill_chunk"):
         NodeSettings(prefill_chunk=-1)
+
+
+def test_a_node_lets_idle_openmp_threads_sleep_unless_told_otherwise() -> None:
+    """Set before torch loads, or OpenMP never sees it; a user's own OMP_WAIT_POLICY wins."""
+    program = "from node.main import prepare_threads; import os; prepare_threads(2); import torch; "
+    program += "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    plain = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert plain.stdout.split() == ["PASSIVE", "2"], plain.stderr
+    told = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        timeout=120,
+    )
+    assert told.stdout.split()[0] == "ACTIVE", told.stderr
