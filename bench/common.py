@@ -67,6 +67,18 @@ def preset_config(preset: str, family: str = "llama") -> PretrainedConfig:
     )
 
 
+THREADS_HELP = "torch threads of the local baseline and every process: default (as a user starts them) or a number"
+
+
+def use_threads(option: str) -> int | None:
+    """The thread count a `--threads` option asks for (None: torch's own choice), applied to this process;
+    pass it on to `LocalSwarm(threads=...)` for the swarm's processes."""
+    threads = None if option == "default" else int(option)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def build_random_llama(preset: str, target: Path) -> Path:
     """The benchmarks' default model; `build_random_model` builds the other families."""
     return build_random_model(preset, target)

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from bench.common import PRESETS, TokenClock, build_random_model, median, write_json
+from bench.common import PRESETS, THREADS_HELP, TokenClock, build_random_model, median, use_threads, write_json
 from client import DistributedModelForCausalLM
 from swarm.launcher import LocalSwarm
 from swarm.models import supported_model_types
@@ -80,16 +80,10 @@ def main() -> int:
         default="none",
         help="hidden states on the wire; the report adds the logits' error against the local model",
     )
-    parser.add_argument(
-        "--threads",
-        default="default",
-        help="torch threads of the local baseline and every node: default (as a user starts them) or a number",
-    )
+    parser.add_argument("--threads", default="default", help=THREADS_HELP)
     parser.add_argument("--json", type=Path, help="where to write results (default bench/results/latency-PRESET.json)")
     args = parser.parse_args()
-    threads = None if args.threads == "default" else int(args.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    threads = use_threads(args.threads)
     cache_dir = Path(tempfile.gettempdir()) / "swarm-bench"
     model_path = args.model or build_random_model(args.preset, cache_dir / f"{args.family}-{args.preset}", args.family)
     random_name = args.preset if args.family == "llama" else f"{args.family}-{args.preset}"

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from bench.common import PRESETS, build_random_model, cpu_seconds, write_json
+from bench.common import PRESETS, THREADS_HELP, build_random_model, cpu_seconds, use_threads, write_json
 from client import DistributedModelForCausalLM
 from swarm.launcher import LocalSwarm
 
@@ -78,12 +78,10 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--threads", default="default", help="torch threads per process: default or a number")
+    parser.add_argument("--threads", default="default", help=THREADS_HELP)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = None if args.threads == "default" else int(args.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    threads = use_threads(args.threads)
     model = build_random_model(args.preset, Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{args.preset}")
     layers = PRESETS[args.preset]["num_hidden_layers"]
     bounds = [round(i * layers / args.nodes) for i in range(args.nodes + 1)]

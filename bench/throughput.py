@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-from bench.common import PRESETS, TokenClock, build_random_llama, cpu_seconds, write_json
+from bench.common import PRESETS, THREADS_HELP, TokenClock, build_random_llama, cpu_seconds, use_threads, write_json
 from client import DistributedModelForCausalLM
 from client.scheduler import DecodeScheduler
 from swarm.launcher import LocalSwarm
@@ -137,12 +137,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
-    parser.add_argument("--threads", default="default", help="torch threads per process: default or a number")
+    parser.add_argument("--threads", default="default", help=THREADS_HELP)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    threads = None if args.threads == "default" else int(args.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    threads = use_threads(args.threads)
     model_path = build_random_llama(args.preset, Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{args.preset}")
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers
