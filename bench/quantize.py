@@ -20,10 +20,10 @@ import statistics
 import torch
 from rich.console import Console
 from rich.table import Table
+from swarm.node.span import LoadedSpan
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import write_json
-from node.span import LoadedSpan
 from swarm.default_model import default_model_path
 
 PROMPTS = [

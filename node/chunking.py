@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from node.sessions import Session
-from node.validation import StepInputs
+from swarm.node.sessions import Session
+from swarm.node.validation import StepInputs
 
 
 @dataclass(frozen=True)

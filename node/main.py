@@ -1,7 +1,7 @@
 """`swarm-node`: load a span of layers, serve it, and keep the registries informed.
 
 This module parses the command line and prepares the process before torch is imported (thread settings
-only take effect then); `node.service` does the rest.
+only take effect then); `swarm.node.service` does the rest.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from node.settings import NodeSettings
+from swarm.node.settings import NodeSettings
 
 log = logging.getLogger("swarm.node")
 
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         prepare_threads(settings.torch_threads)
-        from node.service import serve
+        from swarm.node.service import serve
+
         from swarm.errors import SwarmError
         from swarm.runtime import run
 

@@ -1,7 +1,7 @@
 """The node's websocket endpoint: sessions, steps and stateless forwards over its span.
 
 Each frame is answered in a task of its own, so a client may have several steps in flight on one connection
-(replies carry their `step_id`); the steps themselves go through `node.steps`, which runs them in rounds on the
+(replies carry their `step_id`); the steps themselves go through `swarm.node.steps`, which runs them in rounds on the
 event loop. A session belongs to the connection that opened it and ends with it.
 """
 
@@ -14,16 +14,16 @@ from dataclasses import dataclass
 
 import torch
 import websockets
+from swarm.node.kv_cache import capacity_for
+from swarm.node.metrics import NodeMetrics
+from swarm.node.sessions import SessionTable
+from swarm.node.settings import NodeSettings
+from swarm.node.span import LoadedSpan
+from swarm.node.steps import StepScheduler, StepService
+from swarm.node.validation import check_layer_range, decode_hidden, decode_mask, decode_positions
 from websockets.asyncio.server import ServerConnection
 
 import swarm
-from node.kv_cache import capacity_for
-from node.metrics import NodeMetrics
-from node.sessions import SessionTable
-from node.settings import NodeSettings
-from node.span import LoadedSpan
-from node.steps import StepScheduler, StepService
-from node.validation import check_layer_range, decode_hidden, decode_mask, decode_positions
 from swarm.errors import ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (

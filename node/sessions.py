@@ -17,7 +17,7 @@ from swarm.errors import ProtocolError
 
 
 class SessionCache(Protocol):
-    """A session's slice of the node's KV cache (`node.kv_cache.CacheRows`)."""
+    """A session's slice of the node's KV cache (`swarm.node.kv_cache.CacheRows`)."""
 
     def release(self) -> None: ...
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from swarm.node.kv_cache import KVCache, RoundAttention, RoundEntry
 from torch import nn
 
-from node.kv_cache import KVCache, RoundAttention, RoundEntry
 from swarm.checkpoint import CheckpointIndex, tensor_nbytes
 from swarm.models import ModelArchitecture
 from swarm.models.attention import StatelessAttention

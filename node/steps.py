@@ -5,7 +5,7 @@ The frame's tensors are decoded and checked once; each session's rows are checke
 bad one ends only its own session. The rows then wait for the next round: `StepScheduler` runs rounds on the
 event loop, one after the other. A round takes the oldest waiting step of every session (a session's steps run
 in the order they came); single-token steps over the same layers run as one batched forward over the sessions'
-cache rows, whatever their lengths (`node.kv_cache`), the rest alone. A step longer than `--prefill-chunk`
+cache rows, whatever their lengths (`swarm.node.kv_cache`), the rest alone. A step longer than `--prefill-chunk`
 tokens runs one chunk per round, so other sessions' decode steps come in between. Between rounds the loop reads
 whatever frames arrived meanwhile: they make up the next round. The reply stacks the sessions' outputs in the
 frame's order, in the codec the request used.
@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from swarm.node.chunking import ChunkedStep, SessionCheckpoint
+from swarm.node.kv_cache import RoundEntry
+from swarm.node.metrics import NodeMetrics
+from swarm.node.sessions import Session, SessionTable
+from swarm.node.span import LoadedSpan
+from swarm.node.validation import StepInputs, decode_step, session_rows
 
-from node.chunking import ChunkedStep, SessionCheckpoint
-from node.kv_cache import RoundEntry
-from node.metrics import NodeMetrics
-from node.sessions import Session, SessionTable
-from node.span import LoadedSpan
-from node.validation import StepInputs, decode_step, session_rows
 from swarm.errors import ProtocolError
 from swarm.protocol import Error, Step, StepResult, WireTensor
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from swarm.node.sessions import Session
 
-from node.sessions import Session
 from swarm.errors import ProtocolError
 from swarm.protocol import Step, WireTensor
 

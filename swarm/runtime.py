@@ -28,8 +28,17 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def quiet_optional_backends() -> None:
+    """torchao (installed for `--quantize int8`) is imported by `transformers`; on import it logs a warning for
+    each GPU kernel library this machine cannot load and for each enum it registers with torch.compile.
+    Neither matters to a swarm process, and they would bury the output of every command."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Diagnostics go to stderr so stdout stays clean for generated text and JSON."""
+    quiet_optional_backends()
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from swarm.runtime import quiet_optional_backends
 from tests.checkpoints import build_tiny_llama
 
 torch.set_num_threads(1)
+quiet_optional_backends()
 
 DEPRECATION = re.compile(r"FutureWarning|DeprecationWarning|\bdeprecated\b", re.IGNORECASE)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-from node.kv_cache import CacheRows, capacity_for
-from node.sessions import Session, SessionTable
-from node.span import LoadedSpan
+from swarm.node.kv_cache import CacheRows, capacity_for
+from swarm.node.sessions import Session, SessionTable
+from swarm.node.span import LoadedSpan
 
 
 def open_session(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from swarm.node.plan import plan_span
 
-from node.plan import plan_span
 from swarm.errors import SwarmError
 from swarm.memory import ModelFootprint
 from tests.swarm.test_routing import peer

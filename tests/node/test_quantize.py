@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from swarm.node.span import LoadedSpan
 from transformers import AutoModelForCausalLM
 
-from node.span import LoadedSpan
 from swarm.default_model import default_model_path
 
 IDS = torch.tensor([[1, 384, 385, 260, 353, 11, 400, 402, 15, 300]])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from swarm.node.sessions import SessionTable
 
-from node.sessions import SessionTable
 from swarm.errors import ProtocolError
 
 released: list[str] = []

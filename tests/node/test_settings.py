@@ -8,9 +8,8 @@ import sys
 
 import pytest
 from pydantic import ValidationError
-
-from node.main import build_parser, settings_from_args
-from node.settings import NodeSettings
+from swarm.node.main import build_parser, settings_from_args
+from swarm.node.settings import NodeSettings
 
 
 def test_prefill_chunk_flag_reaches_node_settings(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,7 +31,7 @@ def test_prefill_chunk_comes_from_the_environment_and_must_not_be_negative(monke
 
 def test_a_node_lets_idle_openmp_threads_sleep_unless_told_otherwise() -> None:
     """Set before torch loads, or OpenMP never sees it; a user's own OMP_WAIT_POLICY wins."""
-    program = "from node.main import prepare_threads; import os; prepare_threads(2); import torch; "
+    program = "from swarm.node.main import prepare_threads; import os; prepare_threads(2); import torch; "
     program += "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     plain = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.node.span import LoadedSpan
 from transformers import AutoModelForCausalLM
 
 import swarm.checkpoint
-from node.span import LoadedSpan
 from swarm.checkpoint import CheckpointIndex
 
 
@@ -86,9 +86,10 @@ def test_a_sub_range_of_the_span_runs_alone(tiny_llama: Path) -> None:
 
 def test_compiled_layers_compute_what_plain_ones_do(tiny_llama: Path) -> None:
     """`swarm-node --compile`: the same prefill and decode rounds through torch.compile'd layers."""
-    from node.sessions import SessionTable
-    from node.steps import run_alone
-    from node.validation import StepInputs
+    from swarm.node.sessions import SessionTable
+    from swarm.node.steps import run_alone
+    from swarm.node.validation import StepInputs
+
     from tests.node.session_helpers import open_session
 
     outputs = []

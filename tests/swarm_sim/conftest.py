@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from transformers import AutoModelForCausalLM, PreTrainedModel
-
-from client import DistributedModelForCausalLM
-from swarm.launcher import LocalSwarm
 
 
 @pytest.fixture(scope="module")

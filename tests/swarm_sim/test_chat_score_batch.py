@@ -15,10 +15,9 @@ from pathlib import Path
 import pexpect
 import pytest
 import torch
+from swarm.client.local_swarm import LocalSwarm, child_env
+from swarm.client.serve.chat_template import chat_prompt_ids, render_chat
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-from client.chat_format import chat_prompt_ids, render_chat
-from swarm.launcher import LocalSwarm, child_env
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,16 @@ def tokenizer(tiny_llama: Path) -> PreTrainedTokenizerBase:
 
 
 def cli(swarm: LocalSwarm, checkpoint: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "client.cli", *args, "--model", str(checkpoint), "--registry", swarm.registry_url]
+    return [
+        sys.executable,
+        "-m",
+        "swarm.client.cli.main",
+        *args,
+        "--model",
+        str(checkpoint),
+        "--registry",
+        swarm.registry_url,
+    ]
 
 
 def local_logprobs(model: PreTrainedModel, ids: list[int]) -> list[float]:

@@ -8,14 +8,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from swarm.client.local_swarm import LocalSwarm, child_env
 from transformers import AutoTokenizer, PreTrainedModel
-
-from swarm.launcher import LocalSwarm, child_env
 
 
 def swarm_client(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "swarm.client.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -104,7 +103,7 @@ def test_node_refuses_layers_outside_the_model(tiny_llama: Path) -> None:
         [
             sys.executable,
             "-m",
-            "node.main",
+            "swarm.node.main",
             "--model",
             str(tiny_llama),
             "--layers",
@@ -123,7 +122,7 @@ def test_node_refuses_layers_outside_the_model(tiny_llama: Path) -> None:
 
 def test_float16_on_cpu_is_refused_with_a_reason(tiny_llama: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "node.main", "--model", str(tiny_llama), "--layers", "0-1", "--dtype", "float16"],
+        [sys.executable, "-m", "swarm.node.main", "--model", str(tiny_llama), "--layers", "0-1", "--dtype", "float16"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from client import DistributedModelForCausalLM
-from swarm.launcher import LocalSwarm
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_ARGS = [
@@ -70,7 +69,7 @@ def test_metrics_describe_the_registry_and_each_node(
     assert 'swarm_model_usable{model="tiny-partial"} 0.0' in registry
     assert 'swarm_model_layers_covered{model="tiny-partial"} 4.0' in registry
 
-    nodes = [p for p in llama_swarm.processes if "node.main" in p.args]
+    nodes = [p for p in llama_swarm.processes if "swarm.node.main" in p.args]
     texts = [fetch(node.address.replace("ws://", "http://") + "/metrics") for node in nodes]
     assert all("swarm_node_cache_tokens_free" in text and "swarm_node_step_seconds_bucket" in text for text in texts)
     steps = [

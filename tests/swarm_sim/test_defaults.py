@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client.cli.demo import generation_settings
+from swarm.client.local_swarm import LocalSwarm, child_env, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.default_model import DEFAULT_MODEL_NAME, default_model_path
-from swarm.demo import generation_settings
-from swarm.launcher import LocalSwarm, child_env, free_port
 
 
 def local_continuation(prompt: str, new_tokens: int, greedy: bool = True, seed: int = 0) -> str:
@@ -39,12 +39,12 @@ def test_bare_node_and_client_commands_serve_the_embedded_model(tmp_path: Path) 
             port = str(free_port())
             swarm.spawn(
                 f"bare-{layers}",
-                [sys.executable, "-m", "node.main", "--layers", layers, "--port", port, "--torch-threads", "1"],
+                [sys.executable, "-m", "swarm.node.main", "--layers", layers, "--port", port, "--torch-threads", "1"],
                 env=env,
             )
         swarm.wait_ready(DEFAULT_MODEL_NAME)
         result = subprocess.run(
-            [sys.executable, "-m", "client.cli", "generate", "Once upon a time", "--max-new-tokens", "24"],
+            [sys.executable, "-m", "swarm.client.cli.main", "generate", "Once upon a time", "--max-new-tokens", "24"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -65,7 +65,7 @@ def test_the_demo_tells_the_story_local_generate_tells_and_cleans_up() -> None:
     """The README's first command exactly: default sampling, default seed, the demo's own length."""
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "swarm.demo", "--port", str(port)],
+        [sys.executable, "-m", "swarm.client.cli.demo", "--port", str(port)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -83,7 +83,7 @@ def test_the_demo_tells_the_story_local_generate_tells_and_cleans_up() -> None:
 def test_ctrl_c_stops_a_kept_demo_and_its_swarm() -> None:
     port = free_port()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "swarm.demo", "--port", str(port), "--max-new-tokens", "5", "--keep"],
+        [sys.executable, "-m", "swarm.client.cli.demo", "--port", str(port), "--max-new-tokens", "5", "--keep"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

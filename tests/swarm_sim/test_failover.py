@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
 from transformers import LogitsProcessorList, PreTrainedModel
 
-from client import DistributedModelForCausalLM
 from swarm.errors import SwarmFullError
-from swarm.launcher import LocalSwarm, Process, free_port, wait_for_port
 from tests.processors import AtStep
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)

@@ -17,10 +17,9 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
+from swarm.client.serve.chat_template import chat_prompt_ids, render_chat
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-from client.chat_format import chat_prompt_ids, render_chat
-from swarm.launcher import LocalSwarm, Process, free_port, wait_for_port
 
 API_KEY = "sim-secret"
 PROMPTS = ["Once upon a time", "The little dragon looked at the sky and"]
@@ -29,7 +28,16 @@ PROMPTS = ["Once upon a time", "The little dragon looked at the sky and"]
 def start_gateway(swarm: LocalSwarm, checkpoint: Path, *extra: str) -> Process:
     """`swarm-client serve` on a free port; `process.address` is its base URL."""
     port = free_port()
-    args = [sys.executable, "-m", "client.cli", "serve", "--model", str(checkpoint), "--registry", swarm.registry_url]
+    args = [
+        sys.executable,
+        "-m",
+        "swarm.client.cli.main",
+        "serve",
+        "--model",
+        str(checkpoint),
+        "--registry",
+        swarm.registry_url,
+    ]
     process = swarm.spawn(f"gateway-{port}", [*args, "--port", str(port), "--api-key", API_KEY, *extra])
     process.address = f"http://127.0.0.1:{port}"
     wait_for_port(port, process, timeout=120)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client import DistributedModelForCausalLM
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-from client import DistributedModelForCausalLM
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from transformers import PreTrainedModel
 
-from client import DistributedModelForCausalLM
 from swarm.errors import MissingLayersError
-from swarm.launcher import LocalSwarm
 from swarm.transport import Credentials
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
@@ -125,7 +125,7 @@ def test_a_session_is_freed_on_the_nodes_after_generate(
     swarm_llama: DistributedModelForCausalLM, llama_swarm: LocalSwarm
 ) -> None:
     swarm_llama.generate(PROMPT, max_new_tokens=3, do_sample=False)
-    from client.chain import fetch_peers
+    from swarm.client.core.planner import fetch_peers
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -182,7 +182,7 @@ def test_concurrent_sessions_of_different_lengths_batched_on_the_nodes_stay_exac
     finally:
         model.close()
     assert [results.get(i) for i in range(len(prompts))] == expected
-    nodes = [p for p in llama_swarm.processes if "node.main" in p.args and "--model-name" not in p.args]
+    nodes = [p for p in llama_swarm.processes if "swarm.node.main" in p.args and "--model-name" not in p.args]
     metrics = [
         urllib.request.urlopen(n.address.replace("ws://", "http://") + "/metrics", timeout=10).read().decode()
         for n in nodes

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from transformers import PreTrainedModel
-
-from client import DistributedModelForCausalLM
-from swarm.launcher import LocalSwarm
 
 
 def test_greedy_generation_with_tiny_prefill_chunks_matches_local_generate(

@@ -16,12 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process, child_env
 from transformers import PreTrainedModel
 from websockets.sync.client import connect
 
-from client import DistributedModelForCausalLM
 from swarm.errors import RegistryUnavailableError, RemoteError
-from swarm.launcher import LocalSwarm, Process, child_env
 from swarm.protocol import PROTOCOL_VERSION, Hello, decode_message, encode_message
 
 TOKEN = "correct horse battery staple"
@@ -64,7 +64,7 @@ def test_queries_without_the_token_are_unauthorized(
 
 @pytest.mark.parametrize("token", [None, "wrong"])
 def test_steps_without_the_token_are_unauthorized(private_swarm: LocalSwarm, token: str | None) -> None:
-    node = next(p for p in private_swarm.processes if "node.main" in p.args)
+    node = next(p for p in private_swarm.processes if "swarm.node.main" in p.args)
     with connect(node.address, open_timeout=10) as connection:
         connection.send(encode_message(Hello(version=PROTOCOL_VERSION, token=token)))
         reply = decode_message(connection.recv(timeout=10))
@@ -84,7 +84,7 @@ def test_a_node_without_the_token_cannot_announce(tiny_llama: Path, private_swar
             [
                 sys.executable,
                 "-m",
-                "client.cli",
+                "swarm.client.cli.main",
                 "status",
                 "--json",
                 "--registry",

@@ -8,15 +8,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import swarm.client.core.scheduler
 import torch
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.core.channel import PeerChannel
+from swarm.client.core.scheduler import DecodeScheduler
+from swarm.client.core.sessions import ChainSession
+from swarm.client.local_swarm import LocalSwarm, Process
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-import client.scheduler
-from client import DistributedModelForCausalLM
-from client.channel import PeerChannel
-from client.scheduler import DecodeScheduler
-from client.session import ChainSession
-from swarm.launcher import LocalSwarm, Process
 from swarm.protocol import Step, StepResult
 from tests.processors import AtStep
 
@@ -98,13 +98,13 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     group_frames: list[int] = []  # per tick: the frames its decode steps may take, one per peer they go to next
-    step_together = client.scheduler.step_together
+    step_together = swarm.client.core.scheduler.step_together
 
     async def counted(sessions: list[ChainSession], *inputs: torch.Tensor) -> list:
         group_frames.append(len({(id(link.channel), link.link.start) for s in sessions for link in s.links}))
         return await step_together(sessions, *inputs)
 
-    monkeypatch.setattr(client.scheduler, "step_together", counted)
+    monkeypatch.setattr(swarm.client.core.scheduler, "step_together", counted)
     channels = model.channels.channels
     frames_before = sum(channel.frames_sent for channel in channels)
     steps_before = sum(channel.steps_sent for channel in channels)

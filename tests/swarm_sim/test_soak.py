@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from transformers import PreTrainedModel
-
-from client import DistributedModelForCausalLM
-from swarm.launcher import LocalSwarm
 
 SESSIONS = 16
 NEW_TOKENS = 30

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from swarm.client.core.model import position_ids_from_mask
+from swarm.node.kv_cache import capacity_for
+from swarm.node.sessions import Session, SessionTable
+from swarm.node.span import LoadedSpan
+from swarm.node.steps import run_alone
+from swarm.node.validation import StepInputs
 
-from client.model import position_ids_from_mask
-from node.kv_cache import capacity_for
-from node.sessions import Session, SessionTable
-from node.span import LoadedSpan
-from node.steps import run_alone
-from node.validation import StepInputs
 from swarm.models import ModelArchitecture
 from swarm.models.local import LocalModules
 

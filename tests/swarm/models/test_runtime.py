@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from swarm.client.core.model import position_ids_from_mask
+from swarm.node.sessions import Session
+from swarm.node.steps import PendingStep, run_alone, run_batched
+from swarm.node.validation import StepInputs
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from client.model import position_ids_from_mask
-from node.sessions import Session
-from node.steps import PendingStep, run_alone, run_batched
-from node.validation import StepInputs
 from swarm.errors import UnsupportedModelError
 from swarm.models import ModelArchitecture
 from swarm.models.spec import ConfigReader

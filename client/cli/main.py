@@ -1,0 +1,290 @@
+"""`swarm-client`: generate text through the swarm, chat, score, run batches, serve an OpenAI-compatible API,
+and inspect what the swarm serves. Each command beyond `generate` and `status` lives in its own module,
+imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from swarm.client.core.loop import EventLoopThread
+
+from swarm.errors import SwarmError
+from swarm.runtime import setup_logging
+from swarm.settings import parse_registries
+from swarm.transport import Credentials
+
+EXAMPLES = """examples:
+  swarm-client status --wait-ready 60
+  swarm-client generate "Once upon a time" --max-new-tokens 40
+  swarm-client generate "Once upon a time" --model ./models/tiny-llama --registry ws://127.0.0.1:7000 --greedy
+  swarm-client generate "The dragon" --temperature 0.8 --top-p 0.95 --seed 1
+  swarm-client chat --temperature 0.7
+  swarm-client score stories.txt --choices "yes,no"
+  swarm-client batch requests.jsonl results.jsonl --concurrency 4
+  swarm-client serve --port 8000 --api-key secret
+  swarm-client status --json
+"""
+SERVE_EXAMPLES = """examples:
+  swarm-client serve --model ./models/tiny-llama --registry ws://127.0.0.1:7000 --port 8000
+  swarm-client serve --port 8000 --api-key secret --max-concurrency 16
+  curl http://127.0.0.1:8000/v1/completions -H 'Authorization: Bearer secret' -H 'Content-Type: application/json' \\
+       -d '{"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}'
+  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret'); \\
+print(c.chat.completions.create(model='tiny-stories', messages=[{'role': 'user', 'content': 'Hi'}]))"
+API docs (OpenAPI) at http://127.0.0.1:8000/docs
+"""
+CHAT_EXAMPLES = """examples:
+  swarm-client chat
+  swarm-client chat --model ./models/tiny-llama --registry ws://127.0.0.1:7000 --temperature 0.7 --max-new-tokens 60
+  swarm-client chat --system "You are a terse assistant." --temperature 0
+type /reset for a new conversation, /quit or Ctrl-D to leave
+"""
+SCORE_EXAMPLES = """examples:
+  swarm-client score texts.txt                      # one text per line; JSON lines out
+  swarm-client score texts.jsonl --batch-size 16    # JSONL with a "text" field
+  swarm-client score questions.txt --choices "yes,no"
+  echo "The cat sat on the mat" | swarm-client score -
+"""
+BATCH_EXAMPLES = """examples:
+  echo '{"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "logprobs": 2}' > in.jsonl
+  swarm-client batch in.jsonl out.jsonl
+  swarm-client batch in.jsonl out.jsonl --concurrency 8 --model ./models/tiny-llama
+rerun the same command after an interruption: lines already in OUT are kept, the rest run
+"""
+
+
+ESTIMATE_EXAMPLES = """examples:
+  swarm-client estimate                                   # the embedded demo model
+  swarm-client estimate ./models/llama-70b --memory 24GiB --cache-tokens 32768
+  swarm-client estimate ./models/tiny-llama --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-client",
+        description="Use a model whose layers are served by a swarm of peers.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry", help="registry URL(s), comma-separated (env SWARM_REGISTRY; default ws://127.0.0.1:7000)"
+    )
+    common.add_argument("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
+    common.add_argument("--tls-ca", help="CA certificate file to trust for wss:// peers (env SWARM_TLS_CA)")
+    common.add_argument("--log-level", default="WARNING", help="diagnostics on stderr (default WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "--model",
+        help="checkpoint folder (env SWARM_MODEL; default: the embedded demo model, "
+        "or the only model the swarm serves)",
+    )
+    model.add_argument("--model-name", help="name in the swarm (default: last component of --model)")
+    model.add_argument(
+        "--compression",
+        choices=["none", "int8-block"],
+        default="none",
+        help="int8-block: send hidden states as 8-bit blocks to nodes that support it "
+        "(about 1/4 of float32's bytes, slightly inexact; default none)",
+    )
+
+    def command(name: str, summary: str, examples: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            parents=[common, model],
+            help=summary,
+            epilog=examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    generate = command("generate", "continue a prompt, streaming to stdout", EXAMPLES)
+    generate.add_argument("prompt", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    generate.add_argument("--temperature", type=float, help="sampling temperature (implies sampling)")
+    generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
+    generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
+
+    _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
+    _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))
+    _add_batch(command("batch", "run a JSONL file of OpenAI completions requests; resumable", BATCH_EXAMPLES))
+    _add_serve(command("serve", "serve an OpenAI-compatible HTTP API for the model", SERVE_EXAMPLES))
+
+    estimate = commands.add_parser(
+        "estimate",
+        parents=[common],
+        help="memory a model needs and how many nodes cover it (reads headers only)",
+        epilog=ESTIMATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    estimate.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded demo model)")
+    estimate.add_argument("--memory", default="24GiB", help="memory of one node, e.g. 24GiB (default 24GiB)")
+    estimate.add_argument("--cache-tokens", type=int, default=65536, help="KV cache per node in tokens (default 65536)")
+    estimate.add_argument("--json", action="store_true", help="machine-readable output")
+
+    status = commands.add_parser("status", parents=[common], help="coverage of each model the swarm serves")
+    status.add_argument("--model", help="only this model (its swarm name)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--wait-ready", type=float, metavar="SECONDS", help="wait until every layer is served; exit code 1 on timeout"
+    )
+    return parser
+
+
+def _add_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="longest reply in tokens (default 200)")
+    parser.add_argument(
+        "--max-length", type=int, default=2048, help="tokens the session holds, all turns together (default 2048)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 picks the likeliest token (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling probability mass (default 0.95)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument("--system", help="system message that opens every conversation")
+
+
+def _add_score(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="text file (one text per line) or JSONL with a 'text' field; - for stdin")
+    parser.add_argument("--choices", help="comma-separated continuations to score after each line, e.g. 'yes,no'")
+    parser.add_argument("--separator", default=" ", help="put between a line and each choice (default: a space)")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per pass through the swarm (default 8)")
+
+
+def _add_batch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="JSONL: one OpenAI completions request per line")
+    parser.add_argument("output", help="JSONL results, one per input line; kept and resumed across runs")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests running at once (default 4)")
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (env SWARM_API_KEY)")
+    parser.add_argument("--max-concurrency", type=int, default=8, help="requests generating at once (default 8)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """Map CLI flags onto `generate()` arguments; unset flags keep the checkpoint's own defaults."""
+    if args.greedy:
+        return {"do_sample": False}
+    chosen = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    chosen = {key: value for key, value in chosen.items() if value is not None}
+    return {"do_sample": True, **chosen} if chosen else {}
+
+
+def run_generate(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+    from swarm.client.cli.resolve import open_model
+    from transformers import TextStreamer
+
+    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
+    try:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling_kwargs(args)
+        )
+    finally:
+        model.close()
+    return 0
+
+
+def run_status(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+    from swarm.client.cli.status import swarm_status, wait_ready
+
+    runner = EventLoopThread()
+    try:
+        if args.wait_ready is not None:
+            try:
+                status = runner.run(wait_ready(registries, credentials, args.model, args.wait_ready))
+            except TimeoutError as exc:
+                status = exc.args[0] if exc.args else {"models": [], "peers": []}
+                _print_status(status, args.json)
+                what = f"model {args.model!r}" if args.model else "every model"
+                print(f"swarm-client: {what} not fully served after {args.wait_ready:g} s", file=sys.stderr)
+                return 1
+        else:
+            status = runner.run(swarm_status(registries, credentials, args.model))
+    finally:
+        runner.close()
+    _print_status(status, args.json)
+    return 0
+
+
+def run_estimate(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+    from pathlib import Path
+
+    from swarm.client.cli.estimate import estimate, render_estimate
+
+    from swarm.default_model import default_model_path
+    from swarm.memory import parse_bytes
+
+    report = estimate(
+        Path(args.model) if args.model else default_model_path(), parse_bytes(args.memory), args.cache_tokens
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_estimate(report, Console())
+    return 0
+
+
+def _print_status(status: dict[str, object], as_json: bool) -> None:
+    from swarm.client.cli.status import render_status
+
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        render_status(status, Console())
+
+
+Command = Callable[[argparse.Namespace, list[str], Credentials], int]
+COMMANDS: dict[str, Command | str] = {
+    "generate": run_generate,
+    "status": run_status,
+    "estimate": run_estimate,
+    "chat": "swarm.client.cli.chat",
+    "score": "swarm.client.cli.score",
+    "batch": "swarm.client.cli.batch",
+    "serve": "swarm.client.serve.gateway",
+}
+"""A command, or the module whose `run` is the command (imported only when used: they load torch, FastAPI)."""
+
+
+def _command(name: str) -> Command:
+    target = COMMANDS[name]
+    return importlib.import_module(target).run if isinstance(target, str) else target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        registries = parse_registries(args.registry)
+        credentials = Credentials(
+            token=args.token or os.environ.get("SWARM_TOKEN") or None,
+            ca_file=args.tls_ca or os.environ.get("SWARM_TLS_CA") or None,
+        )
+        return _command(args.command)(args, registries, credentials)
+    except (SwarmError, ValueError) as exc:
+        print(f"swarm-client: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

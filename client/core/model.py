@@ -1,0 +1,227 @@
+"""`DistributedModelForCausalLM`: a Hugging Face causal LM whose transformer layers live in the swarm.
+
+The client holds only the local modules (embeddings, final norm, LM head) read from the checkpoint;
+`forward` embeds, sends hidden states through a chain of peers, and applies the head. Because it is a
+`PreTrainedModel` with `GenerationMixin`, Hugging Face's own `generate()` (greedy, sampling, logits
+processors, stopping criteria) runs unchanged on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from swarm.client.core.channel import ChannelPool
+from swarm.client.core.loop import EventLoopThread
+from swarm.client.core.planner import DEFAULT_FAILOVER_WAIT, ChainPlanner
+from swarm.client.core.remote_cache import RemoteSessionCache
+from swarm.client.core.sessions import STEP_TIMEOUT, ChainSession, forward_through
+from swarm.client.core.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
+from torch import nn
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swarm.checkpoint import checkpoint_dir, model_name_from_path
+from swarm.errors import SwarmError
+from swarm.models import ModelArchitecture
+from swarm.models.local import LocalModules
+from swarm.protocol import CODECS, Codec
+from swarm.settings import parse_registries
+from swarm.transport import Credentials
+
+log = logging.getLogger("swarm.client")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as `generate()` derives them: count real tokens, padding sits at 0."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def parse_compression(compression: str | None) -> Codec:
+    """The codec behind a `compression` option: None or "none" sends raw tensors."""
+    if compression in (None, "none"):
+        return "raw"
+    if compression not in CODECS:
+        raise ValueError(f"unknown compression {compression!r}; use one of none, {', '.join(CODECS[1:])}")
+    return compression  # type: ignore[return-value]
+
+
+class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
+    """Run a causal LM whose layers are served by swarm nodes; use it like any `transformers` model."""
+
+    base_model_prefix = "swarm"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        architecture: ModelArchitecture,
+        local: LocalModules,
+        planner: ChainPlanner,
+    ) -> None:
+        super().__init__(config)
+        self.architecture = architecture
+        self.local = local
+        self.planner = planner
+        self.runner = EventLoopThread()
+        self.channels = ChannelPool(planner.credentials, STEP_TIMEOUT)
+        self.generate_calls = threading.local()
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        model: str | Path,
+        registry: str | list[str] | None = None,
+        *,
+        model_name: str | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        failover_wait: float = DEFAULT_FAILOVER_WAIT,
+        compression: str | None = None,
+    ) -> DistributedModelForCausalLM:
+        """Load the local modules of checkpoint `model` and route its layers through `registry`.
+
+        `token` enters a private swarm; `tls_ca` trusts a private CA for `wss://` peers;
+        `failover_wait` is how long to wait for a lost span to be served again; `compression="int8-block"`
+        sends hidden states as 8-bit blocks (~1/4 of float32's bytes, slightly inexact) to peers that
+        advertise it."""
+        codec = parse_compression(compression)
+        config = AutoConfig.from_pretrained(checkpoint_dir(model), local_files_only=True)
+        architecture = ModelArchitecture.of(model)
+        local = LocalModules.load(model, architecture, dtype)
+        planner = ChainPlanner(
+            parse_registries(registry),
+            model_name_from_path(model, model_name),
+            architecture.num_layers,
+            Credentials(token, tls_ca),
+            failover_wait,
+            codec,
+        )
+        instance = cls(config, architecture, local, planner)
+        generation_file = checkpoint_dir(model) / "generation_config.json"
+        if generation_file.is_file():
+            instance.generation_config = GenerationConfig.from_pretrained(checkpoint_dir(model))
+        return instance.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The local modules' dtype (Hugging Face's own property walks every parameter, on every step)."""
+        return self.local.embed.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.local.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.local.head
+
+    @contextmanager
+    def inference_session(self, max_length: int) -> Iterator[RemoteSessionCache]:
+        """A cache to pass to several `generate()` calls (multi-turn chat) as `cache=` (or `past_key_values=`):
+        each call then sends only the tokens the swarm has not seen yet."""
+        cache = RemoteSessionCache(max_length)
+        try:
+            yield cache
+        finally:
+            self.close_cache(cache)
+
+    def new_generation_cache(self, max_length: int) -> RemoteSessionCache:
+        return RemoteSessionCache(max_length)
+
+    def close_cache(self, cache: RemoteSessionCache) -> None:
+        if cache.session is not None and not cache.closed:
+            self.runner.run(cache.session.close())
+        cache.closed = True
+
+    def current_chain(self) -> list[str]:
+        """Peer addresses the `generate()` running on this thread goes through (e.g. from a logits processor)."""
+        call = self.current_generate_call()
+        cache = call.expected if call is not None else None
+        if not isinstance(cache, RemoteSessionCache) or cache.session is None:
+            return []
+        return [link.link.peer.address for link in cache.session.links]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The swarm session comes as `cache` (transformers 5.24 on) or `past_key_values` (before)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = take_cache(kwargs)
+        self.check_forward_cache(past_key_values, kwargs)
+        with torch.inference_mode():
+            if inputs_embeds is None:
+                inputs_embeds = self.local.embed(input_ids)
+            batch, new_tokens = inputs_embeds.shape[:2]
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
+            hidden = self.first_hidden(inputs_embeds, position_ids)
+            if isinstance(past_key_values, RemoteSessionCache):
+                hidden = self.runner.run(
+                    self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])
+                )
+            else:
+                hidden = self.runner.run(forward_through(self.planner, hidden, position_ids, attention_mask))
+            hidden = hidden.to(self.dtype)
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep]
+            logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return causal_lm_output(logits, loss, past_key_values)
+
+    def first_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """What enters the first remote layer: token embeddings plus whatever the family adds locally."""
+        return self.local.first_hidden(inputs_embeds.to(self.dtype), position_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits from the last remote layer's hidden states (final norm and LM head, run here)."""
+        return self.local.logits(hidden.to(self.dtype)).float()
+
+    async def _session_step(
+        self,
+        cache: RemoteSessionCache,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        new_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        if cache.closed:
+            raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
+        if cache.session is None:
+            max_length = cache.max_length or self.config.max_position_embeddings
+            cache.session = await ChainSession.open(self.planner, self.channels, max_length, hidden.shape[0])
+        out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
+        cache.seen_tokens += hidden.shape[1]
+        return out
+
+    def close(self) -> None:
+        """Stop the client's network thread; sessions still open are dropped by their peers."""
+        if self.runner.loop.is_running():
+            self.runner.run(self.channels.close(), timeout=10)
+        self.runner.close()

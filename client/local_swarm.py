@@ -1,0 +1,210 @@
+"""A whole swarm on this machine: a registry and nodes as child processes on loopback.
+
+The demo, the tests and the benchmarks all start swarms through this module. Each node binds 127.0.0.1
+only and gets one torch thread, unless `threads=None` starts it as a user would (torch's own choice);
+closing the swarm stops every child, also after an error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(threads: int | None = 1, **extra: str) -> dict[str, str]:
+    """The environment of a child process: offline, unbuffered, and `threads` torch threads (None: whatever
+    torch picks, as a user's process would get)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
+    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    if threads is not None:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+    address: str = ""
+    stopped_on_purpose: bool = False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send a signal the caller means to stop the process with (SIGTERM to drain a node)."""
+        self.stopped_on_purpose = True
+        self.popen.send_signal(signum)
+
+    def kill(self) -> None:
+        self.stopped_on_purpose = True
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+@dataclass
+class LocalSwarm:
+    """A registry plus any number of nodes; use as a context manager."""
+
+    workdir: Path
+    announce_interval: float = 1.0
+    threads: int | None = 1
+    """Torch threads per child; None starts children as a user would (no thread settings at all)."""
+    token: str | None = None
+    scheme: str = "ws"
+    tls_ca: str | None = None
+    registry_port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def registry_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.registry_port}"
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.workdir / f"{name}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - the child owns it until it exits
+        popen = subprocess.Popen(
+            args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or child_env(self.threads),
+            start_new_session=True,
+        )
+        log_file.close()
+        process = Process(name, popen, log_path, args)
+        self.processes.append(process)
+        return process
+
+    def start_registry(self, *extra: str, port: int | None = None) -> Process:
+        """The swarm's registry, or with `port` an additional one (several registries side by side)."""
+        port = port or self.registry_port
+        args = [sys.executable, "-m", "swarm.registry.server", "--port", str(port), *extra]
+        process = self.spawn("registry" if port == self.registry_port else f"registry-{port}", args)
+        process.address = f"{self.scheme}://127.0.0.1:{port}"
+        wait_for_port(port, process)
+        return process
+
+    def start_node(self, model: Path | str, layers: str, *extra: str, name: str | None = None) -> Process:
+        """A node on a free port (so its address is known before it announces)."""
+        port = free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "swarm.node.main",
+            "--model",
+            str(model),
+            "--layers",
+            layers,
+            "--registry",
+            self.registry_url,
+            *(["--torch-threads", str(self.threads)] if self.threads is not None else []),
+            "--no-progress",
+            "--announce-interval",
+            str(self.announce_interval),
+            "--port",
+            str(port),
+            *extra,
+        ]
+        process = self.spawn(name or f"node-{layers}-{len(self.processes)}", args)
+        process.address = f"{self.scheme}://127.0.0.1:{port}"
+        return process
+
+    def restart(self, process: Process) -> Process:
+        """Start a stopped process again with the same arguments (a node comes back)."""
+        process.kill()
+        again = self.spawn(process.name + "-again", process.args)
+        again.address = process.address
+        return again
+
+    def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
+        """Block until every layer (of `model`) is served; fail at once, with logs, if a child died."""
+        from swarm.client.cli.status import is_ready
+
+        self._wait_until(lambda status: is_ready(status, model), model, timeout)
+
+    def wait_online(self, node: Process, timeout: float = READY_TIMEOUT) -> None:
+        """Block until this node itself is announced `online` (a spare is back, not just coverage)."""
+
+        def online(status: dict[str, object]) -> bool:
+            peers = status["peers"]
+            return any(p["address"] == node.address and p["state"] == "online" for p in peers)  # type: ignore[union-attr]
+
+        self._wait_until(online, None, timeout)
+
+    def _wait_until(self, condition: Callable[[dict[str, object]], bool], model: str | None, timeout: float) -> None:
+        import asyncio
+
+        from swarm.client.cli.status import swarm_status
+
+        from swarm.errors import RegistryUnavailableError
+        from swarm.transport import Credentials
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [p.name for p in self.processes if not p.alive() and not p.stopped_on_purpose]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited unexpectedly:\n{self.logs()}")
+            try:
+                status = asyncio.run(swarm_status([self.registry_url], Credentials(self.token, self.tls_ca), model))
+                if condition(status):
+                    return
+            except RegistryUnavailableError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"swarm not ready after {timeout} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} (alive={p.alive()}) ---\n{p.log()[-3000:]}" for p in self.processes)
+
+    def close(self) -> None:
+        """SIGTERM every child (nodes first, so they can leave the registry), then SIGKILL stragglers."""
+        for process in reversed(self.processes):
+            if process.alive():
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in reversed(self.processes):
+            try:
+                process.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for_port(port: int, process: Process, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited early:\n{process.log()}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{process.name} did not listen on {port} within {timeout} s:\n{process.log()}")

@@ -1,0 +1,313 @@
+"""Running an OpenAI completions or chat completions request on a swarm model: the one implementation behind
+the gateway (`swarm-client serve`) and `swarm-client batch`.
+
+A request becomes a `GenerationJob` (prompts as token ids, checked against the context length), then one
+batched decoding job over every prompt times every choice, on its own swarm session. Calls are synchronous
+and thread-safe, so a server runs several at once in worker threads; their jobs share the `DecodeScheduler`'s
+ticks, so the client's per-token work and the nodes' forwards are batched across requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from swarm.client.core.model import DistributedModelForCausalLM
+from swarm.client.core.scheduler import DecodeScheduler
+from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, render_chat
+from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler, TokenEntry
+from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest, Usage
+from swarm.client.serve.sampling import PresenceFrequencyPenalty, sampling_processors
+from swarm.client.serve.scoring import left_pad, score_sequences, token_entries
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+)
+
+from swarm.errors import InvalidRequestError, UnknownModelError
+
+DEFAULT_COMPLETION_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """What one request asks `generate()` for; `candidates` per prompt are generated, the best `n` returned."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    max_new_tokens: int
+    n: int
+    candidates: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    stop: list[str]
+    logprobs: int | None
+    echo: bool = False
+
+
+@dataclass
+class Choice:
+    """One returned choice; `prompt_entries` holds the prompt's tokens for `echo` with `logprobs`."""
+
+    index: int
+    prompt_index: int
+    assembler: TextAssembler
+    prompt_entries: list[TokenEntry] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What a streaming client gets next for one choice."""
+
+    index: int
+    text: str
+    entries: list[TokenEntry]
+    finish_reason: str | None = None
+    offset_base: int = 0
+    """Added to the entries' offsets: they count from the start of the prompt (echo) or of the completion."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    choices: list[Choice]
+    usage: Usage
+
+
+DeltaSink = Callable[[list[ChoiceDelta]], None]
+
+
+class CompletionEngine:
+    """One model with its tokenizer, answering OpenAI-style requests."""
+
+    def __init__(self, model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.context_length: int = model.config.max_position_embeddings
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.generation_config.pad_token_id
+        self.pad_id: int = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.scheduler = DecodeScheduler(model) if isinstance(model, DistributedModelForCausalLM) else None
+        self.decode = self.scheduler.generate if self.scheduler is not None else partial(greedy_generate, model)
+        """Runs decoding: concurrent requests share the scheduler's ticks (a plain local model decodes alone)."""
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise UnknownModelError(f"model {requested!r} is not served here; this gateway serves {self.name!r}")
+
+    def completion_job(self, request: CompletionRequest) -> GenerationJob:
+        self.check_model(request.model)
+        prompts, texts = self.tokenize_prompts(request.prompt)
+        max_new = DEFAULT_COMPLETION_TOKENS if request.max_tokens is None else request.max_tokens
+        return self._job(request, prompts, texts, max_new, request.logprobs, request.echo, request.best_of)
+
+    def chat_job(self, request: ChatCompletionRequest) -> GenerationJob:
+        self.check_model(request.model)
+        messages = [{"role": message.role, "content": message.text} for message in request.messages]
+        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        ids = chat_prompt_ids(self.tokenizer, text)
+        limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        max_new = self.context_length - len(ids) if limit is None else limit
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        job = self._job(request, [ids], [text], max_new, top, echo=False, best_of=None)
+        extra_stops = [stop for stop in chat_stop_strings(self.tokenizer) if stop not in job.stop]
+        return dataclasses.replace(job, stop=job.stop + extra_stops)
+
+    def run(
+        self, job: GenerationJob, on_delta: DeltaSink | None = None, cancel: threading.Event | None = None
+    ) -> JobResult:
+        """Generate every choice of `job`; `on_delta` receives text as it is released (streaming)."""
+        rows = [p for p in range(len(job.prompts)) for _ in range(job.candidates)]
+        assemblers = [TextAssembler(self.tokenizer, job.prompts[p], job.stop, self.eos_ids) for p in rows]
+        prompt_entries = self._echo_entries(job)
+        if on_delta is not None and job.echo:
+            on_delta([ChoiceDelta(i, job.prompt_texts[p], prompt_entries[p]) for i, p in enumerate(rows)])
+        release = _Releases(on_delta, assemblers, [len(job.prompt_texts[p]) for p in rows])
+        if job.max_new_tokens > 0:
+            self._generate(job, [job.prompts[p] for p in rows], assemblers, release, cancel)
+        for assembler in assemblers:
+            assembler.finish()
+        release()
+        choices = [Choice(i, p, a, prompt_entries[p]) for i, (p, a) in enumerate(zip(rows, assemblers, strict=True))]
+        prompt_tokens = sum(len(ids) for ids in job.prompts)
+        completion_tokens = sum(a.token_count for a in assemblers)
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+        return JobResult(_best_choices(choices, job), usage)
+
+    def _job(
+        self,
+        request: SamplingRequest,
+        prompts: list[list[int]],
+        texts: list[str],
+        max_new: int,
+        logprobs: int | None,
+        echo: bool,
+        best_of: int | None,
+    ) -> GenerationJob:
+        self.check_context(prompts, max_new)
+        return GenerationJob(
+            prompts=prompts,
+            prompt_texts=texts,
+            max_new_tokens=max_new,
+            n=request.n,
+            candidates=best_of or request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            stop=request.stop_sequences,
+            logprobs=logprobs,
+            echo=echo,
+        )
+
+    def check_context(self, prompts: list[list[int]], max_new: int) -> None:
+        """Refuse what cannot fit in the model's context (positions beyond it were never trained)."""
+        longest = max(len(ids) for ids in prompts)
+        if longest >= self.context_length or longest + max_new > self.context_length:
+            raise InvalidRequestError(
+                f"this model's context is {self.context_length} tokens, but the prompt has {longest} tokens and "
+                f"{max(max_new, 0)} more were asked for; shorten the prompt or ask for fewer tokens"
+            )
+
+    def tokenize_prompts(self, prompt: Prompt) -> tuple[list[list[int]], list[str]]:
+        """Prompts as token ids and as text, whichever form the request used."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if all(isinstance(item, int) for item in prompt):
+            prompt = [prompt]  # type: ignore[list-item]
+        ids: list[list[int]] = []
+        for item in prompt:
+            tokens = self.tokenizer(item).input_ids if isinstance(item, str) else list(item)  # type: ignore[arg-type]
+            if not tokens:
+                raise InvalidRequestError("prompt: an empty prompt has no token to continue from")
+            if not all(0 <= token < self.model.config.vocab_size for token in tokens):
+                raise InvalidRequestError(f"prompt: token ids must be in [0, {self.model.config.vocab_size})")
+            ids.append(tokens)
+        texts = [
+            item if isinstance(item, str) else self.tokenizer.decode(tokens)
+            for item, tokens in zip(prompt, ids, strict=True)
+        ]
+        return ids, texts
+
+    def _echo_entries(self, job: GenerationJob) -> list[list[TokenEntry]]:
+        """The prompts' tokens with their logprobs (from a stateless forward), when `echo` and `logprobs` ask."""
+        if not job.echo or job.logprobs is None:
+            return [[] for _ in job.prompts]
+        scores = score_sequences(self.model, job.prompts, self.pad_id, alternatives=job.logprobs)
+        return [token_entries(self.tokenizer, score) for score in scores]
+
+    def _generate(
+        self,
+        job: GenerationJob,
+        rows: list[list[int]],
+        assemblers: list[TextAssembler],
+        on_step: Callable[[], None],
+        cancel: threading.Event | None,
+    ) -> None:
+        input_ids, mask = left_pad(rows, self.pad_id)
+        recorder = StepLogprobs()
+        processors = [recorder]
+        if job.presence_penalty or job.frequency_penalty:
+            processors.append(PresenceFrequencyPenalty(input_ids.shape[1], job.presence_penalty, job.frequency_penalty))
+        processors += sampling_processors(job.temperature, job.top_p, seed=job.seed)
+        tracker = ChoiceTracker(assemblers, recorder, job.logprobs or 0, on_step, cancel)
+        self.decode(
+            input_ids,
+            mask,
+            max_new_tokens=job.max_new_tokens,
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([tracker]),
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+
+def greedy_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    eos_token_id: list[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """`DecodeScheduler.generate`'s contract on a model of one process (no swarm): Hugging Face's own loop."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+    )
+
+
+class _Releases:
+    """After each step, hands every choice's newly released text to a streaming sink; reports each finish once."""
+
+    def __init__(self, sink: DeltaSink | None, assemblers: list[TextAssembler], offsets: list[int]) -> None:
+        self.sink = sink
+        self.assemblers = assemblers
+        self.offsets = offsets
+        self.reported: set[int] = set()
+
+    def __call__(self) -> None:
+        if self.sink is None:
+            return
+        deltas = []
+        for index, assembler in enumerate(self.assemblers):
+            text, entries = assembler.take()
+            finish = assembler.finish_reason if index not in self.reported else None
+            if finish is not None:
+                self.reported.add(index)
+            deltas.append(ChoiceDelta(index, text, entries, finish, self.offsets[index]))
+        self.sink(deltas)
+
+
+def _best_choices(choices: list[Choice], job: GenerationJob) -> list[Choice]:
+    """With `best_of`, keep each prompt's `n` candidates of highest mean token logprob, renumbered."""
+    if job.candidates == job.n:
+        return choices
+    kept: list[Choice] = []
+    for prompt_index in range(len(job.prompts)):
+        candidates = [choice for choice in choices if choice.prompt_index == prompt_index]
+        candidates.sort(key=_mean_logprob, reverse=True)
+        kept += candidates[: job.n]
+    for index, choice in enumerate(kept):
+        choice.index = index
+    return kept
+
+
+def _mean_logprob(choice: Choice) -> float:
+    values = [entry.logprob for entry in choice.assembler.entries if entry.logprob is not None]
+    return sum(values) / len(values) if values else float("-inf")

@@ -1,0 +1,94 @@
+"""The transformers coupling: either spelling of the cache argument works, and a release that would make the
+swarm run without its sessions fails loudly instead of printing garbage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from swarm.client.core.model import DistributedModelForCausalLM
+from swarm.client.core.remote_cache import RemoteSessionCache
+from swarm.client.core.transformers_compat import (
+    CACHE_NAMES,
+    RemoteCache,
+    causal_lm_output,
+    generation_cache_name,
+    take_cache,
+)
+from transformers import DynamicCache
+
+from swarm.client.core import transformers_compat
+from swarm.errors import IncompatibleTransformersError
+
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
+PROMPT = torch.tensor([[1, 45, 67, 89]])
+UNREACHABLE = "ws://127.0.0.1:9"  # nothing may be sent: every failure here happens before the first step
+
+
+@pytest.fixture(scope="module")
+def offline_model(tiny_llama: Path) -> Iterator[DistributedModelForCausalLM]:
+    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=UNREACHABLE)
+    yield model
+    model.close()
+
+
+def test_generate_hands_the_cache_under_the_name_this_release_uses() -> None:
+    assert generation_cache_name() in CACHE_NAMES
+    output = causal_lm_output(torch.zeros(1, 1, 4), None, RemoteSessionCache())
+    assert isinstance(output[generation_cache_name()], RemoteSessionCache)
+
+
+def test_either_spelling_of_the_cache_argument_is_taken() -> None:
+    cache = RemoteSessionCache()
+    for name in CACHE_NAMES:
+        kwargs = {name: cache, "use_cache": True}
+        assert take_cache(kwargs) is cache and kwargs == {"use_cache": True}
+    assert take_cache({"cache": cache, "past_key_values": cache}) is cache
+    with pytest.raises(ValueError, match="pass the cache once"):
+        take_cache({"cache": cache, "past_key_values": RemoteSessionCache()})
+
+
+def test_a_remote_cache_answers_generate_as_a_full_attention_cache_that_cannot_be_cut() -> None:
+    cache = RemoteSessionCache(max_length=32)
+    assert cache.is_linear == [False] and not cache.is_croppable and not cache.is_compileable
+    with pytest.raises(NotImplementedError):
+        cache.crop(1)
+
+
+def test_a_renamed_cache_argument_fails_instead_of_running_stateless(
+    offline_model: DistributedModelForCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What 5.24 did to 5.23's code: generate() hands the cache under a name the model does not read."""
+    monkeypatch.setattr(transformers_compat, "generation_cache_name", lambda: "kv_state")
+    with pytest.raises(
+        IncompatibleTransformersError, match=rf"transformers {transformers_compat.TRANSFORMERS_VERSION}"
+    ):
+        offline_model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+
+
+def test_a_forward_that_loses_the_cache_inside_generate_fails(
+    offline_model: DistributedModelForCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare = DistributedModelForCausalLM.prepare_inputs_for_generation
+
+    def dropping_the_cache(self, *args, **kwargs):  # a release that forgets to forward the cache
+        inputs = prepare(self, *args, **kwargs)
+        for name in CACHE_NAMES:
+            inputs.pop(name, None)
+        return inputs
+
+    monkeypatch.setattr(DistributedModelForCausalLM, "prepare_inputs_for_generation", dropping_the_cache)
+    with pytest.raises(IncompatibleTransformersError, match="stateless"):
+        offline_model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+
+
+def test_a_local_cache_is_refused(offline_model: DistributedModelForCausalLM) -> None:
+    with pytest.raises(TypeError, match="inference_session"):
+        offline_model.generate(PROMPT, max_new_tokens=3, do_sample=False, past_key_values=DynamicCache())
+
+
+def test_a_session_cache_is_a_remote_cache() -> None:
+    assert issubclass(RemoteSessionCache, RemoteCache)
