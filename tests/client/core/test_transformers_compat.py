@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm.client.core import transformers_compat
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.remote_cache import RemoteSessionCache
 from swarm.client.core.transformers_compat import (
@@ -19,7 +20,6 @@ from swarm.client.core.transformers_compat import (
 )
 from transformers import DynamicCache
 
-from swarm.client.core import transformers_compat
 from swarm.errors import IncompatibleTransformersError
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
