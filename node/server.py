@@ -24,7 +24,7 @@ from swarm.node.validation import check_layer_range, decode_hidden, decode_mask,
 from websockets.asyncio.server import ServerConnection
 
 import swarm
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (
     CODECS,
@@ -50,6 +50,10 @@ from swarm.transport import check_hello, error_frame, send
 log = logging.getLogger("swarm.node")
 
 FRAMES_IN_FLIGHT = 64
+
+_SESSION_STAYS = frozenset({ErrorCode.UNKNOWN_SESSION, ErrorCode.BUSY})
+"""Refusals that leave the session as it was (there is none, or the node is draining): every other error frame
+about a session ends it, since a malformed step may have been meant for another state of the session."""
 """Frames of one connection being answered at once; beyond that the node stops reading it until one is done."""
 
 
@@ -166,7 +170,7 @@ class NodeServer:
         """The error frame for a failed request, after ending the session it happened in (if it was this
         connection's): a malformed step may have been meant for another state of the session."""
         if isinstance(exc, ProtocolError):
-            if session_id is not None and exc.code not in ("unknown_session", "busy") and self._owns(session_id, owner):
+            if session_id is not None and exc.code not in _SESSION_STAYS and self._owns(session_id, owner):
                 self.sessions.close(session_id)
                 log.info("session %s ended after a bad frame: %s", session_id, exc.message)
             self.metrics.errors.labels(exc.code).inc()
@@ -175,8 +179,8 @@ class NodeServer:
         log.error("internal error while serving a frame", exc_info=exc)
         if session_id is not None and self._owns(session_id, owner):
             self.sessions.close(session_id)
-        self.metrics.errors.labels("internal").inc()
-        return error_frame(ProtocolError("internal", f"{type(exc).__name__}: {exc}"), session_id)
+        self.metrics.errors.labels(ErrorCode.INTERNAL).inc()
+        return error_frame(ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"), session_id)
 
     def _owns(self, session_id: str, owner: int) -> bool:
         try:
@@ -207,11 +211,11 @@ class NodeServer:
             return SessionClosed(session_id=message.session_id)
         if isinstance(message, Forward):
             return self._forward(message)
-        raise ProtocolError("bad_request", f"a node does not accept {message.type!r} messages")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"a node does not accept {message.type!r} messages")
 
     def _ready_span(self) -> LoadedSpan:
         if self.span is None or self.state != "online":
-            raise ProtocolError("busy", f"node is {self.state}, not taking work; try another peer")
+            raise ProtocolError(ErrorCode.BUSY, f"node is {self.state}, not taking work; try another peer")
         return self.span
 
     def _forward(self, message: Forward) -> ForwardResult:
@@ -246,9 +250,9 @@ class NodeServer:
 def check_session_size(max_length: int, batch_size: int, settings: NodeSettings) -> None:
     if max_length > settings.max_length:
         raise ProtocolError(
-            "bad_request", f"max_length {max_length} exceeds this node's limit of {settings.max_length}"
+            ErrorCode.BAD_REQUEST, f"max_length {max_length} exceeds this node's limit of {settings.max_length}"
         )
     if batch_size > settings.max_batch_size:
         raise ProtocolError(
-            "bad_request", f"batch_size {batch_size} exceeds this node's limit of {settings.max_batch_size}"
+            ErrorCode.BAD_REQUEST, f"batch_size {batch_size} exceeds this node's limit of {settings.max_batch_size}"
         )

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 
 
 class SessionCache(Protocol):
@@ -74,13 +74,13 @@ class SessionTable:
     ) -> Session:
         """`row_capacity(max_length)`: tokens a cache row for it holds; `allocate(batch, max_length)`: its rows."""
         if session_id in self._sessions:
-            raise ProtocolError("bad_request", f"session {session_id!r} is already open")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"session {session_id!r} is already open")
         if len(self._sessions) >= self.max_sessions:
-            raise ProtocolError("busy", f"node is at its limit of {self.max_sessions} sessions")
+            raise ProtocolError(ErrorCode.BUSY, f"node is at its limit of {self.max_sessions} sessions")
         needed = batch_size * row_capacity(max_length)
         if needed > self.tokens_free:
             raise ProtocolError(
-                "busy",
+                ErrorCode.BUSY,
                 f"session needs {needed} cache tokens (batch {batch_size} x {row_capacity(max_length)}), "
                 f"{self.tokens_free} free",
             )
@@ -92,7 +92,7 @@ class SessionTable:
     def get(self, session_id: str, owner: int) -> Session:
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise ProtocolError("unknown_session", f"no open session {session_id!r} on this connection")
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r} on this connection")
         return session
 
     def close(self, session_id: str) -> bool:

@@ -32,7 +32,7 @@ from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
 from swarm.node.validation import StepInputs, decode_step, session_rows
 
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.protocol import Error, Step, StepResult, WireTensor
 
 log = logging.getLogger("swarm.node")
@@ -183,7 +183,7 @@ class StepScheduler:
     def _run_round(self, steps: list[PendingStep]) -> None:
         steps = [step for step in steps if not self._abandoned(step)]
         for step in [step for step in steps if step.session.closed]:  # its rows may belong to another session now
-            self._finish(step, ProtocolError("unknown_session", "the session ended before this step ran"))
+            self._finish(step, ProtocolError(ErrorCode.UNKNOWN_SESSION, "the session ended before this step ran"))
         steps = [step for step in steps if not step.session.closed]
         if not steps:
             return

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from swarm.node.sessions import Session
 
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.protocol import Step, WireTensor
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -36,7 +36,7 @@ class StepInputs:
 
 
 def _bad(message: str) -> ProtocolError:
-    return ProtocolError("bad_request", message)
+    return ProtocolError(ErrorCode.BAD_REQUEST, message)
 
 
 def check_layer_range(start: int, end: int, served: tuple[int, int]) -> None:

@@ -1,8 +1,51 @@
-"""Every exception swarm raises, in one place, each with a message that says what to do next."""
+"""Every exception swarm's shared core, nodes and clients raise, each with a message that says what to do next.
+
+    SwarmError                        catch this to handle any swarm failure
+    ├── ProtocolError                 a frame broke the wire contract (this process found it; a node answers
+    │                                 it with an `error` frame of its `code`)
+    ├── RemoteError                   a peer answered with an `error` frame: `code`, `peer`, `retryable`
+    ├── PeerUnreachableError          a peer could not be reached or dropped the connection
+    ├── RegistryUnavailableError      no registry answered
+    ├── MissingLayersError            no live peer serves some layers of a model
+    ├── SwarmFullError                every peer that could serve some layers refused: its cache is full
+    ├── CheckpointError               a checkpoint folder is missing, incomplete or unreadable
+    ├── UnsupportedModelError         no adapter in `swarm.models` for the checkpoint's `model_type`
+    └── IncompatibleTransformersError the installed `transformers` does something swarm does not know
+
+The OpenAI-compatible gateway adds its request errors in `swarm.client.serve.errors`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The `code` of an `error` frame. `retryable`: another peer may well succeed where this one failed, so a
+    client fails over instead of giving up."""
+
+    BAD_REQUEST = "bad_request"
+    """The frame is malformed or asks for something the protocol does not allow; it would fail anywhere."""
+    UNSUPPORTED_VERSION = "unsupported_version"
+    """`hello` named a protocol version this peer does not speak; the message lists those it does."""
+    UNAUTHORIZED = "unauthorized"
+    """Missing or wrong swarm token."""
+    TOO_LARGE = "too_large"
+    """The frame exceeds the peer's size limit."""
+    UNKNOWN_SESSION = "unknown_session"
+    """No such session on this connection (the peer restarted, or the session ended)."""
+    BUSY = "busy"
+    """The peer is full or draining."""
+    INTERNAL = "internal"
+    """The peer failed while computing; the request itself was valid."""
+
+    @property
+    def retryable(self) -> bool:
+        return self in _RETRYABLE
+
+
+_RETRYABLE = frozenset({ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_SESSION, ErrorCode.BUSY, ErrorCode.INTERNAL})
 
 
 class SwarmError(Exception):
@@ -10,22 +53,28 @@ class SwarmError(Exception):
 
 
 class ProtocolError(SwarmError):
-    """A frame broke the wire contract; `code` is one of `protocol.ERROR_CODES`. `step_id`: the step the
-    refused frame carried, when it could be read, so that the error frame can name it."""
+    """A frame broke the wire contract. `step_id`: the step the refused frame carried, when it could be read, so
+    that the error frame can name it."""
 
-    def __init__(self, code: str, message: str, step_id: int | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, step_id: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
         self.step_id = step_id
 
 
-class RemoteError(ProtocolError):
+class RemoteError(SwarmError):
     """A peer answered with an error frame."""
 
-    def __init__(self, code: str, message: str, peer: str = "") -> None:
-        super().__init__(code, f"{message} (from {peer})" if peer else message)
+    def __init__(self, code: ErrorCode, message: str, peer: str = "") -> None:
+        super().__init__(f"{code}: {message} (from {peer})" if peer else f"{code}: {message}")
+        self.code = ErrorCode(code)
+        self.message = message
         self.peer = peer
+
+    @property
+    def retryable(self) -> bool:
+        return self.code.retryable
 
 
 class PeerUnreachableError(SwarmError):
@@ -65,15 +114,6 @@ class UnsupportedModelError(SwarmError):
 class IncompatibleTransformersError(SwarmError):
     """The installed `transformers` release does something swarm does not know (a renamed argument, a moved
     module); the message names the release and what was expected."""
-
-
-class InvalidRequestError(SwarmError, ValueError):
-    """A generation request asks for something this model cannot do (a prompt longer than its context, a token
-    outside its vocabulary); the message names the limit."""
-
-
-class UnknownModelError(SwarmError):
-    """A request names a model this gateway does not serve; the message lists the one it does."""
 
 
 def format_layer_range(start: int, end: int) -> str:

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from swarm import compression
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 3
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
@@ -32,10 +32,8 @@ understand a frame. Version 3 has one step message for one or many sessions, mat
 
 SUPPORTED_VERSIONS = (3,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
-with `bad_request`, and a client then tries the next older one it speaks."""
+with `unsupported_version`, and a client then tries the next older one it speaks."""
 
-ERROR_CODES = ("bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal")
-ErrorCode = Literal["bad_request", "unknown_session", "busy", "unauthorized", "too_large", "internal"]
 
 PeerState = Literal["joining", "online", "draining"]
 
@@ -399,15 +397,15 @@ def _defaults(model: type[BaseModel]) -> dict[str, object]:
 def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
     """Parse and validate one frame, or raise `ProtocolError` with the code to answer with."""
     if isinstance(frame, str):
-        raise ProtocolError("bad_request", "text frames are not part of the protocol; send binary msgpack")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "text frames are not part of the protocol; send binary msgpack")
     if max_bytes is not None and len(frame) > max_bytes:
-        raise ProtocolError("too_large", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
     try:
         payload = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated exception types on garbage
-        raise ProtocolError("bad_request", f"frame is not valid msgpack ({type(exc).__name__})") from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
-        raise ProtocolError("bad_request", "a frame must be a msgpack map with a string 'type' field")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a msgpack map with a string 'type' field")
     try:
         return _MESSAGE_ADAPTER.validate_python(payload)
     except ValidationError as exc:
@@ -416,4 +414,4 @@ def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
         step_id = payload.get("step_id")
         step_id = step_id if type(step_id) is int and 0 <= step_id <= 2**40 else None
         message = f"invalid {payload['type']!r} message at {where}: {first['msg']}"
-        raise ProtocolError("bad_request", message, step_id) from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, message, step_id) from None

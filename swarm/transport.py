@@ -12,7 +12,7 @@ import websockets
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
-from swarm.errors import PeerUnreachableError, ProtocolError, RemoteError
+from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RemoteError
 from swarm.protocol import (
     SUPPORTED_VERSIONS,
     Error,
@@ -56,7 +56,9 @@ async def request(
     if isinstance(reply, Error):
         raise RemoteError(reply.code, reply.message, peer)
     if not isinstance(reply, expect):
-        raise ProtocolError("bad_request", f"expected {expect.__name__} from {peer or 'peer'}, got {reply.type!r}")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"expected {expect.__name__} from {peer or 'peer'}, got {reply.type!r}"
+        )
     return reply
 
 
@@ -105,7 +107,7 @@ async def open_connection(
             return connection, await request(connection, hello, Welcome, timeout, url)
         except RemoteError as exc:
             await connection.close()
-            if not _refuses_version(exc) or version == newest_first[-1]:
+            if exc.code is not ErrorCode.UNSUPPORTED_VERSION or version == newest_first[-1]:
                 raise
         except BaseException:
             await connection.close()
@@ -123,23 +125,19 @@ async def _connect(url: str, credentials: Credentials, max_bytes: int, timeout: 
         raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
 
 
-def _refuses_version(error: RemoteError) -> bool:
-    """How every server since version 1 refuses a `hello` in a version it does not speak."""
-    return error.code == "bad_request" and error.message.startswith("protocol version")
-
-
 def check_hello(message: Message, token: str | None) -> int:
     """Server side of the handshake: version first, then the private swarm's token. Returns the version the
     connection speaks, which the server's `welcome` repeats."""
     if not isinstance(message, Hello):
-        raise ProtocolError("bad_request", f"the first frame must be 'hello', got {message.type!r}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"the first frame must be 'hello', got {message.type!r}")
     if message.version not in SUPPORTED_VERSIONS:
         spoken = ", ".join(str(version) for version in SUPPORTED_VERSIONS)
         raise ProtocolError(
-            "bad_request", f"protocol version {message.version} is not supported; this peer speaks {spoken}"
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {message.version} is not supported; this peer speaks {spoken}",
         )
     if token and not hmac.compare_digest((message.token or "").encode(), token.encode()):
-        raise ProtocolError("unauthorized", "missing or wrong swarm token; pass --token or set SWARM_TOKEN")
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or wrong swarm token; pass --token or set SWARM_TOKEN")
     return message.version
 
 

@@ -22,10 +22,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from swarm.client.serve.completions import CompletionEngine
+from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_format import ResponseMeta, completion_response
 from swarm.client.serve.openai_types import CompletionRequest
 
-from swarm.errors import InvalidRequestError, SwarmError, UnknownModelError
+from swarm.errors import SwarmError
 from swarm.transport import Credentials
 
 Record = dict[str, object]

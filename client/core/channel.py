@@ -21,7 +21,7 @@ import websockets
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
-from swarm.errors import PeerUnreachableError, ProtocolError, RemoteError
+from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RemoteError
 from swarm.protocol import Error, SessionClosed, SessionOpened, Step, StepResult, decode_message, encode_message
 from swarm.transport import Credentials, open_connection
 
@@ -76,7 +76,7 @@ class PeerChannel:
         self._requests[session_id] = reply
         answer = await self._exchange(message, reply, lambda: self._requests.pop(session_id, None), timeout)
         if not isinstance(answer, expect):
-            self._break(ProtocolError("bad_request", f"{self.address} answered {answer.type!r}"))  # type: ignore[attr-defined]
+            self._break(ProtocolError(ErrorCode.BAD_REQUEST, f"{self.address} answered {answer.type!r}"))  # type: ignore[attr-defined]
             raise PeerUnreachableError(f"expected {expect.__name__} from {self.address}, got {answer.type!r}")  # type: ignore[attr-defined]
         return answer
 
@@ -121,7 +121,7 @@ class PeerChannel:
         else:
             waiting = None
         if waiting is None:
-            raise ProtocolError("bad_request", f"{self.address} sent {message.type!r} that answers nothing")  # type: ignore[attr-defined]
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.address} sent {message.type!r} that answers nothing")  # type: ignore[attr-defined]
         if waiting.done():
             return
         if isinstance(message, Error):

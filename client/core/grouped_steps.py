@@ -15,7 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from swarm.client.core.sessions import ChainSession, LinkFailure, LinkSession, StepInputs, wire_hidden
+from swarm.client.core.failover import LINK_FAILURES
+from swarm.client.core.links import LinkInputs, LinkSession, wire_hidden, wire_mask
+from swarm.client.core.sessions import ChainSession
 
 from swarm.errors import RemoteError
 from swarm.protocol import MAX_SESSIONS_PER_STEP, Step, WireTensor
@@ -30,7 +32,7 @@ class _Member:
     """A session on its way through its chain: the link it is at, and what that link gets."""
 
     session: ChainSession
-    inputs: StepInputs
+    inputs: LinkInputs
     index: int = 0
     outcome: torch.Tensor | BaseException | None = None
 
@@ -50,7 +52,7 @@ async def step_together(
     for session in sessions:
         rows = slice(first, first + session.batch_size)
         first += session.batch_size
-        members.append(_Member(session, StepInputs(hidden[rows], position_ids[rows], attention_mask[rows], None)))
+        members.append(_Member(session, LinkInputs(hidden[rows], position_ids[rows], attention_mask[rows], None)))
     while moving := [member for member in members if member.outcome is None]:
         at_link: dict[tuple[int, int, int], list[_Member]] = defaultdict(list)
         for member in moving:
@@ -105,11 +107,11 @@ async def _send_group(members: list[_Member]) -> list[Exception | None]:
         rows=[member.session.batch_size for member in members],
         hidden=wire_hidden(torch.cat([m.inputs.hidden for m in members]), lead.link.peer.dtype, lead.codec),
         position_ids=WireTensor.from_torch(torch.cat([m.inputs.position_ids for m in members])),
-        attention_mask=_mask(torch.cat([m.inputs.attention_mask for m in members])),
+        attention_mask=wire_mask(torch.cat([m.inputs.attention_mask for m in members])),
     )
     try:
         reply = await lead.channel.step(message)
-    except LinkFailure as exc:  # the frame is lost or refused: every member's step failed on this link
+    except LINK_FAILURES as exc:  # the frame is lost or refused: every member's step failed on this link
         return [exc] * len(members)
     output = reply.hidden.to_torch()
     failures: list[Exception | None] = []
@@ -137,8 +139,3 @@ async def _step_alone(member: _Member, failure: Exception | None) -> None:
         return
     member.inputs = member.inputs.following(output)
     member.index += 1
-
-
-def _mask(mask: torch.Tensor) -> WireTensor | None:
-    """A mask of only ones travels as none at all."""
-    return None if bool(mask.all()) else WireTensor.from_torch(mask)

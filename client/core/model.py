@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 from swarm.client.core.channel import ChannelPool
+from swarm.client.core.forward import forward_through
+from swarm.client.core.links import STEP_TIMEOUT
 from swarm.client.core.loop import EventLoopThread
 from swarm.client.core.planner import DEFAULT_FAILOVER_WAIT, ChainPlanner
 from swarm.client.core.remote_cache import RemoteSessionCache
-from swarm.client.core.sessions import STEP_TIMEOUT, ChainSession, forward_through
+from swarm.client.core.sessions import ChainSession
 from swarm.client.core.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel

@@ -20,6 +20,7 @@ from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, render_chat
 from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler, TokenEntry
+from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest, Usage
 from swarm.client.serve.sampling import PresenceFrequencyPenalty, sampling_processors
 from swarm.client.serve.scoring import left_pad, score_sequences, token_entries
@@ -30,8 +31,6 @@ from transformers import (
     PreTrainedTokenizerBase,
     StoppingCriteriaList,
 )
-
-from swarm.errors import InvalidRequestError, UnknownModelError
 
 DEFAULT_COMPLETION_TOKENS = 16
 

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from swarm.client.serve.completions import ChoiceDelta, CompletionEngine, DeltaSink, GenerationJob, JobResult
+from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.generate_api import GenerateRequest, GenerateResponse, run_generate
 from swarm.client.serve.openai_format import (
     ResponseMeta,
@@ -51,14 +52,7 @@ from swarm.client.serve.openai_types import (
     Usage,
 )
 
-from swarm.errors import (
-    InvalidRequestError,
-    MissingLayersError,
-    RegistryUnavailableError,
-    SwarmError,
-    SwarmFullError,
-    UnknownModelError,
-)
+from swarm.errors import MissingLayersError, RegistryUnavailableError, SwarmError, SwarmFullError
 from swarm.transport import Credentials
 
 ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (

@@ -20,7 +20,7 @@ from importlib import resources
 import websockets
 from websockets.asyncio.server import ServerConnection
 
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route, http_router
 from swarm.protocol import Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
 from swarm.registry.metrics import registry_metrics, render
@@ -87,7 +87,9 @@ class Registry:
             return Ack()
         if isinstance(message, Query):
             return SwarmView(peers=self.state.live_peers(now, message.model))
-        raise ProtocolError("bad_request", f"a registry does not accept {getattr(message, 'type', '?')!r} messages")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"a registry does not accept {getattr(message, 'type', '?')!r} messages"
+        )
 
     def http_routes(self) -> dict[str, Route]:
         """Plain HTTP on the websocket port: the dashboard, its JSON, metrics and a liveness probe."""

@@ -8,7 +8,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from swarm import transport
-from swarm.errors import ProtocolError, RemoteError
+from swarm.errors import ErrorCode, ProtocolError, RemoteError
 from swarm.protocol import PROTOCOL_VERSION, Hello, Welcome, decode_message
 from swarm.transport import check_hello, error_frame, open_connection, send
 
@@ -25,7 +25,7 @@ async def handshake_with(speaks: tuple[int, ...]) -> tuple[int, list[int]]:
         if hello.version not in speaks:
             spoken = ", ".join(map(str, speaks))
             message = f"protocol version {hello.version} is not supported; this peer speaks {spoken}"
-            await send(connection, error_frame(ProtocolError("bad_request", message)))
+            await send(connection, error_frame(ProtocolError(ErrorCode.UNSUPPORTED_VERSION, message)))
             return
         await send(connection, Welcome(version=hello.version))
         await connection.wait_closed()
@@ -48,13 +48,32 @@ def test_a_client_that_speaks_several_versions_falls_back_for_an_older_peer(monk
 
 
 def test_a_peer_that_speaks_no_version_of_ours_is_refused_with_its_reason() -> None:
-    with pytest.raises(RemoteError, match=f"protocol version {PROTOCOL_VERSION} is not supported"):
+    with pytest.raises(RemoteError, match=f"protocol version {PROTOCOL_VERSION} is not supported") as refused:
         asyncio.run(handshake_with((7,)))
+    assert refused.value.code is ErrorCode.UNSUPPORTED_VERSION
+
+
+def test_only_a_version_refusal_makes_a_client_try_an_older_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other error in answer to `hello` (here: a wrong token) is final."""
+    monkeypatch.setattr(transport, "SUPPORTED_VERSIONS", (PROTOCOL_VERSION - 1, PROTOCOL_VERSION))
+
+    async def refuse(connection: ServerConnection) -> None:
+        decode_message(await connection.recv())
+        await send(connection, error_frame(ProtocolError(ErrorCode.UNAUTHORIZED, "wrong token")))
+
+    async def connect() -> None:
+        async with serve(refuse, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            await open_connection(f"ws://127.0.0.1:{port}", timeout=5)
+
+    with pytest.raises(RemoteError) as refused:
+        asyncio.run(connect())
+    assert refused.value.code is ErrorCode.UNAUTHORIZED and not refused.value.retryable
 
 
 def test_servers_answer_in_the_version_they_were_greeted_in_and_refuse_older_ones() -> None:
     assert check_hello(Hello(version=PROTOCOL_VERSION), None) == PROTOCOL_VERSION
     with pytest.raises(ProtocolError) as refused:
         check_hello(Hello(version=2), None)
-    assert refused.value.code == "bad_request"
+    assert refused.value.code is ErrorCode.UNSUPPORTED_VERSION and refused.value.code.retryable
     assert refused.value.message.startswith("protocol version 2 is not supported")

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from swarm.client.serve.completions import Choice, ChoiceDelta, CompletionEngine
+from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_format import ResponseMeta, completion_response
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from swarm.errors import InvalidRequestError, UnknownModelError
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 from swarm.client.serve.completions import ChoiceDelta, DeltaSink, GenerationJob, JobResult
+from swarm.client.serve.errors import UnknownModelError
 from swarm.client.serve.gateway import create_app
 from swarm.client.serve.openai_types import CompletionRequest, Usage
 
-from swarm.errors import MissingLayersError, SwarmFullError, UnknownModelError
+from swarm.errors import MissingLayersError, SwarmFullError
 
 KEY = {"Authorization": "Bearer k"}
 JOB = GenerationJob([[1]], ["hi"], 2, 1, 1, 0.0, 1.0, None, 0.0, 0.0, [], None)

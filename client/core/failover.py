@@ -1,0 +1,114 @@
+"""Failover: when a link of a chain is lost, rebuild exactly its layers elsewhere so the output is unchanged.
+
+A link fails when its peer drops (`PeerUnreachableError`), breaks the protocol (`ProtocolError`), or answers
+with a retryable error (full, draining, crashed, restarted). The peer is banned for this client, peers are
+found for exactly the failed layers (possibly several that split them), and the link's history is replayed
+through them to rebuild their caches; the step that failed is then retried there. An error that would fail
+anywhere (a malformed request, a wrong token) is raised instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from swarm.client.core.channel import ChannelPool
+from swarm.client.core.links import LinkInputs, LinkSession
+from swarm.client.core.planner import ChainPlanner, describe_chain
+
+from swarm.errors import (
+    ErrorCode,
+    MissingLayersError,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteError,
+    SwarmError,
+    SwarmFullError,
+    format_layer_range,
+)
+
+log = logging.getLogger("swarm.client")
+
+MAX_FAILOVERS_PER_STEP = 8
+
+LINK_FAILURES = (PeerUnreachableError, ProtocolError, RemoteError)
+"""What losing a link looks like; `worth_failing_over` says which of them another peer may not repeat."""
+
+
+def worth_failing_over(exc: Exception) -> bool:
+    """Lost peers, broken peers and retryable refusals move to another peer; a malformed request would fail
+    anywhere."""
+    return not isinstance(exc, RemoteError) or exc.retryable
+
+
+class SpanBuilder:
+    """Opens link sessions covering a range of layers for one chain session, and fails its links over."""
+
+    def __init__(self, planner: ChainPlanner, channels: ChannelPool, max_length: int, batch_size: int) -> None:
+        self.planner = planner
+        self.channels = channels
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    async def replace(self, links: list[LinkSession], index: int, failure: Exception) -> None:
+        """Swap `links[index]` for peers covering exactly its layers, rebuilt from its history.
+
+        The first replacement takes the failed link's place, so the caller retries the step there."""
+        failed = links[index]
+        self.planner.ban(failed.link.peer.peer_id)
+        log.info(
+            "link %s [%d, %d) failed (%s); failing over, replaying %d step(s)",
+            failed.link.peer.address,
+            failed.link.start,
+            failed.link.end,
+            failure,
+            len(failed.history),
+        )
+        await failed.close()
+        links[index : index + 1] = await self.open(failed.link.start, failed.link.end, failed.history)
+
+    async def open(self, start: int, end: int, history: list[LinkInputs], wait: bool = True) -> list[LinkSession]:
+        """Open sessions covering layers [start, end) and replay `history` through them.
+
+        A failover (`wait`) gives missing peers time to come back; a new session fails fast instead."""
+        needed = self.batch_size * self.max_length
+        refused: list[str] = []
+        for _ in range(MAX_FAILOVERS_PER_STEP):
+            try:
+                if wait:
+                    chain = await self.planner.wait_for_chain(start, end, needed)
+                else:
+                    chain = await self.planner.plan(start, end, needed)
+            except MissingLayersError as exc:
+                if refused:
+                    raise SwarmFullError(
+                        f"the swarm is full for layers {format_layer_range(start, end)} of {self.planner.model_name}: "
+                        f"{', '.join(refused)} refused a session of {needed} cache tokens. Try again later, use a "
+                        f"shorter max_length, or start more nodes."
+                    ) from exc
+                raise
+            opened: list[LinkSession] = []
+            culprit = chain[0].peer
+            try:
+                for link in chain:
+                    culprit = link.peer
+                    codec = self.planner.codec_for(link.peer)
+                    opened.append(await LinkSession.open(link, self.max_length, self.batch_size, self.channels, codec))
+                for past in history:
+                    hidden = past.hidden
+                    for session in opened:
+                        culprit = session.link.peer
+                        hidden = await session.step(past.following(hidden))
+            except LINK_FAILURES as exc:
+                if not worth_failing_over(exc):
+                    raise
+                self.planner.ban(culprit.peer_id)
+                if isinstance(exc, RemoteError) and exc.code is ErrorCode.BUSY:
+                    refused.append(culprit.address)
+                log.info("could not use %s for layers [%d, %d): %s", culprit.address, start, end, exc)
+                for session in opened:
+                    await session.close()
+                continue
+            if history:
+                log.info("layers [%d, %d) now served by %s", start, end, describe_chain(chain))
+            return opened
+        raise SwarmError(f"could not open a session for layers [{start}, {end}) after {MAX_FAILOVERS_PER_STEP} tries")

@@ -1,0 +1,138 @@
+"""One link of a chain: a session on one peer over a range of layers, and what each of its steps was sent.
+
+The client stays in the middle of every hop (client -> A -> client -> B ...), so it holds what each link was
+sent (its history); `failover.py` replays that history onto a replacement when the link is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+import torch
+from swarm.client.core.channel import ChannelPool, PeerChannel
+
+from swarm.errors import RemoteError
+from swarm.protocol import WIRE_DTYPES, CloseSession, Codec, OpenSession, SessionClosed, SessionOpened, Step, WireTensor
+from swarm.routing import Link
+
+log = logging.getLogger("swarm.client")
+
+STEP_TIMEOUT = 300.0
+
+
+def wire_hidden(hidden: torch.Tensor, peer_dtype: str, codec: Codec = "raw") -> WireTensor:
+    """Hidden states in the dtype the peer computes in, so it never converts them again."""
+    return WireTensor.from_torch(hidden.to(WIRE_DTYPES[peer_dtype]), codec)
+
+
+def wire_mask(mask: torch.Tensor) -> WireTensor | None:
+    """An attention mask as it travels: a mask of only ones travels as none at all."""
+    return None if bool(mask.all()) else WireTensor.from_torch(mask)
+
+
+@dataclass(frozen=True)
+class LinkInputs:
+    """One step as sent to a link (positions int64, mask bool); kept as history for replay after a failover.
+
+    `wire` holds the positions, mask and beam reorder as they travel, encoded once for every link of the chain
+    (only the hidden states differ from link to link)."""
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    hypo_ids: torch.Tensor | None
+    wire: WireInputs | None = None
+
+    def following(self, hidden: torch.Tensor) -> LinkInputs:
+        """The same step as the next link gets it: the same positions, this link's output."""
+        return LinkInputs(hidden, self.position_ids, self.attention_mask, self.hypo_ids, self.encoded())
+
+    def encoded(self) -> WireInputs:
+        return self.wire if self.wire is not None else WireInputs.of(self)
+
+    def compact(self) -> LinkInputs:
+        """The same step in tensors of its own wherever it holds a view (a session's rows of a group's tensors):
+        history lives as long as the session, and a view would keep every other row of the group alive."""
+        return LinkInputs(
+            _own(self.hidden),
+            _own(self.position_ids),
+            _own(self.attention_mask),
+            _own(self.hypo_ids) if self.hypo_ids is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class WireInputs:
+    position_ids: WireTensor
+    attention_mask: WireTensor | None
+    hypo_ids: WireTensor | None
+
+    @classmethod
+    def of(cls, inputs: LinkInputs) -> WireInputs:
+        return cls(
+            WireTensor.from_torch(inputs.position_ids),
+            wire_mask(inputs.attention_mask),
+            WireTensor.from_torch(inputs.hypo_ids) if inputs.hypo_ids is not None else None,
+        )
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size() else tensor
+
+
+class LinkSession:
+    """A session on one peer over layers [start, end), on the channel this client shares with every other
+    session it holds on that peer.
+
+    Hidden states go out in `codec` (which the peer must advertise); the peer answers in the same one."""
+
+    def __init__(self, link: Link, channel: PeerChannel, session_id: str, codec: Codec = "raw") -> None:
+        self.link = link
+        self.channel = channel
+        self.session_id = session_id
+        self.codec = codec
+        self.history: list[LinkInputs] = []
+
+    @classmethod
+    async def open(
+        cls, link: Link, max_length: int, batch_size: int, channels: ChannelPool, codec: Codec = "raw"
+    ) -> LinkSession:
+        channel = await channels.get(link.peer.address)
+        session_id = secrets.token_hex(8)
+        message = OpenSession(
+            session_id=session_id, start=link.start, end=link.end, max_length=max_length, batch_size=batch_size
+        )
+        await channel.request(message, SessionOpened, timeout=STEP_TIMEOUT)
+        return cls(link, channel, session_id, codec)
+
+    async def step(self, inputs: LinkInputs) -> torch.Tensor:
+        wire = inputs.encoded()
+        message = Step.trusted(
+            type="step",
+            step_id=self.channel.next_step_id(),
+            session_ids=[self.session_id],
+            rows=[inputs.hidden.shape[0]],
+            hidden=wire_hidden(inputs.hidden, self.link.peer.dtype, self.codec),
+            position_ids=wire.position_ids,
+            attention_mask=wire.attention_mask,
+            hypo_ids=wire.hypo_ids,
+        )
+        reply = await self.channel.step(message)
+        if reply.errors is not None and reply.errors[0] is not None:
+            raise RemoteError(reply.errors[0].code, reply.errors[0].message, self.channel.address)
+        self.record(inputs)
+        return reply.hidden.to_torch()
+
+    def record(self, inputs: LinkInputs) -> None:
+        """Keep a step this link has taken, to replay it onto a replacement after a failover."""
+        self.history.append(inputs.compact())
+
+    async def close(self) -> None:
+        if not self.channel.alive:  # the peer freed the session with the connection
+            return
+        try:
+            await self.channel.request(CloseSession(session_id=self.session_id), SessionClosed, timeout=5.0)
+        except Exception as exc:  # best effort: the node frees the session when the socket drops anyway
+            log.debug("closing session on %s: %s", self.link.peer.address, exc)
