@@ -24,11 +24,11 @@ from itertools import pairwise
 import torch
 from rich.console import Console
 from rich.table import Table
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm, Process
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench.common import PRESETS, build_random_llama, median, write_json
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process
 
 
 class KillAndClock(LogitsProcessor):

@@ -29,11 +29,11 @@ import tempfile
 import torch
 from rich.console import Console
 from rich.table import Table
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from bench.common import PRESETS, THREADS_HELP, TokenClock, build_random_model, median, use_threads, write_json
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from swarm.models import supported_model_types
 
 

@@ -21,9 +21,9 @@ import time
 
 from rich.console import Console
 from rich.table import Table
-from swarm.client.local_swarm import LocalSwarm
 
 from bench.common import PRESETS, build_random_llama, write_json
+from swarm.client.local_swarm import LocalSwarm
 from swarm.settings import parse_layer_range
 
 

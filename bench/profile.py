@@ -34,10 +34,10 @@ import tempfile
 import time
 
 import torch
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm
 
 from bench.common import PRESETS, THREADS_HELP, build_random_model, cpu_seconds, use_threads, write_json
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 
 CLIENT_BUCKETS = (  # innermost first wins: checked from the leaf of each stack towards its root
     ("wire", ("swarm/protocol.py", "websockets/", "client/channel.py", "swarm/transport.py", "msgpack")),

@@ -20,11 +20,11 @@ import statistics
 import torch
 from rich.console import Console
 from rich.table import Table
-from swarm.node.span import LoadedSpan
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import write_json
 from swarm.default_model import default_model_path
+from swarm.node.span import LoadedSpan
 
 PROMPTS = [
     "Once upon a time",

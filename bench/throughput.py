@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.core.scheduler import DecodeScheduler
-from swarm.client.local_swarm import LocalSwarm
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from bench.common import PRESETS, THREADS_HELP, TokenClock, build_random_llama, cpu_seconds, use_threads, write_json
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.core.scheduler import DecodeScheduler
+from swarm.client.local_swarm import LocalSwarm
 
 
 def percentile(values: list[float], share: float) -> float:

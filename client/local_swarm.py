@@ -101,7 +101,7 @@ class LocalSwarm:
     def start_registry(self, *extra: str, port: int | None = None) -> Process:
         """The swarm's registry, or with `port` an additional one (several registries side by side)."""
         port = port or self.registry_port
-        args = [sys.executable, "-m", "swarm.registry.server", "--port", str(port), *extra]
+        args = [sys.executable, "-m", "swarm.registry.main", "--port", str(port), *extra]
         process = self.spawn("registry" if port == self.registry_port else f"registry-{port}", args)
         process.address = f"{self.scheme}://127.0.0.1:{port}"
         wait_for_port(port, process)
@@ -158,7 +158,6 @@ class LocalSwarm:
         import asyncio
 
         from swarm.client.cli.status import swarm_status
-
         from swarm.errors import RegistryUnavailableError
         from swarm.transport import Credentials
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from swarm.node.sessions import Session
 from swarm.node.validation import StepInputs
 

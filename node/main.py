@@ -11,7 +11,9 @@ import logging
 import os
 import sys
 
+from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.node.settings import NodeSettings
+from swarm.settings import environment_help
 
 log = logging.getLogger("swarm.node")
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--gpu", type=int, metavar="N", help="shortcut for --device cuda:N")
     add(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=FLOAT_DTYPE_NAMES,
         help="compute dtype (default float32 on CPU, the checkpoint's dtype on GPU)",
     )
     add("--max-sessions", type=int, help="concurrent sessions (default 64)")
@@ -90,15 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute steps longer than N tokens (long prompts) N tokens at a time, letting other sessions' "
         "steps run in between; 0 never splits (default 256)",
     )
-    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    add("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.epilog = EXAMPLES + "\n" + environment_help(parser, NodeSettings)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> NodeSettings:
-    values = {key: value for key, value in vars(args).items() if value is not None and key not in ("gpu", "log_level")}
-    if args.gpu is not None:
-        values["device"] = f"cuda:{args.gpu}"
-    return NodeSettings(**values)
+    """Flags over `SWARM_*` variables over defaults; `--gpu N` is `--device cuda:N`."""
+    flags = vars(args) | ({"device": f"cuda:{args.gpu}"} if args.gpu is not None else {})
+    return NodeSettings.from_flags(flags)
 
 
 def prepare_threads(torch_threads: int | None) -> None:
@@ -120,13 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from swarm.runtime import setup_logging
 
-    setup_logging(args.log_level)
     try:
         settings = settings_from_args(args)
+        setup_logging(settings.log_level)
         prepare_threads(settings.torch_threads)
-        from swarm.node.service import serve
-
         from swarm.errors import SwarmError
+        from swarm.node.service import serve
         from swarm.runtime import run
 
         try:

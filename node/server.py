@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import websockets
+from websockets.asyncio.server import ServerConnection
+
+import swarm
+from swarm.errors import ErrorCode, ProtocolError
+from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.node.kv_cache import capacity_for
 from swarm.node.metrics import NodeMetrics
 from swarm.node.sessions import SessionTable
@@ -21,11 +26,6 @@ from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler, StepService
 from swarm.node.validation import check_layer_range, decode_hidden, decode_mask, decode_positions
-from websockets.asyncio.server import ServerConnection
-
-import swarm
-from swarm.errors import ErrorCode, ProtocolError
-from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
 from swarm.protocol import (
     CODECS,
     DTYPE_NAMES,

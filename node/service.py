@@ -12,17 +12,17 @@ import time
 
 import torch
 import websockets
-from swarm.node.announcer import Announcer
-from swarm.node.plan import SpanPlan, plan_span
-from swarm.node.server import NodeIdentity, NodeServer
-from swarm.node.settings import NodeSettings
-from swarm.node.span import LoadedSpan
 
 from swarm.checkpoint import CheckpointIndex, model_name_from_path
 from swarm.errors import RegistryUnavailableError, SwarmError, format_layer_range
 from swarm.http import http_router
 from swarm.memory import ModelFootprint, default_memory_budget, parse_bytes
 from swarm.models import ModelArchitecture
+from swarm.node.announcer import Announcer
+from swarm.node.plan import SpanPlan, plan_span
+from swarm.node.server import NodeIdentity, NodeServer
+from swarm.node.settings import NodeSettings
+from swarm.node.span import LoadedSpan
 from swarm.protocol import DTYPE_NAMES, WIRE_DTYPES, PeerInfo
 from swarm.registry.client import fetch_peers
 from swarm.transport import Credentials, server_ssl_context

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from swarm.node.kv_cache import KVCache, RoundAttention, RoundEntry
 from torch import nn
 
 from swarm.checkpoint import CheckpointIndex, tensor_nbytes
 from swarm.models import ModelArchitecture
 from swarm.models.attention import StatelessAttention
 from swarm.models.stack import LayerStack, layer_tensor_names
+from swarm.node.kv_cache import KVCache, RoundAttention, RoundEntry
 
 
 @dataclass

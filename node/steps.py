@@ -25,14 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.node.chunking import ChunkedStep, SessionCheckpoint
 from swarm.node.kv_cache import RoundEntry
 from swarm.node.metrics import NodeMetrics
 from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
 from swarm.node.validation import StepInputs, decode_step, session_rows
-
-from swarm.errors import ErrorCode, ProtocolError
 from swarm.protocol import Error, Step, StepResult, WireTensor
 
 log = logging.getLogger("swarm.node")

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from swarm.node.sessions import Session
 
+from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.errors import ErrorCode, ProtocolError
+from swarm.node.sessions import Session
 from swarm.protocol import Step, WireTensor
 
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_DTYPES = ("int64", "int32")
 MASK_DTYPES = ("bool", "int64", "int32", "int8", "uint8")
 
@@ -45,8 +45,8 @@ def check_layer_range(start: int, end: int, served: tuple[int, int]) -> None:
 
 
 def decode_hidden(wire: WireTensor, hidden_size: int, max_batch: int) -> torch.Tensor:
-    if wire.dtype not in FLOAT_DTYPES:
-        raise _bad(f"hidden states must be one of {FLOAT_DTYPES}, got {wire.dtype}")
+    if wire.dtype not in FLOAT_DTYPE_NAMES:
+        raise _bad(f"hidden states must be one of {FLOAT_DTYPE_NAMES}, got {wire.dtype}")
     if len(wire.shape) != 3 or wire.shape[2] != hidden_size:
         raise _bad(f"hidden states must have shape [batch, tokens, {hidden_size}], got {wire.shape}")
     batch, tokens, _ = wire.shape

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from swarm import compression
+from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.errors import ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 3
@@ -49,7 +50,6 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 WireDType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
-FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 CODECS = ("raw", "int8-block")
 """Tensor encodings every node decodes (and advertises in `PeerInfo.codecs`)."""

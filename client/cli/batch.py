@@ -21,13 +21,13 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from swarm.client.core.settings import ClientSettings
 from swarm.client.serve.completions import CompletionEngine
 from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_format import ResponseMeta, completion_response
 from swarm.client.serve.openai_types import CompletionRequest
-
 from swarm.errors import SwarmError
-from swarm.transport import Credentials
 
 Record = dict[str, object]
 
@@ -145,11 +145,11 @@ def run_batch(engine: CompletionEngine, inputs: list[InputLine], out_path: Path,
     return errors
 
 
-def run(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+def run(args: argparse.Namespace, settings: ClientSettings) -> int:
     from swarm.client.cli.resolve import open_model
 
     inputs = read_inputs(Path(args.input))
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
+    model, tokenizer = open_model(settings)
     engine = CompletionEngine(model, tokenizer, model.planner.model_name)
     try:
         errors = run_batch(engine, inputs, Path(args.output), args.concurrency)

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
+
 from swarm.client.cli.resolve import open_model
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.remote_cache import RemoteSessionCache
+from swarm.client.core.settings import ClientSettings
 from swarm.client.serve.chat_template import Message, chat_prompt_ids, chat_stop_strings, next_turn_text, render_chat
 from swarm.client.serve.decoding import ChoiceTracker, TextAssembler
 from swarm.client.serve.sampling import sampling_processors
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
-
-from swarm.transport import Credentials
 
 PROMPT = "you> "
 HELP = "Chat with the model. /reset starts a new conversation, /quit (or Ctrl-D) leaves."
@@ -133,8 +133,8 @@ def converse(
                 return True
 
 
-def run(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
+def run(args: argparse.Namespace, settings: ClientSettings) -> int:
+    model, tokenizer = open_model(settings)
     settings = ChatSettings(
         max_new_tokens=args.max_new_tokens,
         max_length=min(args.max_length, model.config.max_position_embeddings),

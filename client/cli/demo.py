@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(model: Path, registry: str, args: argparse.Namespace) -> None:
     import torch
-    from swarm.client import DistributedModelForCausalLM
     from transformers import AutoTokenizer, TextStreamer
+
+    from swarm.client import DistributedModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     swarm_model = DistributedModelForCausalLM.from_pretrained(model, registry=registry)

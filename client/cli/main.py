@@ -7,18 +7,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable
 
-import torch
-from rich.console import Console
-from swarm.client.core.loop import EventLoopThread
-
+from swarm.client.core.settings import ClientSettings
+from swarm.client.serve.settings import GatewaySettings
 from swarm.errors import SwarmError
-from swarm.runtime import setup_logging
-from swarm.settings import parse_registries
-from swarm.transport import Credentials
+from swarm.settings import SwarmSettings, environment_help
 
 EXAMPLES = """examples:
   swarm-client status --wait-ready 60
@@ -80,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
     common.add_argument("--tls-ca", help="CA certificate file to trust for wss:// peers (env SWARM_TLS_CA)")
-    common.add_argument("--log-level", default="WARNING", help="diagnostics on stderr (default WARNING)")
+    common.add_argument("--log-level", help="diagnostics on stderr (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model = argparse.ArgumentParser(add_help=False)
@@ -91,14 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--model-name", help="name in the swarm (default: last component of --model)")
     model.add_argument(
+        "--models-dir", help="also look here for the checkpoint of the model the swarm serves (default: ./models, .)"
+    )
+    model.add_argument(
         "--compression",
         choices=["none", "int8-block"],
-        default="none",
         help="int8-block: send hidden states as 8-bit blocks to nodes that support it "
         "(about 1/4 of float32's bytes, slightly inexact; default none)",
     )
 
-    def command(name: str, summary: str, examples: str) -> argparse.ArgumentParser:
+    settings_read: dict[str, tuple[type[SwarmSettings], ...]] = {}  # by command, for its --help
+
+    def command(name: str, summary: str, examples: str, *settings: type[SwarmSettings]) -> argparse.ArgumentParser:
+        settings_read[name] = (ClientSettings, *settings)
         return commands.add_parser(
             name,
             parents=[common, model],
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
     _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))
     _add_batch(command("batch", "run a JSONL file of OpenAI completions requests; resumable", BATCH_EXAMPLES))
-    _add_serve(command("serve", "serve an OpenAI-compatible HTTP API for the model", SERVE_EXAMPLES))
+    _add_serve(command("serve", "serve an OpenAI-compatible HTTP API for the model", SERVE_EXAMPLES, GatewaySettings))
 
     estimate = commands.add_parser(
         "estimate",
@@ -128,17 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=ESTIMATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    estimate.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded demo model)")
+    estimate.add_argument(
+        "model", nargs="?", help="checkpoint folder (env SWARM_MODEL; default: the embedded demo model)"
+    )
     estimate.add_argument("--memory", default="24GiB", help="memory of one node, e.g. 24GiB (default 24GiB)")
     estimate.add_argument("--cache-tokens", type=int, default=65536, help="KV cache per node in tokens (default 65536)")
     estimate.add_argument("--json", action="store_true", help="machine-readable output")
 
-    status = commands.add_parser("status", parents=[common], help="coverage of each model the swarm serves")
-    status.add_argument("--model", help="only this model (its swarm name)")
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="coverage of each model the swarm serves",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("--model", dest="served_model", metavar="NAME", help="only this model (its swarm name)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--wait-ready", type=float, metavar="SECONDS", help="wait until every layer is served; exit code 1 on timeout"
     )
+    parser.epilog = EXAMPLES + "\n" + environment_help(generate, ClientSettings)
+    for name, subcommand in commands.choices.items():
+        variables = environment_help(subcommand, *settings_read.get(name, (ClientSettings,)))
+        subcommand.epilog = (subcommand.epilog or "") + "\n" + variables
     return parser
 
 
@@ -168,10 +179,10 @@ def _add_batch(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (env SWARM_API_KEY)")
-    parser.add_argument("--max-concurrency", type=int, default=8, help="requests generating at once (default 8)")
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+    parser.add_argument("--max-concurrency", type=int, help="requests generating at once (default 8)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -183,11 +194,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"do_sample": True, **chosen} if chosen else {}
 
 
-def run_generate(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
-    from swarm.client.cli.resolve import open_model
+def run_generate(args: argparse.Namespace, settings: ClientSettings) -> int:
+    import torch
     from transformers import TextStreamer
 
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
+    from swarm.client.cli.resolve import open_model
+
+    model, tokenizer = open_model(settings)
     try:
         if args.seed is not None:
             torch.manual_seed(args.seed)
@@ -202,38 +215,41 @@ def run_generate(args: argparse.Namespace, registries: list[str], credentials: C
     return 0
 
 
-def run_status(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+def run_status(args: argparse.Namespace, settings: ClientSettings) -> int:
     from swarm.client.cli.status import swarm_status, wait_ready
+    from swarm.client.core.loop import EventLoopThread
 
+    registries, credentials = settings.registry, settings.credentials()
     runner = EventLoopThread()
     try:
         if args.wait_ready is not None:
             try:
-                status = runner.run(wait_ready(registries, credentials, args.model, args.wait_ready))
+                status = runner.run(wait_ready(registries, credentials, args.served_model, args.wait_ready))
             except TimeoutError as exc:
                 status = exc.args[0] if exc.args else {"models": [], "peers": []}
                 _print_status(status, args.json)
-                what = f"model {args.model!r}" if args.model else "every model"
+                what = f"model {args.served_model!r}" if args.served_model else "every model"
                 print(f"swarm-client: {what} not fully served after {args.wait_ready:g} s", file=sys.stderr)
                 return 1
         else:
-            status = runner.run(swarm_status(registries, credentials, args.model))
+            status = runner.run(swarm_status(registries, credentials, args.served_model))
     finally:
         runner.close()
     _print_status(status, args.json)
     return 0
 
 
-def run_estimate(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+def run_estimate(args: argparse.Namespace, settings: ClientSettings) -> int:
     from pathlib import Path
 
-    from swarm.client.cli.estimate import estimate, render_estimate
+    from rich.console import Console
 
+    from swarm.client.cli.estimate import estimate, render_estimate
     from swarm.default_model import default_model_path
     from swarm.memory import parse_bytes
 
     report = estimate(
-        Path(args.model) if args.model else default_model_path(), parse_bytes(args.memory), args.cache_tokens
+        Path(settings.model) if settings.model else default_model_path(), parse_bytes(args.memory), args.cache_tokens
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -243,6 +259,8 @@ def run_estimate(args: argparse.Namespace, registries: list[str], credentials: C
 
 
 def _print_status(status: dict[str, object], as_json: bool) -> None:
+    from rich.console import Console
+
     from swarm.client.cli.status import render_status
 
     if as_json:
@@ -251,7 +269,7 @@ def _print_status(status: dict[str, object], as_json: bool) -> None:
         render_status(status, Console())
 
 
-Command = Callable[[argparse.Namespace, list[str], Credentials], int]
+Command = Callable[[argparse.Namespace, ClientSettings], int]
 COMMANDS: dict[str, Command | str] = {
     "generate": run_generate,
     "status": run_status,
@@ -271,14 +289,12 @@ def _command(name: str) -> Command:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
     try:
-        registries = parse_registries(args.registry)
-        credentials = Credentials(
-            token=args.token or os.environ.get("SWARM_TOKEN") or None,
-            ca_file=args.tls_ca or os.environ.get("SWARM_TLS_CA") or None,
-        )
-        return _command(args.command)(args, registries, credentials)
+        settings = ClientSettings.from_flags(args)
+        from swarm.runtime import setup_logging
+
+        setup_logging(settings.log_level)
+        return _command(args.command)(args, settings)
     except (SwarmError, ValueError) as exc:
         print(f"swarm-client: error: {exc}", file=sys.stderr)
         return 2

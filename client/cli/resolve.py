@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swarm.client.core.planner import fetch_peers
-
 from swarm.checkpoint import model_name_from_path
+from swarm.client.core.planner import fetch_peers
 from swarm.errors import CheckpointError, RegistryUnavailableError
 from swarm.transport import Credentials
 
 if TYPE_CHECKING:
-    from swarm.client.core.model import DistributedModelForCausalLM
     from transformers import PreTrainedTokenizerBase
+
+    from swarm.client.core.model import DistributedModelForCausalLM
+    from swarm.client.core.settings import ClientSettings
 
 SEARCH_DIRS = ("models", ".")
 
 
-async def resolve_model(model: str | None, registries: list[str], credentials: Credentials) -> Path:
-    """`--model`, else `SWARM_MODEL`, else the embedded default model when the swarm serves it (or
-    nothing yet), else the only model the registry serves if its files are found locally."""
-    explicit = model or os.environ.get("SWARM_MODEL")
-    if explicit:
-        return Path(explicit)
+async def resolve_model(
+    model: str | None, registries: list[str], credentials: Credentials, models_dir: str | None = None
+) -> Path:
+    """`model` (`--model` or `SWARM_MODEL`), else the embedded default model when the swarm serves it (or
+    nothing yet), else the only model the registry serves if its files are found in `models_dir` or the
+    usual places."""
+    if model:
+        return Path(model)
     from swarm.default_model import default_model_path
 
     default = default_model_path()
@@ -35,46 +37,42 @@ async def resolve_model(model: str | None, registries: list[str], credentials: C
     if not served or model_name_from_path(default) in served:
         return default
     if len(served) == 1:
-        for folder in _search_dirs():
+        for folder in _search_dirs(models_dir):
             candidate = folder / served[0]
             if (candidate / "config.json").is_file():
                 return candidate
         raise CheckpointError(
             f"the swarm serves {served[0]!r} but its checkpoint folder was not found in "
-            f"{', '.join(str(d) for d in _search_dirs())}; pass --model PATH (or set SWARM_MODEL)"
+            f"{', '.join(str(d) for d in _search_dirs(models_dir))}; pass --model PATH (or set SWARM_MODEL)"
         )
     raise CheckpointError(f"the swarm serves several models ({', '.join(served)}); pick one with --model PATH")
 
 
-def _search_dirs() -> list[Path]:
-    extra = os.environ.get("SWARM_MODELS_DIR")
-    return ([Path(extra)] if extra else []) + [Path(d) for d in SEARCH_DIRS]
+def _search_dirs(models_dir: str | None) -> list[Path]:
+    return ([Path(models_dir)] if models_dir else []) + [Path(d) for d in SEARCH_DIRS]
 
 
-def open_model(
-    model: str | None,
-    model_name: str | None,
-    registries: list[str],
-    credentials: Credentials,
-    compression: str | None = None,
-) -> tuple[DistributedModelForCausalLM, PreTrainedTokenizerBase]:
+def open_model(settings: ClientSettings) -> tuple[DistributedModelForCausalLM, PreTrainedTokenizerBase]:
     """The checkpoint a command means, loaded as a swarm client, with its tokenizer."""
+    from transformers import AutoTokenizer
+
     from swarm.client.core.loop import EventLoopThread
     from swarm.client.core.model import DistributedModelForCausalLM
-    from transformers import AutoTokenizer
 
     resolver = EventLoopThread()
     try:
-        path = resolver.run(resolve_model(model, registries, credentials))
+        path = resolver.run(
+            resolve_model(settings.model, settings.registry, settings.credentials(), settings.models_dir)
+        )
     finally:
         resolver.close()
     tokenizer = AutoTokenizer.from_pretrained(path)
     distributed = DistributedModelForCausalLM.from_pretrained(
         path,
-        registries,
-        model_name=model_name,
-        token=credentials.token,
-        tls_ca=credentials.ca_file,
-        compression=compression,
+        settings.registry,
+        model_name=settings.model_name,
+        token=settings.token,
+        tls_ca=settings.tls_ca,
+        compression=settings.compression,
     )
     return distributed, tokenizer

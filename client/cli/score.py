@@ -10,11 +10,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from swarm.client.cli.resolve import open_model
-from swarm.client.serve.scoring import TokenScores, score_sequences, token_entries
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from swarm.transport import Credentials
+from swarm.client.cli.resolve import open_model
+from swarm.client.core.settings import ClientSettings
+from swarm.client.serve.scoring import TokenScores, score_sequences, token_entries
 
 
 def read_texts(path: Path) -> Iterator[str]:
@@ -80,10 +80,10 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def run(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+def run(args: argparse.Namespace, settings: ClientSettings) -> int:
     texts = list(read_texts(Path(args.file)))
     choices = [choice.strip() for choice in args.choices.split(",") if choice.strip()] if args.choices else []
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
+    model, tokenizer = open_model(settings)
     try:
         if choices:
             records = score_choices(model, tokenizer, texts, choices, args.separator, args.batch_size)

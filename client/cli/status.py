@@ -7,8 +7,8 @@ import time
 
 from rich.console import Console
 from rich.table import Table
-from swarm.client.core.planner import fetch_peers
 
+from swarm.client.core.planner import fetch_peers
 from swarm.errors import RegistryUnavailableError, format_layer_range
 from swarm.protocol import PeerInfo
 from swarm.routing import describe_models

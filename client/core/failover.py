@@ -14,7 +14,6 @@ import logging
 from swarm.client.core.channel import ChannelPool
 from swarm.client.core.links import LinkInputs, LinkSession
 from swarm.client.core.planner import ChainPlanner, describe_chain
-
 from swarm.errors import (
     ErrorCode,
     MissingLayersError,

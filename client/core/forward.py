@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, worth_failing_over
 from swarm.client.core.links import STEP_TIMEOUT, wire_hidden
 from swarm.client.core.planner import ChainPlanner
-
 from swarm.errors import SwarmError
 from swarm.protocol import Codec, Forward, ForwardResult, WireTensor
 from swarm.routing import Link

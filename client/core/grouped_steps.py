@@ -15,10 +15,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+
 from swarm.client.core.failover import LINK_FAILURES
 from swarm.client.core.links import LinkInputs, LinkSession, wire_hidden, wire_mask
 from swarm.client.core.sessions import ChainSession
-
 from swarm.errors import RemoteError
 from swarm.protocol import MAX_SESSIONS_PER_STEP, Step, WireTensor
 

@@ -11,8 +11,8 @@ import secrets
 from dataclasses import dataclass
 
 import torch
-from swarm.client.core.channel import ChannelPool, PeerChannel
 
+from swarm.client.core.channel import ChannelPool, PeerChannel
 from swarm.errors import RemoteError
 from swarm.protocol import WIRE_DTYPES, CloseSession, Codec, OpenSession, SessionClosed, SessionOpened, Step, WireTensor
 from swarm.routing import Link

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swarm.checkpoint import checkpoint_dir, model_name_from_path
 from swarm.client.core.channel import ChannelPool
 from swarm.client.core.forward import forward_through
 from swarm.client.core.links import STEP_TIMEOUT
@@ -23,18 +28,12 @@ from swarm.client.core.loop import EventLoopThread
 from swarm.client.core.planner import DEFAULT_FAILOVER_WAIT, ChainPlanner
 from swarm.client.core.remote_cache import RemoteSessionCache
 from swarm.client.core.sessions import ChainSession
+from swarm.client.core.settings import ClientSettings
 from swarm.client.core.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
-from torch import nn
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-from swarm.checkpoint import checkpoint_dir, model_name_from_path
 from swarm.errors import SwarmError
 from swarm.models import ModelArchitecture
 from swarm.models.local import LocalModules
 from swarm.protocol import CODECS, Codec
-from swarm.settings import parse_registries
-from swarm.transport import Credentials
 
 log = logging.getLogger("swarm.client")
 
@@ -91,19 +90,23 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
     ) -> DistributedModelForCausalLM:
         """Load the local modules of checkpoint `model` and route its layers through `registry`.
 
-        `token` enters a private swarm; `tls_ca` trusts a private CA for `wss://` peers;
+        `registry`, `token` (enters a private swarm) and `tls_ca` (a private CA for `wss://` peers) default to
+        `SWARM_REGISTRY`, `SWARM_TOKEN` and `SWARM_TLS_CA`, as for `swarm-client`;
         `failover_wait` is how long to wait for a lost span to be served again; `compression="int8-block"`
         sends hidden states as 8-bit blocks (~1/4 of float32's bytes, slightly inexact) to peers that
         advertise it."""
-        codec = parse_compression(compression)
+        settings = ClientSettings.from_flags(
+            {"registry": registry, "token": token, "tls_ca": tls_ca, "compression": compression}
+        )
+        codec = parse_compression(settings.compression)
         config = AutoConfig.from_pretrained(checkpoint_dir(model), local_files_only=True)
         architecture = ModelArchitecture.of(model)
         local = LocalModules.load(model, architecture, dtype)
         planner = ChainPlanner(
-            parse_registries(registry),
+            settings.registry,
             model_name_from_path(model, model_name),
             architecture.num_layers,
-            Credentials(token, tls_ca),
+            settings.credentials(),
             failover_wait,
             codec,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
 from swarm.client.core.transformers_compat import RemoteCache
 
 if TYPE_CHECKING:

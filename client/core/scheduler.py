@@ -23,10 +23,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
 from swarm.client.core.grouped_steps import step_together
 from swarm.client.core.model import DistributedModelForCausalLM, position_ids_from_mask
 from swarm.client.core.sessions import ChainSession
-from transformers import LogitsProcessorList, StoppingCriteriaList
 
 log = logging.getLogger("swarm.client")
 

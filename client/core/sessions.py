@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
 from swarm.client.core.channel import ChannelPool
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, SpanBuilder, worth_failing_over
 from swarm.client.core.links import LinkInputs, LinkSession
 from swarm.client.core.planner import ChainPlanner
-
 from swarm.errors import SwarmError
 
 

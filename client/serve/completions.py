@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+)
+
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, render_chat
@@ -24,13 +32,6 @@ from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest, Usage
 from swarm.client.serve.sampling import PresenceFrequencyPenalty, sampling_processors
 from swarm.client.serve.scoring import left_pad, score_sequences, token_entries
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteriaList,
-)
 
 DEFAULT_COMPLETION_TOKENS = 16
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import sys
 import threading
@@ -26,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+
+from swarm.client.core.settings import ClientSettings
 from swarm.client.serve.completions import ChoiceDelta, CompletionEngine, DeltaSink, GenerationJob, JobResult
 from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.generate_api import GenerateRequest, GenerateResponse, run_generate
@@ -51,9 +52,8 @@ from swarm.client.serve.openai_types import (
     SamplingRequest,
     Usage,
 )
-
+from swarm.client.serve.settings import GatewaySettings
 from swarm.errors import MissingLayersError, RegistryUnavailableError, SwarmError, SwarmFullError
-from swarm.transport import Credentials
 
 ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (InvalidRequestError, 400, "invalid_request_error"),
@@ -241,16 +241,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exception_type, swarm_error)
 
 
-def run(args: argparse.Namespace, registries: list[str], credentials: Credentials) -> int:
+def run(args: argparse.Namespace, settings: ClientSettings) -> int:
     import uvicorn
+
     from swarm.client.cli.resolve import open_model
 
-    model, tokenizer = open_model(args.model, args.model_name, registries, credentials, args.compression)
+    model, tokenizer = open_model(settings)
     engine = CompletionEngine(model, tokenizer, model.planner.model_name)
-    app = create_app(engine, args.api_key or os.environ.get("SWARM_API_KEY") or None, args.max_concurrency)
-    print(f"swarm gateway for {engine.name}: http://{args.host}:{args.port}/v1 (API docs at /docs)", file=sys.stderr)
+    gateway = GatewaySettings.from_flags(args)
+    app = create_app(engine, gateway.api_key, gateway.max_concurrency)
+    print(
+        f"swarm gateway for {engine.name}: http://{gateway.host}:{gateway.port}/v1 (API docs at /docs)", file=sys.stderr
+    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+        uvicorn.run(app, host=gateway.host, port=gateway.port, log_level=settings.log_level.lower())
     finally:
         engine.close()
         model.close()

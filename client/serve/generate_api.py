@@ -4,11 +4,12 @@ decoding knobs, `{"gen_text": [...]}` back), mapped onto `generate()` with its o
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import GenerationConfig, LogitsProcessorList
+
 from swarm.client.serve.completions import CompletionEngine
 from swarm.client.serve.decoding import TextAssembler
 from swarm.client.serve.sampling import sampling_processors
 from swarm.client.serve.scoring import left_pad
-from transformers import GenerationConfig, LogitsProcessorList
 
 MAX_BATCH = 32
 

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from swarm.client.serve.decoding import TextAssembler, TokenEntry
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from swarm.client.serve.decoding import TextAssembler, TokenEntry
 
 
 @dataclass(frozen=True)

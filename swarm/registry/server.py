@@ -6,14 +6,11 @@ dashboard (`/`), its data (`/api/v1/state`) and a liveness probe (`/healthz`).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import ssl
-import sys
 import time
 from importlib import resources
 
@@ -25,17 +22,11 @@ from swarm.http import PROMETHEUS_CONTENT_TYPE, Route, http_router
 from swarm.protocol import Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
 from swarm.registry.metrics import registry_metrics, render
 from swarm.registry.state import RegistryState
-from swarm.runtime import run, setup_logging
-from swarm.transport import check_hello, error_frame, send, server_ssl_context
+from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.registry")
 
 MAX_MESSAGE_BYTES = 1 * 2**20
-
-EXAMPLES = """examples:
-  swarm-registry                       # ws://127.0.0.1:7000, dashboard at http://127.0.0.1:7000/
-  swarm-registry --host 0.0.0.0 --port 7000 --token s3cret
-"""
 
 
 class Registry:
@@ -127,35 +118,3 @@ async def serve(host: str, port: int, token: str | None, ssl_context: ssl.SSLCon
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="swarm-registry",
-        description="Track which peers serve which layers, answer route queries, serve the dashboard.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7000, help="port; 0 picks a free one (default 7000)")
-    parser.add_argument("--token", default=None, help="shared secret of a private swarm (env SWARM_TOKEN)")
-    parser.add_argument("--tls-cert", help="serve wss:// (and https:// for the dashboard) with this PEM certificate")
-    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
-    parser.add_argument("--log-level", default="INFO")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        token = args.token or os.environ.get("SWARM_TOKEN") or None
-        run(serve(args.host, args.port, token, server_ssl_context(args.tls_cert, args.tls_key)))
-    except OSError as exc:
-        print(f"swarm-registry: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from swarm.client.cli.main import build_parser as client_parser
 from swarm.node.main import build_parser as node_parser
-
-from swarm.registry.server import build_parser as registry_parser
+from swarm.registry.main import build_parser as registry_parser
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 PARSERS = {"swarm-registry": registry_parser, "swarm-node": node_parser, "swarm-client": client_parser}

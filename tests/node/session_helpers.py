@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from swarm.node.kv_cache import CacheRows, capacity_for
 from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan

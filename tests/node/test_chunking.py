@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarm.node import steps as node_steps
 from swarm.node.chunking import SessionCheckpoint, split_step
 from swarm.node.metrics import NodeMetrics
@@ -15,7 +16,6 @@ from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler, run_alone
 from swarm.node.validation import StepInputs
-
 from tests.checkpoints import build_tiny
 from tests.node.session_helpers import open_session, real_tokens, rows_of, stored
 

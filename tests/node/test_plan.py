@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from swarm.node.plan import plan_span
 
 from swarm.errors import SwarmError
 from swarm.memory import ModelFootprint
+from swarm.node.plan import plan_span
 from tests.swarm.test_routing import peer
 
 FOOTPRINT = ModelFootprint(num_layers=8, layer_params=[1000] * 8, local_params=500, kv_values_per_token_per_layer=10)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from swarm.node.span import LoadedSpan
 from transformers import AutoModelForCausalLM
 
 from swarm.default_model import default_model_path
+from swarm.node.span import LoadedSpan
 
 IDS = torch.tensor([[1, 384, 385, 260, 353, 11, 400, 402, 15, 300]])
 

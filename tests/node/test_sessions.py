@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from swarm.node.sessions import SessionTable
 
 from swarm.errors import ProtocolError
+from swarm.node.sessions import SessionTable
 
 released: list[str] = []
 

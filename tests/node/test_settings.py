@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from pydantic import ValidationError
+
 from swarm.node.main import build_parser, settings_from_args
 from swarm.node.settings import NodeSettings
 
@@ -23,10 +24,38 @@ def test_prefill_chunk_flag_reaches_node_settings(capsys: pytest.CaptureFixture[
 
 
 def test_prefill_chunk_comes_from_the_environment_and_must_not_be_negative(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SWARM_PREFILL_CHUNK", "64")
+    monkeypatch.setenv("SWARM_NODE_PREFILL_CHUNK", "64")
     assert NodeSettings().prefill_chunk == 64
     with pytest.raises(ValidationError, match="prefill_chunk"):
         NodeSettings(prefill_chunk=-1)
+
+
+def test_node_settings_read_node_variables_and_the_shared_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWARM_NODE_PORT", "8123")
+    monkeypatch.setenv("SWARM_PORT", "1")  # not a node variable: each process has its own prefix
+    monkeypatch.setenv("SWARM_REGISTRY", "ws://a:1,ws://b:2")
+    monkeypatch.setenv("SWARM_TOKEN", "secret")
+    monkeypatch.setenv("SWARM_MODEL", "/models/m")
+    settings = settings_from_args(build_parser().parse_args(["--gpu", "1"]))
+    assert (settings.port, settings.registry, settings.token, settings.model) == (
+        8123,
+        ["ws://a:1", "ws://b:2"],
+        "secret",
+        "/models/m",
+    )
+    assert settings.device == "cuda:1"
+    flagged = settings_from_args(build_parser().parse_args(["--port", "9", "--registry", "ws://c:3", "--token", "t"]))
+    assert (flagged.port, flagged.registry, flagged.token) == (9, ["ws://c:3"], "t")
+    assert "secret" not in repr(settings)
+
+
+def test_node_help_lists_every_variable_it_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for name in NodeSettings.model_fields:
+        assert f"  {NodeSettings.environment_variable(name)}  " in help_text, name
+    assert "  SWARM_NODE_PORT  " in help_text and "  SWARM_TOKEN  " in help_text
 
 
 def test_a_node_lets_idle_openmp_threads_sleep_unless_told_otherwise() -> None:

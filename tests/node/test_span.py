@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm.node.span import LoadedSpan
 from transformers import AutoModelForCausalLM
 
 import swarm.checkpoint
 from swarm.checkpoint import CheckpointIndex
+from swarm.node.span import LoadedSpan
 
 
 def test_a_span_reads_only_its_own_layers_tensors(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,7 +89,6 @@ def test_compiled_layers_compute_what_plain_ones_do(tiny_llama: Path) -> None:
     from swarm.node.sessions import SessionTable
     from swarm.node.steps import run_alone
     from swarm.node.validation import StepInputs
-
     from tests.node.session_helpers import open_session
 
     outputs = []

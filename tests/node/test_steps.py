@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from swarm.errors import ProtocolError
 from swarm.node import steps
 from swarm.node.kv_cache import capacity_for
 from swarm.node.metrics import NodeMetrics
@@ -15,8 +17,6 @@ from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import PendingStep, StepScheduler, run_alone, run_batched
 from swarm.node.validation import StepInputs
-
-from swarm.errors import ProtocolError
 from tests.node.session_helpers import rows_of, stored
 
 

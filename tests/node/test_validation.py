@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from swarm.node.sessions import SessionTable
-from swarm.node.validation import StepInputs, check_layer_range, decode_step, session_rows
 
 from swarm.errors import ProtocolError
+from swarm.node.sessions import SessionTable
+from swarm.node.validation import StepInputs, check_layer_range, decode_step, session_rows
 from swarm.protocol import Step, WireTensor
 
 HIDDEN = 8

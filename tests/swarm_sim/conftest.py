@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 
 @pytest.fixture(scope="module")

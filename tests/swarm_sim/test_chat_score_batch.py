@@ -15,9 +15,10 @@ from pathlib import Path
 import pexpect
 import pytest
 import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from swarm.client.local_swarm import LocalSwarm, child_env
 from swarm.client.serve.chat_template import chat_prompt_ids, render_chat
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @pytest.fixture(scope="module")

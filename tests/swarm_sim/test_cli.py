@@ -8,8 +8,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from swarm.client.local_swarm import LocalSwarm, child_env
 from transformers import AutoTokenizer, PreTrainedModel
+
+from swarm.client.local_swarm import LocalSwarm, child_env
 
 
 def swarm_client(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm.client.cli.demo import generation_settings
-from swarm.client.local_swarm import LocalSwarm, child_env, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from swarm.client.cli.demo import generation_settings
+from swarm.client.local_swarm import LocalSwarm, child_env, free_port
 from swarm.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
 from transformers import LogitsProcessorList, PreTrainedModel
 
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
 from swarm.errors import SwarmFullError
 from tests.processors import AtStep
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from tests.checkpoints import build_tiny
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)

@@ -17,9 +17,10 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
 from swarm.client.serve.chat_template import chat_prompt_ids, render_chat
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 API_KEY = "sim-secret"
 PROMPTS = ["Once upon a time", "The little dragon looked at the sky and"]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm.client import DistributedModelForCausalLM
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from swarm.client import DistributedModelForCausalLM
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 

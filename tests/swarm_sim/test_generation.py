@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm
 from transformers import PreTrainedModel
 
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
 from swarm.errors import MissingLayersError
 from swarm.transport import Credentials
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm, Process
 from transformers import PreTrainedModel
 from websockets.sync.client import ClientConnection, connect
 
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process
 from swarm.errors import ErrorCode
 from swarm.protocol import (
     PROTOCOL_VERSION,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
+
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm
-from transformers import PreTrainedModel
 
 
 def test_greedy_generation_with_tiny_prefill_chunks_matches_local_generate(

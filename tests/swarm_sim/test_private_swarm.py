@@ -16,11 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm, Process, child_env
 from transformers import PreTrainedModel
 from websockets.sync.client import connect
 
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process, child_env
 from swarm.errors import RegistryUnavailableError, RemoteError
 from swarm.protocol import PROTOCOL_VERSION, Hello, decode_message, encode_message
 

@@ -8,15 +8,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import swarm.client.core.scheduler
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+import swarm.client.core.scheduler
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.channel import PeerChannel
 from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.core.sessions import ChainSession
 from swarm.client.local_swarm import LocalSwarm, Process
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
-
 from swarm.protocol import Step, StepResult
 from tests.processors import AtStep
 

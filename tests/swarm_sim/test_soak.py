@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedModel
+
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm
-from transformers import PreTrainedModel
 
 SESSIONS = 16
 NEW_TOKENS = 30

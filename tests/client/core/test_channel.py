@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from swarm.client.core.channel import PeerChannel
 
+from swarm.client.core.channel import PeerChannel
 from swarm.errors import PeerUnreachableError, RemoteError
 from swarm.protocol import (
     Error,

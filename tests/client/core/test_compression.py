@@ -16,6 +16,9 @@ import msgpack
 import pytest
 import torch
 import websockets
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from websockets.sync.client import ClientConnection, connect
+
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.loop import EventLoopThread
 from swarm.client.core.model import parse_compression
@@ -23,9 +26,6 @@ from swarm.client.core.planner import ChainPlanner
 from swarm.node.server import NodeIdentity, NodeServer
 from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
-from transformers import AutoModelForCausalLM, PreTrainedModel
-from websockets.sync.client import ClientConnection, connect
-
 from swarm.protocol import (
     PROTOCOL_VERSION,
     ForwardResult,

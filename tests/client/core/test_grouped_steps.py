@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+
 from swarm.client.core import grouped_steps as group
 from swarm.client.core.grouped_steps import step_together
 from swarm.client.core.links import LinkSession
 from swarm.client.core.sessions import ChainSession
-
 from swarm.errors import RemoteError
 from swarm.protocol import Error, Step, StepResult, WireTensor
 from swarm.routing import Link

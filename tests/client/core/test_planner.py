@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from swarm.client.core import planner as chain
 from swarm.client.core.planner import ChainPlanner
-
 from swarm.errors import RegistryUnavailableError
 from swarm.protocol import PeerInfo
 from tests.swarm.test_routing import peer

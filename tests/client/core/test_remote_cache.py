@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from swarm.client.core.model import position_ids_from_mask
 from swarm.client.core.remote_cache import RemoteSessionCache
 

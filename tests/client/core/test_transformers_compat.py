@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
+
 from swarm.client.core import transformers_compat
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.remote_cache import RemoteSessionCache
@@ -18,8 +20,6 @@ from swarm.client.core.transformers_compat import (
     generation_cache_name,
     take_cache,
 )
-from transformers import DynamicCache
-
 from swarm.errors import IncompatibleTransformersError
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)

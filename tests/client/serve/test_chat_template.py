@@ -4,9 +4,9 @@ new turn appends after a reply whose tokens a session already holds."""
 from __future__ import annotations
 
 import pytest
-from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, next_turn_text, render_chat
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, next_turn_text, render_chat
 from swarm.default_model import default_model_path
 
 CHATML = (

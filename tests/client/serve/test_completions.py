@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from swarm.client.serve.completions import Choice, ChoiceDelta, CompletionEngine
 from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_format import ResponseMeta, completion_response
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @pytest.fixture(scope="module")

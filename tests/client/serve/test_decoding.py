@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler
 from swarm.default_model import default_model_path
 
 EOS = 2

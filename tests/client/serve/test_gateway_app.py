@@ -8,11 +8,11 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
+
 from swarm.client.serve.completions import ChoiceDelta, DeltaSink, GenerationJob, JobResult
 from swarm.client.serve.errors import UnknownModelError
 from swarm.client.serve.gateway import create_app
 from swarm.client.serve.openai_types import CompletionRequest, Usage
-
 from swarm.errors import MissingLayersError, SwarmFullError
 
 KEY = {"Authorization": "Bearer k"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+
 from swarm.client.serve.generate_api import GenerateRequest
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import torch
+
 from swarm.client.serve.sampling import PresenceFrequencyPenalty, SeededSampler, sampling_processors
 
 

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from swarm.client.core.model import position_ids_from_mask
+from swarm.models import ModelArchitecture
+from swarm.models.local import LocalModules
 from swarm.node.kv_cache import capacity_for
 from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import run_alone
 from swarm.node.validation import StepInputs
-
-from swarm.models import ModelArchitecture
-from swarm.models.local import LocalModules
 
 _ids = itertools.count()
 

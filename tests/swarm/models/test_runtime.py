@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from swarm.client.core.model import position_ids_from_mask
-from swarm.node.sessions import Session
-from swarm.node.steps import PendingStep, run_alone, run_batched
-from swarm.node.validation import StepInputs
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from swarm.client.core.model import position_ids_from_mask
 from swarm.errors import UnsupportedModelError
 from swarm.models import ModelArchitecture
 from swarm.models.spec import ConfigReader
+from swarm.node.sessions import Session
+from swarm.node.steps import PendingStep, run_alone, run_batched
+from swarm.node.validation import StepInputs
 from tests.checkpoints import TINY_CONFIGS, build_tiny
 from tests.swarm.models.pipeline import Pipeline, open_session
 
