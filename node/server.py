@@ -50,11 +50,11 @@ from swarm.transport import check_hello, error_frame, send
 log = logging.getLogger("swarm.node")
 
 FRAMES_IN_FLIGHT = 64
+"""Frames of one connection being answered at once; beyond that the node stops reading it until one is done."""
 
 _SESSION_STAYS = frozenset({ErrorCode.UNKNOWN_SESSION, ErrorCode.BUSY})
 """Refusals that leave the session as it was (there is none, or the node is draining): every other error frame
 about a session ends it, since a malformed step may have been meant for another state of the session."""
-"""Frames of one connection being answered at once; beyond that the node stops reading it until one is done."""
 
 
 @dataclass

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from swarm.checkpoint import CheckpointIndex
-from swarm.memory import DTYPE_BYTES, ModelFootprint, format_bytes
+from swarm.client.core.settings import ClientSettings
+from swarm.default_model import default_model_path
+from swarm.memory import DTYPE_BYTES, ModelFootprint, format_bytes, parse_bytes
 from swarm.models import ModelArchitecture
 
 
@@ -68,3 +72,14 @@ def render_estimate(report: dict[str, object], console: Console) -> None:
         f"(each node also keeps a KV cache of {report['cache_tokens']} tokens for its layers; int8 weights "
         "compute and cache in float32)"
     )
+
+
+def run(args: argparse.Namespace, settings: ClientSettings) -> int:
+    report = estimate(
+        Path(settings.model) if settings.model else default_model_path(), parse_bytes(args.memory), args.cache_tokens
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_estimate(report, Console())
+    return 0

@@ -1,12 +1,11 @@
 """`swarm-client`: generate text through the swarm, chat, score, run batches, serve an OpenAI-compatible API,
-and inspect what the swarm serves. Each command beyond `generate` and `status` lives in its own module,
+and inspect what the swarm serves. This module is the command line; each command lives in its own module,
 imported only when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from collections.abc import Callable
 
@@ -185,106 +184,22 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, help="requests generating at once (default 8)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    """Map CLI flags onto `generate()` arguments; unset flags keep the checkpoint's own defaults."""
-    if args.greedy:
-        return {"do_sample": False}
-    chosen = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    chosen = {key: value for key, value in chosen.items() if value is not None}
-    return {"do_sample": True, **chosen} if chosen else {}
-
-
-def run_generate(args: argparse.Namespace, settings: ClientSettings) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    from swarm.client.cli.resolve import open_model
-
-    model, tokenizer = open_model(settings)
-    try:
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        inputs = tokenizer(args.prompt, return_tensors="pt")
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model.generate(
-            **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling_kwargs(args)
-        )
-    finally:
-        model.close()
-    return 0
-
-
-def run_status(args: argparse.Namespace, settings: ClientSettings) -> int:
-    from swarm.client.cli.status import swarm_status, wait_ready
-    from swarm.client.core.loop import EventLoopThread
-
-    registries, credentials = settings.registry, settings.credentials()
-    runner = EventLoopThread()
-    try:
-        if args.wait_ready is not None:
-            try:
-                status = runner.run(wait_ready(registries, credentials, args.served_model, args.wait_ready))
-            except TimeoutError as exc:
-                status = exc.args[0] if exc.args else {"models": [], "peers": []}
-                _print_status(status, args.json)
-                what = f"model {args.served_model!r}" if args.served_model else "every model"
-                print(f"swarm-client: {what} not fully served after {args.wait_ready:g} s", file=sys.stderr)
-                return 1
-        else:
-            status = runner.run(swarm_status(registries, credentials, args.served_model))
-    finally:
-        runner.close()
-    _print_status(status, args.json)
-    return 0
-
-
-def run_estimate(args: argparse.Namespace, settings: ClientSettings) -> int:
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from swarm.client.cli.estimate import estimate, render_estimate
-    from swarm.default_model import default_model_path
-    from swarm.memory import parse_bytes
-
-    report = estimate(
-        Path(settings.model) if settings.model else default_model_path(), parse_bytes(args.memory), args.cache_tokens
-    )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        render_estimate(report, Console())
-    return 0
-
-
-def _print_status(status: dict[str, object], as_json: bool) -> None:
-    from rich.console import Console
-
-    from swarm.client.cli.status import render_status
-
-    if as_json:
-        print(json.dumps(status, indent=2))
-    else:
-        render_status(status, Console())
-
-
 Command = Callable[[argparse.Namespace, ClientSettings], int]
-COMMANDS: dict[str, Command | str] = {
-    "generate": run_generate,
-    "status": run_status,
-    "estimate": run_estimate,
+COMMANDS: dict[str, str] = {
+    "generate": "swarm.client.cli.generate",
+    "status": "swarm.client.cli.status",
+    "estimate": "swarm.client.cli.estimate",
     "chat": "swarm.client.cli.chat",
     "score": "swarm.client.cli.score",
     "batch": "swarm.client.cli.batch",
     "serve": "swarm.client.serve.gateway",
 }
-"""A command, or the module whose `run` is the command (imported only when used: they load torch, FastAPI)."""
+"""The module whose `run(args, settings)` is each command, imported only when it runs (they load torch,
+transformers, FastAPI, rich)."""
 
 
 def _command(name: str) -> Command:
-    target = COMMANDS[name]
-    return importlib.import_module(target).run if isinstance(target, str) else target
+    return importlib.import_module(COMMANDS[name]).run
 
 
 def main(argv: list[str] | None = None) -> int:

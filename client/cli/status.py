@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import sys
 import time
 
 from rich.console import Console
 from rich.table import Table
 
 from swarm.client.core.planner import fetch_peers
+from swarm.client.core.settings import ClientSettings
 from swarm.errors import RegistryUnavailableError, format_layer_range
 from swarm.protocol import PeerInfo
 from swarm.routing import describe_models
@@ -72,3 +76,33 @@ def render_status(status: dict[str, object], console: Console) -> None:
 
 def _coverage_glyph(count: int) -> str:
     return "[red]·[/red]" if count == 0 else ("[yellow]1[/yellow]" if count == 1 else f"[green]{min(count, 9)}[/green]")
+
+
+def run(args: argparse.Namespace, settings: ClientSettings) -> int:
+    from swarm.client.core.loop import EventLoopThread
+
+    registries, credentials = settings.registry, settings.credentials()
+    runner = EventLoopThread()
+    try:
+        if args.wait_ready is not None:
+            try:
+                status = runner.run(wait_ready(registries, credentials, args.served_model, args.wait_ready))
+            except TimeoutError as exc:
+                status = exc.args[0] if exc.args else {"models": [], "peers": []}
+                _print_status(status, args.json)
+                what = f"model {args.served_model!r}" if args.served_model else "every model"
+                print(f"swarm-client: {what} not fully served after {args.wait_ready:g} s", file=sys.stderr)
+                return 1
+        else:
+            status = runner.run(swarm_status(registries, credentials, args.served_model))
+    finally:
+        runner.close()
+    _print_status(status, args.json)
+    return 0
+
+
+def _print_status(status: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        render_status(status, Console())

@@ -159,7 +159,7 @@ def test_sessions_are_private_to_their_connection(node: Process) -> None:
 
 def test_a_node_refuses_an_older_protocol_version_with_the_one_it_speaks(node: Process) -> None:
     with raw_connection(node, hello=False) as connection:
-        message = expect_error(connection, encode_message(Hello(version=2)), "bad_request")
+        message = expect_error(connection, encode_message(Hello(version=2)), "unsupported_version")
         assert message.startswith("protocol version 2") and str(PROTOCOL_VERSION) in message
 
 

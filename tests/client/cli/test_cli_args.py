@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from swarm.client.cli.main import build_parser, sampling_kwargs
+from swarm.client.cli.generate import sampling_kwargs
+from swarm.client.cli.main import build_parser
 from swarm.client.cli.resolve import resolve_model
 from swarm.client.core.settings import ClientSettings
 from swarm.client.serve.settings import GatewaySettings
