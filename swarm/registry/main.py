@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="serve wss:// (and https:// for the dashboard) with this PEM certificate")
     parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--max-peers", type=int, help="peers kept, live or gone; beyond it announces get busy")
+    parser.add_argument("--max-models", type=int, help="models served at once; a new one beyond it gets busy")
+    parser.add_argument(
+        "--reports-to-exclude",
+        type=int,
+        metavar="N",
+        help="clients at distinct addresses that must report a peer as lying before queries leave it out (default 3)",
+    )
     parser.epilog = EXAMPLES + "\n" + environment_help(parser, RegistrySettings)
     return parser
 
@@ -46,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     tls = server_ssl_context(settings.tls_cert, settings.tls_key)
     try:
-        run(serve(settings.host, settings.port, settings.token, tls))
+        run(serve(settings, tls))
     except OSError as exc:
         print(f"swarm-registry: error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2

@@ -1,28 +1,28 @@
-"""Prometheus view of the registry, computed from its state at scrape time."""
+"""Prometheus view of the registry, rendered from a copy of its state (`PeerRow`s), so it can run off the event
+loop."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from swarm.registry.state import RegistryState
+from swarm.registry.state import PeerRow
+from swarm.routing import describe_models
 
 PEER_STATES = ("joining", "online", "draining", "gone")
 
 
 class RegistryCollector(Collector):
-    def __init__(self, state: RegistryState) -> None:
-        self.state = state
+    def __init__(self, rows: Sequence[PeerRow]) -> None:
+        self.rows = rows
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        snapshot = self.state.snapshot(time.monotonic())
         peers = GaugeMetricFamily("swarm_registry_peers", "Peers known to the registry, by state", labels=["state"])
-        counts = Counter(peer["state"] for peer in snapshot["peers"])  # type: ignore[union-attr]
+        counts = Counter(row.state for row in self.rows)
         for state in PEER_STATES:
             peers.add_metric([state], counts.get(state, 0))
         yield peers
@@ -34,7 +34,7 @@ class RegistryCollector(Collector):
             "swarm_model_min_replicas", "Online peers on the least-served layer", labels=["model"]
         )
         usable = GaugeMetricFamily("swarm_model_usable", "1 when every layer is served", labels=["model"])
-        for model in snapshot["models"]:  # type: ignore[union-attr]
+        for model in describe_models([row.info for row in self.rows if row.state != "gone"]):
             name, coverage = [model["name"]], model["coverage"]
             layers.add_metric(name, model["num_layers"])
             covered.add_metric(name, sum(1 for count in coverage if count))
@@ -43,11 +43,9 @@ class RegistryCollector(Collector):
         yield from (layers, covered, weakest, usable)
 
 
-def registry_metrics(state: RegistryState) -> CollectorRegistry:
+def render(rows: Sequence[PeerRow]) -> bytes:
+    """The registry's metrics in Prometheus' text format; a registry of collectors of its own per call, so
+    nothing is shared with the thread that renders the previous scrape."""
     registry = CollectorRegistry()
-    registry.register(RegistryCollector(state))
-    return registry
-
-
-def render(registry: CollectorRegistry) -> bytes:
+    registry.register(RegistryCollector(rows))
     return generate_latest(registry)

@@ -1,7 +1,8 @@
 """`swarm-registry`: soft state of who serves which layers, plus the dashboard on the same port.
 
 Websocket clients speak the protocol (nodes announce, clients query); plain HTTP GETs get the
-dashboard (`/`), its data (`/api/v1/state`) and a liveness probe (`/healthz`).
+dashboard (`/`), its data (`/api/v1/state`), metrics (`/metrics`) and a liveness probe (`/healthz`),
+all behind the swarm's token when it has one.
 """
 
 from __future__ import annotations
@@ -13,105 +14,143 @@ import signal
 import ssl
 import time
 from importlib import resources
+from uuid import UUID
 
 import websockets
 from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as websockets_serve
 
 from swarm.errors import ErrorCode, ProtocolError
-from swarm.http import PROMETHEUS_CONTENT_TYPE, Route, http_router
-from swarm.protocol import Ack, Announce, Leave, Query, SwarmView, Welcome, decode_message
-from swarm.registry.metrics import registry_metrics, render
-from swarm.registry.state import RegistryState
+from swarm.http import PROMETHEUS_CONTENT_TYPE, CachedBody, Route, http_router
+from swarm.protocol import Ack, Announce, Leave, Query, Report, SwarmView, Welcome, decode_message
+from swarm.registry.metrics import render
+from swarm.registry.settings import RegistrySettings
+from swarm.registry.state import PeerRow, RegistryState, state_view
 from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.registry")
 
 MAX_MESSAGE_BYTES = 1 * 2**20
+MAX_HELLO_BYTES = 64 * 2**10
+HELLO_TIMEOUT_SECONDS = 5.0
+"""A connection that has not said `hello` by then is closed: idle sockets cost the registry, not the caller."""
+PAGE_MAX_AGE_SECONDS = 1.0
+"""The state page and metrics are rebuilt at most this often, however often they are asked for."""
 
 
 class Registry:
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(
+        self,
+        token: str | None = None,
+        state: RegistryState | None = None,
+        hello_timeout: float = HELLO_TIMEOUT_SECONDS,
+    ) -> None:
         self.token = token
-        self.state = RegistryState()
+        self.state = state or RegistryState()
+        self.hello_timeout = hello_timeout
 
     async def handle(self, connection: ServerConnection) -> None:
-        announced: set[str] = set()
         try:
             try:
-                version = check_hello(decode_message(await connection.recv(), MAX_MESSAGE_BYTES), self.token)
+                async with asyncio.timeout(self.hello_timeout):
+                    first = await connection.recv()
+                version = check_hello(decode_message(first, MAX_HELLO_BYTES), self.token)
+            except TimeoutError:
+                return  # returning closes the connection
             except ProtocolError as exc:
                 await send(connection, error_frame(exc))
                 return
             await send(connection, Welcome(version=version))
             async for frame in connection:
                 try:
-                    reply = self._answer(decode_message(frame, MAX_MESSAGE_BYTES), announced)
+                    reply = self._answer(decode_message(frame, MAX_MESSAGE_BYTES), connection.id, _host(connection))
                 except ProtocolError as exc:
                     reply = error_frame(exc)
                 await send(connection, reply)
         except websockets.ConnectionClosed:
             pass
         finally:
-            now = time.monotonic()
-            for peer_id in announced:  # the node's link dropped: it is most likely gone
-                self.state.mark_gone(peer_id, now)
+            self.state.disconnect(connection.id, time.monotonic())  # the node's link dropped: it is most likely gone
 
-    def _answer(self, message: object, announced: set[str]) -> Ack | SwarmView:
+    def _answer(self, message: object, owner: UUID, reporter: str = "") -> Ack | SwarmView:
+        """Names peers sent are logged with %r: quoted and escaped, they cannot forge a log line."""
         now = time.monotonic()
         if isinstance(message, Announce):
-            if message.peer.peer_id not in announced:
-                log.info(
-                    "peer %s announced %s layers [%d, %d) at %s",
-                    message.peer.peer_id,
-                    message.peer.model,
-                    message.peer.start,
-                    message.peer.end,
-                    message.peer.address,
-                )
-            self.state.announce(message.peer, message.ttl, now)
-            announced.add(message.peer.peer_id)
+            info = message.peer
+            if self.state.announce(info, message.ttl, now, owner):
+                where = (info.start, info.end, info.address)
+                log.info("peer %r announced %r layers [%d, %d) at %r", info.peer_id, info.model, *where)
             return Ack()
         if isinstance(message, Leave):
-            self.state.mark_gone(message.peer_id, now)
-            announced.discard(message.peer_id)
-            log.info("peer %s left", message.peer_id)
+            if self.state.leave(message.peer_id, now, owner):
+                log.info("peer %r left", message.peer_id)
             return Ack()
         if isinstance(message, Query):
-            return SwarmView(peers=self.state.live_peers(now, message.model))
+            return SwarmView(peers=self.state.live_peers(now, message.model, message.model_id))
+        if isinstance(message, Report):
+            if self.state.report(message.peer_id, reporter):
+                log.warning("peer %r is left out of queries: reported by clients (%r)", message.peer_id, message.reason)
+            else:
+                log.info("peer %r reported by %r: %r", message.peer_id, reporter, message.reason)
+            return Ack()
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"a registry does not accept {getattr(message, 'type', '?')!r} messages"
         )
 
     def http_routes(self) -> dict[str, Route]:
-        """Plain HTTP on the websocket port: the dashboard, its JSON, metrics and a liveness probe."""
-        metrics = registry_metrics(self.state)
+        """Plain HTTP on the websocket port: the dashboard, its JSON, metrics and a liveness probe. The JSON and
+        the metrics are built from a copy of the state, in a thread, at most once a second."""
+        page = resources.files("swarm.registry").joinpath("static/dashboard.html").read_bytes()
         routes: dict[str, Route] = {
-            "/": lambda: ("text/html; charset=utf-8", _dashboard_html()),
-            "/api/v1/state": lambda: ("application/json", json.dumps(self.state.snapshot(time.monotonic())).encode()),
-            "/metrics": lambda: (PROMETHEUS_CONTENT_TYPE, render(metrics)),
+            "/": lambda: ("text/html; charset=utf-8", page),
+            "/api/v1/state": CachedBody(self._rows, _state_json, PAGE_MAX_AGE_SECONDS),
+            "/metrics": CachedBody(self._rows, _metrics_text, PAGE_MAX_AGE_SECONDS),
             "/healthz": lambda: ("text/plain; charset=utf-8", b"ok\n"),
         }
         routes["/index.html"] = routes["/"]
         return routes
 
+    def _rows(self) -> list[PeerRow]:
+        return self.state.rows(time.monotonic())
 
-def _dashboard_html() -> bytes:
-    return resources.files("swarm.registry").joinpath("static/dashboard.html").read_bytes()
+
+def _host(connection: ServerConnection) -> str:
+    """Who a report comes from: the client's address, so one machine counts as one reporter."""
+    remote = connection.remote_address
+    return str(remote[0]) if remote else ""
 
 
-async def serve(host: str, port: int, token: str | None, ssl_context: ssl.SSLContext | None = None) -> None:
-    registry = Registry(token)
-    async with websockets.serve(
+def _state_json(rows: list[PeerRow]) -> tuple[str, bytes]:
+    return "application/json", json.dumps(state_view(rows, time.monotonic())).encode()
+
+
+def _metrics_text(rows: list[PeerRow]) -> tuple[str, bytes]:
+    return PROMETHEUS_CONTENT_TYPE, render(rows)
+
+
+def listen(registry: Registry, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> websockets_serve:
+    """The registry's server (use with `async with`): websockets and, on the same port, its HTTP pages; in a
+    private swarm the dashboard page also takes the token as `?token=`, for a browser."""
+    return websockets_serve(
         registry.handle,
         host,
         port,
-        process_request=http_router(registry.http_routes()),
+        process_request=http_router(registry.http_routes(), registry.token, token_in_query=("/", "/index.html")),
         max_size=MAX_MESSAGE_BYTES * 2,
         compression=None,
         ssl=ssl_context,
-    ) as server:
+    )
+
+
+async def serve(settings: RegistrySettings, ssl_context: ssl.SSLContext | None = None) -> None:
+    state = RegistryState(
+        max_peers=settings.max_peers, max_models=settings.max_models, reports_to_exclude=settings.reports_to_exclude
+    )
+    registry = Registry(settings.token, state)
+    async with listen(registry, settings.host, settings.port, ssl_context) as server:
         bound = server.sockets[0].getsockname()[1]
         ws, http = ("wss", "https") if ssl_context else ("ws", "http")
+        host = settings.host
         log.info("registry listening on %s://%s:%d (dashboard: %s://%s:%d/)", ws, host, bound, http, host, bound)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -7,6 +7,13 @@ from pydantic_settings import SettingsConfigDict
 
 from swarm.settings import SwarmSettings, shared
 
+MAX_PEERS = 2048
+"""Peers a registry keeps, live or gone (gone ones make room for new ones first)."""
+MAX_MODELS = 64
+"""Models (name and number of layers) the live peers may serve at once."""
+REPORTS_TO_EXCLUDE = 3
+"""Independent clients (distinct addresses) that must report a peer before queries leave it out."""
+
 
 class RegistrySettings(SwarmSettings):
     model_config = SettingsConfigDict(env_prefix="SWARM_REGISTRY_")
@@ -17,3 +24,6 @@ class RegistrySettings(SwarmSettings):
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = shared("SWARM_LOG_LEVEL", "INFO")
+    max_peers: int = Field(MAX_PEERS, ge=1, le=1_000_000)
+    max_models: int = Field(MAX_MODELS, ge=1, le=10_000)
+    reports_to_exclude: int = Field(REPORTS_TO_EXCLUDE, ge=1, le=1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm
+from swarm.identity import CheckpointDigests
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_ARGS = [
@@ -45,6 +47,10 @@ def test_the_dashboard_shows_coverage_and_a_gap_appears_live_when_a_node_dies(ti
             model.locator(".badge.ok").wait_for(timeout=15_000)
             assert model.locator(".cell").evaluate_all("cells => cells.map(c => c.dataset.count)") == ["1"] * 8
             assert page.locator("#peers tbody tr").count() == 2
+            digest = CheckpointDigests(tiny_llama)  # each row says what the span is: model_id / weights
+            peers_text = page.locator("#peers").inner_text()
+            assert f"{digest.model_id[:8]} / {digest.span(0, 4)[:8]}" in peers_text
+            assert f"{digest.model_id[:8]} / {digest.span(4, 8)[:8]}" in peers_text
             page.screenshot(path=str(tmp_path / "dashboard-covered.png"))
 
             second_half.kill()
@@ -58,6 +64,24 @@ def test_the_dashboard_shows_coverage_and_a_gap_appears_live_when_a_node_dies(ti
             browser.close()
     for shot in ("dashboard-covered.png", "dashboard-gap.png"):
         assert (tmp_path / shot).stat().st_size > 5_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_a_private_swarms_dashboard_opens_with_the_token_in_its_address(tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    token = "dashboard token"
+    with LocalSwarm(tmp_path, token=token) as swarm:
+        swarm.start_registry("--token", token)
+        base = f"http://127.0.0.1:{swarm.registry_port}/"
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page()
+            assert page.goto(base).status == 401
+            assert page.goto(base + "?token=" + urllib.parse.quote(token)).status == 200
+            page.locator("#status", has_text="updated").wait_for(timeout=15_000)  # its own fetches send the token
+            assert "No model is served" in page.locator("#models").inner_text()
+            browser.close()
+        assert token not in swarm.processes[0].log()
 
 
 def test_metrics_describe_the_registry_and_each_node(

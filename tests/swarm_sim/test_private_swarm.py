@@ -1,4 +1,5 @@
-"""Private swarms: without the token nothing gets in; with TLS everything travels over wss://."""
+"""Private swarms: without the token nothing gets in, not even an HTTP page; with TLS everything travels over
+wss://."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import ipaddress
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +104,27 @@ def test_a_node_without_the_token_cannot_announce(tiny_llama: Path, private_swar
         assert status.returncode == 0 and "intruder" not in status.stdout
     finally:
         intruder.kill()
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_every_http_page_of_a_private_swarm_needs_the_token(private_swarm: LocalSwarm) -> None:
+    registry = f"http://127.0.0.1:{private_swarm.registry_port}"
+    running = [p for p in private_swarm.processes if "swarm.node.main" in p.args and p.popen.poll() is None]
+    nodes = [node.address.replace("ws://", "http://") for node in running]
+    urls = [registry + path for path in ("/", "/api/v1/state", "/metrics", "/healthz")]
+    urls += [node + path for node in nodes for path in ("/metrics", "/healthz")]
+    assert {url: http_status(url) for url in urls} == dict.fromkeys(urls, 401)
+    assert {url: http_status(url, "wrong") for url in urls} == dict.fromkeys(urls, 401)
+    assert {url: http_status(url, TOKEN) for url in urls} == dict.fromkeys(urls, 200)
+    assert http_status(f"{registry}/?token={urllib.parse.quote(TOKEN)}") == 200  # the dashboard, from a browser
 
 
 def test_tokens_never_reach_logs(private_swarm: LocalSwarm) -> None:
