@@ -107,13 +107,20 @@ class LocalSwarm:
         wait_for_port(port, process)
         return process
 
-    def start_node(self, model: Path | str, layers: str, *extra: str, name: str | None = None) -> Process:
-        """A node on a free port (so its address is known before it announces)."""
+    def start_node(
+        self,
+        model: Path | str,
+        layers: str,
+        *extra: str,
+        name: str | None = None,
+        program: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Process:
+        """A node on a free port (so its address is known before it announces). `program` replaces
+        `python -m swarm.node.main` (a test double that takes the same flags); `env` adds to its environment."""
         port = free_port()
         args = [
-            sys.executable,
-            "-m",
-            "swarm.node.main",
+            *(program or [sys.executable, "-m", "swarm.node.main"]),
             "--model",
             str(model),
             "--layers",
@@ -128,7 +135,8 @@ class LocalSwarm:
             str(port),
             *extra,
         ]
-        process = self.spawn(name or f"node-{layers}-{len(self.processes)}", args)
+        child = child_env(self.threads, **(env or {}))
+        process = self.spawn(name or f"node-{layers}-{len(self.processes)}", args, child)
         process.address = f"{self.scheme}://127.0.0.1:{port}"
         return process
 

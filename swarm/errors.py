@@ -5,6 +5,7 @@
     │                                 it with an `error` frame of its `code`)
     ├── RemoteError                   a peer answered with an `error` frame: `code`, `peer`, `retryable`
     ├── PeerUnreachableError          a peer could not be reached or dropped the connection
+    ├── PeerLiedError                 a peer's answer was contradicted by two others (span verification)
     ├── RegistryUnavailableError      no registry answered
     ├── MissingLayersError            no live peer serves some layers of a model
     ├── SwarmFullError                every peer that could serve some layers refused: its cache is full
@@ -79,6 +80,14 @@ class RemoteError(SwarmError):
 
 class PeerUnreachableError(SwarmError):
     """A peer could not be reached or dropped the connection."""
+
+
+class PeerLiedError(SwarmError):
+    """A peer answered a step with hidden states two other peers contradicted; its layers fail over."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(f"{peer} answered with hidden states two other peers contradicted")
+        self.peer = peer
 
 
 class RegistryUnavailableError(SwarmError):

@@ -18,6 +18,13 @@ DEFAULT_HOP_SECONDS = 0.002
 SHORT_CACHE_PENALTY_SECONDS = 10.0
 """Added to a peer whose free cache cannot hold the session, so it is picked only as a last resort."""
 
+UNPROVEN_PENALTY_SECONDS = 0.05
+"""Added to a peer this client has not yet seen answer a step: what a peer announces about itself is only a
+claim, so a chain of peers that have served us beats one of strangers promising more."""
+
+MAX_CLAIMED_THROUGHPUT = 100_000.0
+"""Layer-steps per second beyond which an announced throughput is not believed (a fast GPU does a few thousand)."""
+
 
 @dataclass(frozen=True)
 class Link:
@@ -64,12 +71,14 @@ def plan_route(
     rtt: Mapping[str, float] | None = None,
     banned: frozenset[str] = frozenset(),
     cache_tokens_needed: int = 0,
+    proven: frozenset[str] | None = None,
 ) -> list[Link] | None:
     """The chain over layers [start, end) with the least estimated time, or None if there is none.
 
     Each hop costs the peer's round trip plus its per-layer compute time for the layers it runs
-    (plus a penalty when its free cache is short); a hop may use any contiguous part of a peer's
-    span, so overlapping peers combine freely. Dijkstra over layer boundaries.
+    (plus a penalty when its free cache is short, and, when `proven` is given, when the peer is not in it);
+    a hop may use any contiguous part of a peer's span, so overlapping peers combine freely. Dijkstra over
+    layer boundaries.
     """
     end = num_layers if end is None else end
     rtt = rtt or {}
@@ -86,10 +95,12 @@ def plan_route(
         for peer in usable:
             if not peer.start <= layer < peer.end:
                 continue
-            per_layer = 1.0 / peer.throughput if peer.throughput > 0 else 0.01
+            per_layer = 1.0 / min(peer.throughput, MAX_CLAIMED_THROUGHPUT) if peer.throughput > 0 else 0.01
             hop = rtt.get(peer.peer_id, DEFAULT_HOP_SECONDS)
             if peer.cache_tokens_free < cache_tokens_needed:
                 hop += SHORT_CACHE_PENALTY_SECONDS
+            if proven is not None and peer.peer_id not in proven:
+                hop += UNPROVEN_PENALTY_SECONDS
             for stop in range(layer + 1, min(peer.end, end) + 1):
                 total = cost + hop + per_layer * (stop - layer)
                 if total < best.get(stop, float("inf")):

@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(about 1/4 of float32's bytes, slightly inexact; default none)",
     )
 
+    model.add_argument(
+        "--verify-rate",
+        type=float,
+        metavar="FRACTION",
+        help="fraction of steps other peers compute again to catch a lying peer, besides each new peer's first "
+        "step (default 0.03; 0 turns checking off)",
+    )
+
     settings_read: dict[str, tuple[type[SwarmSettings], ...]] = {}  # by command, for its --help
 
     def command(name: str, summary: str, examples: str, *settings: type[SwarmSettings]) -> argparse.ArgumentParser:

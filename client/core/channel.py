@@ -22,12 +22,26 @@ from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection
 
 from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RemoteError
-from swarm.protocol import Error, SessionClosed, SessionOpened, Step, StepResult, decode_message, encode_message
+from swarm.protocol import (
+    Error,
+    PeerInfo,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepResult,
+    decode_message,
+    encode_message,
+)
 from swarm.transport import Credentials, open_connection
 
 log = logging.getLogger("swarm.client")
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
+
+HANDSHAKE_TIMEOUT = 3.0
+"""Connecting and exchanging `hello`/`welcome` with a peer: a node answers at once from its event loop, so a
+peer that takes longer is gone or silent on purpose, and every second spent on it is a second of someone's
+first token."""
 
 
 @dataclass
@@ -37,7 +51,9 @@ class PeerChannel:
     address: str
     connection: ClientConnection
     timeout: float
-    version: int = 3
+    version: int = 4
+    node: PeerInfo | None = None
+    """Who answered the handshake: the node's own `PeerInfo` from its `welcome`."""
     _steps: dict[int, asyncio.Future[StepResult]] = field(default_factory=dict)
     _requests: dict[str, asyncio.Future[BaseModel]] = field(default_factory=dict)
     _reader: asyncio.Task[None] | None = None
@@ -167,14 +183,16 @@ class ChannelPool:
         opening = asyncio.get_running_loop().create_future()
         self._opening[address] = opening
         try:
-            connection, welcome = await open_connection(address, self.credentials, agent="swarm-client")
+            connection, welcome = await open_connection(
+                address, self.credentials, agent="swarm-client", timeout=HANDSHAKE_TIMEOUT
+            )
         except BaseException as exc:
             opening.set_exception(exc)
             opening.exception()  # retrieved here, so nobody else waiting is required
             raise
         finally:
             del self._opening[address]
-        channel = PeerChannel(address, connection, self.timeout, welcome.version)
+        channel = PeerChannel(address, connection, self.timeout, welcome.version, welcome.node)
         self._channels[address] = channel
         opening.set_result(channel)
         return channel

@@ -1,15 +1,20 @@
 """Failover: when a link of a chain is lost, rebuild exactly its layers elsewhere so the output is unchanged.
 
-A link fails when its peer drops (`PeerUnreachableError`), breaks the protocol (`ProtocolError`), or answers
-with a retryable error (full, draining, crashed, restarted). The peer is banned for this client, peers are
-found for exactly the failed layers (possibly several that split them), and the link's history is replayed
-through them to rebuild their caches; the step that failed is then retried there. An error that would fail
-anywhere (a malformed request, a wrong token) is raised instead.
+A link fails when its peer drops (`PeerUnreachableError`), breaks the protocol (`ProtocolError`: this includes
+answers that cannot be right, and answers span verification caught), or answers with a retryable error (full,
+draining, crashed, restarted). The peer is banned for this client (a peer that answered `busy` only cools down:
+it did nothing wrong), peers are found for exactly the failed layers (possibly several that split them), and
+the link's history is replayed through them to rebuild their caches; the step that failed is then retried
+there. An error that would fail anywhere (a malformed request, a wrong token) is raised instead.
+
+Opening a span tries candidates until one chain works or none is left, within `OPEN_DEADLINE` seconds: peers
+that fail are left out one by one, so fake peers announced in numbers cost one short handshake each.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from swarm.client.core.channel import ChannelPool
 from swarm.client.core.links import LinkInputs, LinkSession
@@ -28,6 +33,9 @@ from swarm.errors import (
 log = logging.getLogger("swarm.client")
 
 MAX_FAILOVERS_PER_STEP = 8
+OPEN_DEADLINE = 60.0
+"""The longest opening a span may take, trying one candidate chain after another."""
+MAX_OPEN_ATTEMPTS = 64
 
 LINK_FAILURES = (PeerUnreachableError, ProtocolError, RemoteError)
 """What losing a link looks like; `worth_failing_over` says which of them another peer may not repeat."""
@@ -37,6 +45,18 @@ def worth_failing_over(exc: Exception) -> bool:
     """Lost peers, broken peers and retryable refusals move to another peer; a malformed request would fail
     anywhere."""
     return not isinstance(exc, RemoteError) or exc.retryable
+
+
+def is_busy(exc: Exception) -> bool:
+    return isinstance(exc, RemoteError) and exc.code is ErrorCode.BUSY
+
+
+def set_aside(planner: ChainPlanner, peer_id: str, failure: Exception) -> None:
+    """Keep a peer that failed out of new chains: a short cool-down after `busy`, a ban for anything else."""
+    if is_busy(failure):
+        planner.cool_down(peer_id)
+    else:
+        planner.ban(peer_id)
 
 
 class SpanBuilder:
@@ -53,7 +73,7 @@ class SpanBuilder:
 
         The first replacement takes the failed link's place, so the caller retries the step there."""
         failed = links[index]
-        self.planner.ban(failed.link.peer.peer_id)
+        set_aside(self.planner, failed.link.peer.peer_id, failure)
         log.info(
             "link %s [%d, %d) failed (%s); failing over, replaying %d step(s)",
             failed.link.peer.address,
@@ -71,12 +91,16 @@ class SpanBuilder:
         A failover (`wait`) gives missing peers time to come back; a new session fails fast instead."""
         needed = self.batch_size * self.max_length
         refused: list[str] = []
-        for _ in range(MAX_FAILOVERS_PER_STEP):
+        busy: set[str] = set()  # left out of this opening only
+        deadline = time.monotonic() + OPEN_DEADLINE
+        for _ in range(MAX_OPEN_ATTEMPTS):
+            if time.monotonic() > deadline:
+                break
             try:
                 if wait:
-                    chain = await self.planner.wait_for_chain(start, end, needed)
+                    chain = await self.planner.wait_for_chain(start, end, needed, frozenset(busy))
                 else:
-                    chain = await self.planner.plan(start, end, needed)
+                    chain = await self.planner.plan(start, end, needed, frozenset(busy))
             except MissingLayersError as exc:
                 if refused:
                     raise SwarmFullError(
@@ -100,8 +124,9 @@ class SpanBuilder:
             except LINK_FAILURES as exc:
                 if not worth_failing_over(exc):
                     raise
-                self.planner.ban(culprit.peer_id)
-                if isinstance(exc, RemoteError) and exc.code is ErrorCode.BUSY:
+                set_aside(self.planner, culprit.peer_id, exc)
+                if is_busy(exc):
+                    busy.add(culprit.peer_id)
                     refused.append(culprit.address)
                 log.info("could not use %s for layers [%d, %d): %s", culprit.address, start, end, exc)
                 for session in opened:
@@ -110,4 +135,4 @@ class SpanBuilder:
             if history:
                 log.info("layers [%d, %d) now served by %s", start, end, describe_chain(chain))
             return opened
-        raise SwarmError(f"could not open a session for layers [{start}, {end}) after {MAX_FAILOVERS_PER_STEP} tries")
+        raise SwarmError(f"could not open a session for layers [{start}, {end}): every candidate peer failed")

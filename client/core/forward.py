@@ -8,8 +8,9 @@ import logging
 
 import torch
 
-from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, worth_failing_over
-from swarm.client.core.links import STEP_TIMEOUT, wire_hidden
+from swarm.client.core.channel import HANDSHAKE_TIMEOUT
+from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, set_aside, worth_failing_over
+from swarm.client.core.links import STEP_TIMEOUT, check_peer, checked_output, wire_hidden
 from swarm.client.core.planner import ChainPlanner
 from swarm.errors import SwarmError
 from swarm.protocol import Codec, Forward, ForwardResult, WireTensor
@@ -26,22 +27,44 @@ async def forward_through(
     attention_mask: torch.Tensor,
 ) -> torch.Tensor:
     """The last layer's hidden states for `hidden`, through a chain planned for this pass alone."""
-    positions = WireTensor.from_torch(position_ids.long())
-    mask = WireTensor.from_torch(attention_mask.bool())
     for _ in range(MAX_FAILOVERS_PER_STEP):
         chain = await planner.plan()
-        current, link = hidden, chain[0]
         try:
-            for link in chain:
-                codec = planner.codec_for(link.peer)
-                current = await _forward_link(link, current, positions, mask, planner.credentials, codec)
-            return current
-        except LINK_FAILURES as exc:
-            if not worth_failing_over(exc):
-                raise
-            planner.ban(link.peer.peer_id)
-            log.info("forward through %s failed (%s); re-planning", link.peer.address, exc)
+            return await forward_chain(planner, chain, hidden, position_ids, attention_mask)
+        except ChainFailure as failure:
+            if not worth_failing_over(failure.error):
+                raise failure.error from None
+            set_aside(planner, failure.link.peer.peer_id, failure.error)
+            log.info("forward through %s failed (%s); re-planning", failure.link.peer.address, failure.error)
     raise SwarmError(f"gave up on a forward pass after {MAX_FAILOVERS_PER_STEP} failed peers")
+
+
+class ChainFailure(Exception):
+    """A stateless pass failed at `link` with `error` (one of `LINK_FAILURES`)."""
+
+    def __init__(self, link: Link, error: Exception) -> None:
+        super().__init__(f"{link.peer.address}: {error}")
+        self.link = link
+        self.error = error
+
+
+async def forward_chain(
+    planner: ChainPlanner,
+    chain: list[Link],
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """`hidden` through every link of `chain` with no session; `ChainFailure` names the link that failed."""
+    positions = WireTensor.from_torch(position_ids.long())
+    mask = WireTensor.from_torch(attention_mask.bool())
+    for link in chain:
+        try:
+            codec = planner.codec_for(link.peer)
+            hidden = await _forward_link(link, hidden, positions, mask, planner.credentials, codec)
+        except LINK_FAILURES as exc:
+            raise ChainFailure(link, exc) from exc
+    return hidden
 
 
 async def _forward_link(
@@ -52,8 +75,10 @@ async def _forward_link(
     credentials: Credentials,
     codec: Codec = "raw",
 ) -> torch.Tensor:
-    connection, _ = await open_connection(link.peer.address, credentials, agent="swarm-client")
+    address = link.peer.address
+    connection, welcome = await open_connection(address, credentials, agent="swarm-client", timeout=HANDSHAKE_TIMEOUT)
     async with connection:
+        check_peer(welcome.node, link.peer, address)
         message = Forward.trusted(
             type="forward",
             start=link.start,
@@ -62,5 +87,5 @@ async def _forward_link(
             position_ids=positions,
             attention_mask=mask,
         )
-        reply = await request(connection, message, ForwardResult, timeout=STEP_TIMEOUT, peer=link.peer.address)
-    return reply.hidden.to_torch()
+        reply = await request(connection, message, ForwardResult, timeout=STEP_TIMEOUT, peer=address)
+    return checked_output(reply.hidden.to_torch(), hidden, address)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from swarm.client.core.failover import LINK_FAILURES
-from swarm.client.core.links import LinkInputs, LinkSession, wire_hidden, wire_mask
+from swarm.client.core.links import LinkInputs, LinkSession, checked_output, wire_hidden, wire_mask
 from swarm.client.core.sessions import ChainSession
-from swarm.errors import RemoteError
+from swarm.errors import ProtocolError, RemoteError
 from swarm.protocol import MAX_SESSIONS_PER_STEP, Step, WireTensor
 
 GROUP_BYTES = 8 * 2**20
@@ -115,6 +115,7 @@ async def _send_group(members: list[_Member]) -> list[Exception | None]:
         return [exc] * len(members)
     output = reply.hidden.to_torch()
     failures: list[Exception | None] = []
+    answered: list[tuple[_Member, torch.Tensor]] = []
     first = 0
     errors = reply.errors if reply.errors is not None else [None] * len(members)
     for member, link, error in zip(members, links, errors, strict=True):
@@ -123,10 +124,23 @@ async def _send_group(members: list[_Member]) -> list[Exception | None]:
         if error is not None:
             failures.append(RemoteError(error.code, error.message, lead.channel.address))
             continue
+        try:
+            own = checked_output(output[rows], member.inputs.hidden, lead.channel.address)
+        except ProtocolError as exc:
+            failures.append(exc)
+            continue
         link.record(member.inputs)
-        member.inputs = member.inputs.following(output[rows])
-        member.index += 1
+        answered.append((member, own))
         failures.append(None)
+    verified = await asyncio.gather(
+        *(member.session.verified(member.index, own) for member, own in answered), return_exceptions=True
+    )
+    for (member, _), outcome in zip(answered, verified, strict=True):
+        if isinstance(outcome, BaseException):  # failing over a liar failed: this session's step ends
+            member.outcome = outcome
+            continue
+        member.inputs = member.inputs.following(outcome)
+        member.index += 1
     return failures
 
 

@@ -13,8 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from swarm.client.core.channel import ChannelPool, PeerChannel
-from swarm.errors import RemoteError
-from swarm.protocol import WIRE_DTYPES, CloseSession, Codec, OpenSession, SessionClosed, SessionOpened, Step, WireTensor
+from swarm.errors import ErrorCode, ProtocolError, RemoteError
+from swarm.protocol import (
+    WIRE_DTYPES,
+    CloseSession,
+    Codec,
+    OpenSession,
+    PeerInfo,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    WireTensor,
+)
 from swarm.routing import Link
 
 log = logging.getLogger("swarm.client")
@@ -78,6 +88,39 @@ class WireInputs:
         )
 
 
+def checked_output(output: torch.Tensor, inputs: torch.Tensor, address: str) -> torch.Tensor:
+    """A link's output, if it can be one: the shape of its input and finite. Anything else is a broken or lying
+    peer, which loses the link (`ProtocolError` fails over and bans it) instead of failing the caller."""
+    if output.shape != inputs.shape:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"{address} answered hidden states of shape {list(output.shape)} for {list(inputs.shape)}",
+        )
+    if not bool(torch.isfinite(output).all()):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{address} answered hidden states that are not finite")
+    return output
+
+
+def check_peer(answered: PeerInfo | None, named: PeerInfo, address: str) -> None:
+    """The node that answered the handshake at `address` must be the peer the registry named there, serving the
+    same checkpoint and layers: otherwise the address was announced by someone else, or the node changed."""
+    if answered is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{address} did not say which node it is")
+    same = (answered.peer_id, answered.model_id, answered.weights, answered.start, answered.end) == (
+        named.peer_id,
+        named.model_id,
+        named.weights,
+        named.start,
+        named.end,
+    )
+    if not same:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"{address} is node {answered.peer_id} serving [{answered.start}, {answered.end}), not the peer "
+            f"{named.peer_id} the registry listed there",
+        )
+
+
 def _own(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size() else tensor
 
@@ -100,6 +143,7 @@ class LinkSession:
         cls, link: Link, max_length: int, batch_size: int, channels: ChannelPool, codec: Codec = "raw"
     ) -> LinkSession:
         channel = await channels.get(link.peer.address)
+        check_peer(channel.node, link.peer, link.peer.address)
         session_id = secrets.token_hex(8)
         message = OpenSession(
             session_id=session_id, start=link.start, end=link.end, max_length=max_length, batch_size=batch_size
@@ -122,8 +166,9 @@ class LinkSession:
         reply = await self.channel.step(message)
         if reply.errors is not None and reply.errors[0] is not None:
             raise RemoteError(reply.errors[0].code, reply.errors[0].message, self.channel.address)
+        output = checked_output(reply.hidden.to_torch(), inputs.hidden, self.channel.address)
         self.record(inputs)
-        return reply.hidden.to_torch()
+        return output
 
     def record(self, inputs: LinkInputs) -> None:
         """Keep a step this link has taken, to replay it onto a replacement after a failover."""

@@ -4,6 +4,7 @@ network calls without owning an event loop itself."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -24,6 +25,10 @@ class EventLoopThread:
         if threading.current_thread() is self._thread:
             raise RuntimeError("EventLoopThread.run called from its own loop; await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `coroutine` on the loop; its result arrives in the returned future (this call does not wait)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def close(self) -> None:
         if self.loop.is_running():

@@ -30,7 +30,9 @@ from swarm.client.core.remote_cache import RemoteSessionCache
 from swarm.client.core.sessions import ChainSession
 from swarm.client.core.settings import ClientSettings
 from swarm.client.core.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
+from swarm.client.core.verify import Verifier
 from swarm.errors import SwarmError
+from swarm.identity import CheckpointDigests
 from swarm.models import ModelArchitecture
 from swarm.models.local import LocalModules
 from swarm.protocol import CODECS, Codec
@@ -73,6 +75,8 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         self.planner = planner
         self.runner = EventLoopThread()
         self.channels = ChannelPool(planner.credentials, STEP_TIMEOUT)
+        self.verifier = Verifier(planner)
+        """Checks sampled steps on other peers; `verifier.checks` and `verifier.caught` count what it did."""
         self.generate_calls = threading.local()
 
     @classmethod
@@ -87,6 +91,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         dtype: torch.dtype = torch.float32,
         failover_wait: float = DEFAULT_FAILOVER_WAIT,
         compression: str | None = None,
+        verify_rate: float | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the local modules of checkpoint `model` and route its layers through `registry`.
 
@@ -94,9 +99,17 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         `SWARM_REGISTRY`, `SWARM_TOKEN` and `SWARM_TLS_CA`, as for `swarm-client`;
         `failover_wait` is how long to wait for a lost span to be served again; `compression="int8-block"`
         sends hidden states as 8-bit blocks (~1/4 of float32's bytes, slightly inexact) to peers that
-        advertise it."""
+        advertise it; `verify_rate` is the fraction of steps other peers compute again to catch a lying peer
+        (default `SWARM_CLIENT_VERIFY_RATE` or 0.03; 0 turns verification off). Peers serving weights other
+        than this checkpoint's are never used."""
         settings = ClientSettings.from_flags(
-            {"registry": registry, "token": token, "tls_ca": tls_ca, "compression": compression}
+            {
+                "registry": registry,
+                "token": token,
+                "tls_ca": tls_ca,
+                "compression": compression,
+                "verify_rate": verify_rate,
+            }
         )
         codec = parse_compression(settings.compression)
         config = AutoConfig.from_pretrained(checkpoint_dir(model), local_files_only=True)
@@ -109,6 +122,8 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
             settings.credentials(),
             failover_wait,
             codec,
+            verify_rate=settings.verify_rate,
+            digests=CheckpointDigests(model, architecture),
         )
         instance = cls(config, architecture, local, planner)
         generation_file = checkpoint_dir(model) / "generation_config.json"
@@ -183,6 +198,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
                 attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
+            self.check_positions(position_ids)
             hidden = self.first_hidden(inputs_embeds, position_ids)
             if isinstance(past_key_values, RemoteSessionCache):
                 hidden = self.runner.run(
@@ -200,6 +216,16 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return causal_lm_output(logits, loss, past_key_values)
+
+    def check_positions(self, position_ids: torch.Tensor) -> None:
+        """Positions past the model's own (rotary or learned) are refused here, with the numbers, rather than by
+        every node; ALiBi models have no such limit."""
+        spec = self.architecture.spec
+        if not spec.alibi and position_ids.numel() and int(position_ids.max()) >= spec.max_positions:
+            raise ValueError(
+                f"the sequence reaches position {int(position_ids.max())}, but {self.planner.model_name} has "
+                f"{spec.max_positions} positions: shorten the prompt or ask for fewer new tokens"
+            )
 
     def first_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """What enters the first remote layer: token embeddings plus whatever the family adds locally."""
@@ -220,7 +246,9 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
             raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
         if cache.session is None:
             max_length = cache.max_length or self.config.max_position_embeddings
-            cache.session = await ChainSession.open(self.planner, self.channels, max_length, hidden.shape[0])
+            cache.session = await ChainSession.open(
+                self.planner, self.channels, max_length, hidden.shape[0], self.verifier
+            )
         out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
         cache.seen_tokens += hidden.shape[1]
         return out

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
-from swarm.errors import MissingLayersError, RegistryUnavailableError
+from swarm.client.core.addresses import AddressPolicy
+from swarm.errors import CheckpointError, MissingLayersError, RegistryUnavailableError
+from swarm.identity import CheckpointDigests
 from swarm.protocol import Codec, PeerInfo
-from swarm.registry.client import fetch_peers
+from swarm.registry.client import fetch_peers, report_peer
 from swarm.routing import Link, missing_ranges, plan_route
 from swarm.transport import Credentials
 
@@ -18,6 +21,11 @@ log = logging.getLogger("swarm.client")
 BAN_SECONDS = 15.0
 """First ban of a failed peer; each further failure within the ban doubles it (up to 10 minutes)."""
 MAX_BAN_SECONDS = 600.0
+LIAR_BAN_SECONDS = 24 * 3600.0
+"""A peer caught answering wrongly is not asked again by this client."""
+BUSY_COOLDOWN_SECONDS = 3.0
+"""A peer that answered `busy` (full, draining) is left out of new chains this long; it is not banned: it did
+nothing wrong, and a ban that grows would keep an honest node away long after it has room again."""
 DEFAULT_FAILOVER_WAIT = 60.0
 
 
@@ -32,8 +40,22 @@ class ChainPlanner:
     failover_wait: float = DEFAULT_FAILOVER_WAIT
     compression: Codec = "raw"
     """Codec for hidden states sent to peers that advertise it; the others get `raw`."""
+    verify_rate: float = 0.0
+    """Fraction of link steps computed again by other peers (`swarm.client.core.verify`); 0 checks none, not even a
+    new peer's first step."""
+    digests: CheckpointDigests | None = None
+    """The client's own checkpoint, to refuse peers serving other weights; None trusts what peers announce."""
+    proven: set[str] = field(default_factory=set)
+    """Peers that have answered this client's steps (and passed verification when it was asked for)."""
     _bans: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer_id -> (until, duration)
+    _cooling: dict[str, float] = field(default_factory=dict)  # peer_id -> until (answered busy)
+    _refused: set[str] = field(default_factory=set)  # peers whose identity was refused (logged once)
     _fetching: asyncio.Task[list[PeerInfo]] | None = None
+    _view: tuple[float, list[PeerInfo]] = (-math.inf, [])  # the last answer, and when it came
+    addresses: AddressPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.addresses = AddressPolicy.for_registries(self.registries)
 
     def codec_for(self, peer: PeerInfo) -> Codec:
         return self.compression if self.compression in peer.codecs else "raw"
@@ -42,21 +64,51 @@ class ChainPlanner:
         """Keep a failed peer out of new chains for a while, longer each time it fails again."""
         now = time.monotonic() if now is None else now
         until, duration = self._bans.get(peer_id, (0.0, 0.0))
+        if duration >= LIAR_BAN_SECONDS and until > now:  # caught lying: the long ban stands
+            return until - now
         duration = min(duration * 2, MAX_BAN_SECONDS) if until > now - duration else BAN_SECONDS
         self._bans[peer_id] = (now + duration, duration)
         return duration
 
-    def banned(self, now: float | None = None) -> frozenset[str]:
-        now = time.monotonic() if now is None else now
-        return frozenset(peer_id for peer_id, (until, _) in self._bans.items() if until > now)
+    def ban_liar(self, peer: PeerInfo, reason: str) -> None:
+        """A peer whose outputs two others contradicted: never used again by this client, and reported."""
+        self._bans[peer.peer_id] = (time.monotonic() + LIAR_BAN_SECONDS, LIAR_BAN_SECONDS)
+        self.proven.discard(peer.peer_id)
+        log.warning("peer %s at %s answered wrongly (%s); banned and reported", peer.peer_id, peer.address, reason)
+        task = asyncio.ensure_future(report_peer(self.registries, peer.peer_id, reason, self.credentials))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    async def plan(self, start: int = 0, end: int | None = None, cache_tokens_needed: int = 0) -> list[Link]:
-        """The best chain over layers [start, end) now, or `MissingLayersError` naming the gaps."""
+    def cool_down(self, peer_id: str, now: float | None = None) -> None:
+        """Leave a peer that answered `busy` out of new chains for a moment, without banning it."""
+        self._cooling[peer_id] = (time.monotonic() if now is None else now) + BUSY_COOLDOWN_SECONDS
+
+    def banned(self, now: float | None = None) -> frozenset[str]:
+        """Peers left out of new chains now: banned ones and those cooling down after `busy`."""
+        now = time.monotonic() if now is None else now
+        bans = {peer_id for peer_id, (until, _) in self._bans.items() if until > now}
+        return frozenset(bans | {peer_id for peer_id, until in self._cooling.items() if until > now})
+
+    async def plan(
+        self,
+        start: int = 0,
+        end: int | None = None,
+        cache_tokens_needed: int = 0,
+        avoid: frozenset[str] = frozenset(),
+        max_age: float = 0.0,
+    ) -> list[Link]:
+        """The best chain over layers [start, end) now (without the peers in `avoid`), or `MissingLayersError`
+        naming the gaps. `max_age`: a view of the swarm this many seconds old will do (a registry query saved)."""
         end = self.num_layers if end is None else end
-        peers = [p for p in await self._current_peers() if p.num_layers == self.num_layers]
-        banned = self.banned()
+        peers = await self.usable_peers(max_age)
+        banned = self.banned() | avoid
         chain = plan_route(
-            peers, self.num_layers, start=start, end=end, banned=banned, cache_tokens_needed=cache_tokens_needed
+            peers,
+            self.num_layers,
+            start=start,
+            end=end,
+            banned=banned,
+            cache_tokens_needed=cache_tokens_needed,
+            proven=frozenset(self.proven),
         )
         if chain is None:
             usable = [peer for peer in peers if peer.peer_id not in banned]
@@ -69,27 +121,78 @@ class ChainPlanner:
         log.debug("chain for %s: %s", self.model_name, describe_chain(chain))
         return chain
 
-    async def _current_peers(self) -> list[PeerInfo]:
+    async def usable_peers(self, max_age: float = 0.0) -> list[PeerInfo]:
+        """The registries' view of the model, without peers this client must not use: another layer count, an
+        address it may not reach from here, or weights that are not its checkpoint's."""
+        peers = [
+            peer
+            for peer in await self._current_peers(max_age)
+            if peer.num_layers == self.num_layers and self.addresses.allows(peer.address)
+        ]
+        if self.digests is None:
+            return peers
+        kept = []
+        for peer in peers:
+            if await self._same_weights(peer):
+                kept.append(peer)
+            elif peer.peer_id not in self._refused:
+                self._refused.add(peer.peer_id)
+                log.warning(
+                    "peer %s at %s serves other weights than %s under its name (model_id %s, weights %s); not used",
+                    peer.peer_id,
+                    peer.address,
+                    self.digests.root,
+                    peer.model_id,
+                    peer.weights,
+                )
+        return kept
+
+    async def _same_weights(self, peer: PeerInfo) -> bool:
+        digests = self.digests
+        assert digests is not None
+        if peer.model_id != digests.model_id or peer.weights is None:
+            return False
+        expected = digests.known(peer.start, peer.end)
+        if expected is None:
+            try:
+                expected = await asyncio.to_thread(digests.span, peer.start, peer.end)
+            except CheckpointError as exc:  # the client lacks those layers' files: it cannot check them
+                if peer.peer_id not in self._refused:
+                    self._refused.add(peer.peer_id)
+                    log.warning("cannot check the weights of %s: %s", peer.address, exc)
+                return True
+        return peer.weights == expected
+
+    async def _current_peers(self, max_age: float = 0.0) -> list[PeerInfo]:
         """The registries' view of the model. Concurrent callers (a burst of new sessions, a gateway's requests
-        arriving together) share one query: asked one by one, each would cost a connection to a registry."""
+        arriving together) share one query: asked one by one, each would cost a connection to a registry. With
+        `max_age`, the last view does if it is that recent."""
+        fetched_at, peers = self._view
+        if max_age > 0 and time.monotonic() - fetched_at <= max_age:
+            return peers
         if self._fetching is None or self._fetching.get_loop() is not asyncio.get_running_loop():
-            self._fetching = asyncio.ensure_future(fetch_peers(self.registries, self.model_name, self.credentials))
+            model_id = self.digests.model_id if self.digests is not None else None
+            self._fetching = asyncio.ensure_future(
+                fetch_peers(self.registries, self.model_name, self.credentials, model_id)
+            )
             self._fetching.add_done_callback(self._fetched)
         return await asyncio.shield(self._fetching)
 
     def _fetched(self, task: asyncio.Task[list[PeerInfo]]) -> None:
         if self._fetching is task:
             self._fetching = None
-        if not task.cancelled():
-            task.exception()  # every waiter may have been cancelled; none of them must log it as unretrieved
+        if not task.cancelled() and task.exception() is None:  # retrieved: every waiter may have been cancelled
+            self._view = (time.monotonic(), task.result())
 
-    async def wait_for_chain(self, start: int, end: int, cache_tokens_needed: int = 0) -> list[Link]:
+    async def wait_for_chain(
+        self, start: int, end: int, cache_tokens_needed: int = 0, avoid: frozenset[str] = frozenset()
+    ) -> list[Link]:
         """Like `plan`, but waits up to `failover_wait` seconds for peers to (re)appear."""
         deadline = time.monotonic() + self.failover_wait
         announced = False
         while True:
             try:
-                return await self.plan(start, end, cache_tokens_needed)
+                return await self.plan(start, end, cache_tokens_needed, avoid)
             except (MissingLayersError, RegistryUnavailableError) as exc:
                 if time.monotonic() >= deadline:
                     raise

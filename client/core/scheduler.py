@@ -5,7 +5,9 @@ A server (the gateway, `swarm-client batch`) answers many requests at once. Run 
 each job keeps its own swarm session (its own caches on the peers, its own failover), but the jobs share
 ticks: each tick embeds every job's new tokens in one call, sends every job's step at the same moment (so a
 node runs them as one batched forward), and applies the LM head to every job's last hidden state in one call.
-Jobs join and leave between ticks.
+Jobs join and leave between ticks. A new job's first step (opening its sessions, then its prompt) runs in the
+background and joins a tick once it is done: a slow or failing peer on one new job's way never holds up the
+jobs already decoding.
 
 Decoding is `generate()`'s greedy loop: the job's logits processors, then argmax, finished rows padded, the
 job's stopping criteria after each token. Sampling is a processor (`swarm.client.serve.sampling.SeededSampler`), so the
@@ -15,6 +17,7 @@ same loop serves it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -45,6 +48,10 @@ class DecodeJob:
     pad_id: int
     result: Future[torch.Tensor] = field(default_factory=Future)
     session: ChainSession | None = None
+    prefill: Future[torch.Tensor] | None = None
+    """The first step (sessions opened, prompt sent), running in the background until a tick takes its output."""
+    decoding: bool = False
+    """The prompt's output was taken: every further step is one new token."""
     generated: int = 0
     unfinished: torch.Tensor = field(init=False)
     last_positions: torch.Tensor = field(init=False)
@@ -59,12 +66,13 @@ class DecodeJob:
 
     @property
     def prefilled(self) -> bool:
-        return self.session is not None
+        """The first step is done (or failed) and waits for a tick to take its output."""
+        return not self.decoding and self.prefill is not None and self.prefill.done()
 
     def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids the swarm has not seen yet, their positions, and their part of the attention mask. Positions
         come from the prompt's mask once; every new token is real, one position past its row's last."""
-        if not self.prefilled:
+        if not self.decoding:
             positions = position_ids_from_mask(self.attention_mask)
             self.last_positions = positions[:, -1]
             return self.input_ids, positions, self.attention_mask
@@ -124,6 +132,9 @@ class DecodeScheduler:
             raise ValueError(
                 f"input_ids must be a non-empty [batch, tokens] tensor of ids in the vocabulary [0, {vocab})"
             )
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        last = int(mask.sum(dim=1).max()) + max(max_new_tokens, 1) - 2  # the position of the last token sent
+        self.model.check_positions(torch.tensor([[last]]))
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         job = DecodeJob(
@@ -152,6 +163,9 @@ class DecodeScheduler:
 
     def _end(self, endings: list[tuple[DecodeJob, torch.Tensor | BaseException]]) -> None:
         """Close the jobs' swarm sessions, then hand each caller its output or its error."""
+        for job, _ in endings:
+            if job.prefill is not None:
+                job.prefill.cancel()  # a first step still running (the lane failed): its session is closed below
         try:
             self.model.runner.run(self._close_all([job for job, _ in endings]))
         finally:
@@ -164,17 +178,33 @@ class DecodeScheduler:
                     job.result.set_result(outcome)
 
     def _tick(self, jobs: list[DecodeJob]) -> list[DecodeJob]:
-        """Advance every job by one token; returns the jobs still running (those decoding first)."""
-        decoding = [job for job in jobs if job.prefilled]
-        prefilling = [job for job in jobs if not job.prefilled]
-        jobs = decoding + prefilling
+        """Advance every decoding job by one token, and take the first token of every job whose first step has
+        finished; returns the jobs still running."""
+        with torch.inference_mode():
+            for job in jobs:
+                if job.prefill is None:
+                    job.prefill = self.model.runner.submit(self._prefill(job, *self._inputs([job])))
+        decoding = [job for job in jobs if job.decoding]
+        if not decoding and not any(job.prefilled for job in jobs):  # nothing to do until a first step is done
+            concurrent.futures.wait(
+                [job.prefill for job in jobs if job.prefill], return_when=concurrent.futures.FIRST_COMPLETED
+            )
+        prefilled = [job for job in jobs if job.prefilled]
+        stepping = decoding + prefilled
         failed: dict[int, BaseException] = {}
         with torch.inference_mode():
-            together = self._inputs(decoding) if decoding else None
-            alone = [self._inputs([job]) for job in prefilling]
-            outcomes = self.model.runner.run(self._step_all(decoding, together, prefilling, alone))
+            outcomes: list[torch.Tensor | BaseException] = []
+            if decoding:
+                together = self._inputs(decoding)
+                sessions = [job.session for job in decoding if job.session is not None]
+                outcomes = self.model.runner.run(self._step_together(sessions, together, len(decoding)))
+            for job in prefilled:
+                assert job.prefill is not None
+                error = job.prefill.exception()
+                outcomes.append(error if error is not None else job.prefill.result())
+                job.decoding = True
             stepped = []
-            for index, (job, out) in enumerate(zip(jobs, outcomes, strict=True)):
+            for index, (job, out) in enumerate(zip(stepping, outcomes, strict=True)):
                 if isinstance(out, BaseException):
                     failed[index] = out
                 else:
@@ -188,10 +218,11 @@ class DecodeScheduler:
                     except Exception as exc:  # a processor or stopping criterion failed: only its job ends
                         failed[index] = exc
                     row += job.rows
-        ending = [index for index, job in enumerate(jobs) if index in failed or job.done]
+        ending = [index for index, job in enumerate(stepping) if index in failed or job.done]
         if ending:
-            self._end([(jobs[index], failed.get(index, jobs[index].input_ids)) for index in ending])
-        return [job for index, job in enumerate(jobs) if index not in ending]
+            self._end([(stepping[index], failed.get(index, stepping[index].input_ids)) for index in ending])
+        ended = {id(stepping[index]) for index in ending}
+        return [job for job in jobs if id(job) not in ended]
 
     def _inputs(self, jobs: list[DecodeJob]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The jobs' new tokens as hidden states entering the first layer, with their positions and mask, their
@@ -200,32 +231,24 @@ class DecodeScheduler:
         ids, positions, masks = (torch.cat([job_inputs[part] for job_inputs in inputs]) for part in range(3))
         return self.model.first_hidden(self.model.local.embed(ids), positions), positions, masks
 
-    async def _step_all(
-        self,
-        decoding: list[DecodeJob],
-        together: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-        prefilling: list[DecodeJob],
-        alone: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    @staticmethod
+    async def _step_together(
+        sessions: list[ChainSession], together: tuple[torch.Tensor, torch.Tensor, torch.Tensor], jobs: int
     ) -> list[torch.Tensor | BaseException]:
-        """Every job's step, decoding jobs first: their decode steps together (see `grouped_steps`), and each new
-        job's prompt on its own, all at the same time."""
-        sessions = [job.session for job in decoding if job.session is not None]
-        steps = [step_together(sessions, *together)] if together is not None else []
-        steps += [self._prefill(job, *inputs) for job, inputs in zip(prefilling, alone, strict=True)]
-        outcomes = await asyncio.gather(*steps, return_exceptions=True)
-        if together is None:
-            return outcomes
-        stepped, *prefilled = outcomes
-        if isinstance(stepped, BaseException):  # a bug in the group's own code: every decoding job fails with it
-            stepped = [stepped] * len(decoding)
-        return [*stepped, *prefilled]
+        """The decoding jobs' steps, together (see `grouped_steps`)."""
+        try:
+            return await step_together(sessions, *together)
+        except Exception as exc:  # a bug in the group's own code: every decoding job fails with it
+            return [exc] * jobs
 
     async def _prefill(
         self, job: DecodeJob, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """A new job's first step: open its session through the swarm and send it the prompt."""
         max_length = job.input_ids.shape[1] + job.max_new_tokens
-        job.session = await ChainSession.open(self.model.planner, self.model.channels, max_length, job.rows)
+        job.session = await ChainSession.open(
+            self.model.planner, self.model.channels, max_length, job.rows, self.model.verifier
+        )
         return await job.session.step(hidden, positions, mask)
 
     @staticmethod

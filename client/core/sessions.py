@@ -8,22 +8,38 @@ from swarm.client.core.channel import ChannelPool
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, SpanBuilder, worth_failing_over
 from swarm.client.core.links import LinkInputs, LinkSession
 from swarm.client.core.planner import ChainPlanner
-from swarm.errors import SwarmError
+from swarm.client.core.verify import Verifier
+from swarm.errors import PeerLiedError, SwarmError
 
 
 class ChainSession:
     """A session over a whole chain of links that survives the loss of any of them (see `failover.py`)."""
 
-    def __init__(self, planner: ChainPlanner, channels: ChannelPool, max_length: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        planner: ChainPlanner,
+        channels: ChannelPool,
+        max_length: int,
+        batch_size: int,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.planner = planner
         self.max_length = max_length
         self.batch_size = batch_size
         self.spans = SpanBuilder(planner, channels, max_length, batch_size)
+        self.verifier = verifier or Verifier(planner)
         self.links: list[LinkSession] = []
 
     @classmethod
-    async def open(cls, planner: ChainPlanner, channels: ChannelPool, max_length: int, batch_size: int) -> ChainSession:
-        session = cls(planner, channels, max_length, batch_size)
+    async def open(
+        cls,
+        planner: ChainPlanner,
+        channels: ChannelPool,
+        max_length: int,
+        batch_size: int,
+        verifier: Verifier | None = None,
+    ) -> ChainSession:
+        session = cls(planner, channels, max_length, batch_size, verifier)
         try:
             session.links = await session.spans.open(0, planner.num_layers, history=[], wait=False)
         except BaseException:
@@ -56,13 +72,28 @@ class ChainSession:
                     raise failure
                 await self.spans.replace(self.links, index, failure)
             try:
-                return await self.links[index].step(inputs)
+                output = await self.links[index].step(inputs)
             except LINK_FAILURES as exc:
                 failure = exc
+                continue
+            return await self.verified(index, output)
         raise SwarmError(
             f"gave up on layers [{self.links[index].link.start}, {self.links[index].link.end}) "
             f"after {MAX_FAILOVERS_PER_STEP} failovers in one step"
         )
+
+    async def verified(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """Link `index`'s answer to the step it just took, checked by other peers when the verifier samples it
+        (`verify.py`). A link caught lying fails over (its history, this step included, replayed elsewhere) and
+        the honest answer is returned."""
+        link = self.links[index]
+        if not self.verifier.wants(link):
+            self.planner.proven.add(link.link.peer.peer_id)
+            return output
+        verdict = await self.verifier.check(link, output)
+        if verdict.liar:
+            await self.spans.replace(self.links, index, PeerLiedError(link.link.peer.address))
+        return verdict.output
 
     async def close(self) -> None:
         for link in self.links:

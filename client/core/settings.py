@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from swarm.settings import DEFAULT_REGISTRY, Registries, SwarmSettings, shared
@@ -23,6 +24,7 @@ class ClientSettings(SwarmSettings):
     models_dir: str | None = shared("SWARM_MODELS_DIR")
     model_name: str | None = None
     compression: str = "none"
+    verify_rate: float = Field(0.03, ge=0, le=1)
     log_level: str = shared("SWARM_LOG_LEVEL", "WARNING")
 
     def credentials(self) -> Credentials:

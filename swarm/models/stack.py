@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from swarm.checkpoint import CheckpointIndex
+from swarm.identity import LayerDigest
 from swarm.models import ModelArchitecture
 from swarm.models.block import Attention, DecoderLayer, StepContext
 from swarm.models.rotary import RotaryTable
@@ -23,6 +24,8 @@ class LayerStack(nn.Module):
         self.start = start
         self.end = start + len(layers)
         self.layers = nn.ModuleList(layers)
+        self.layer_digests: list[bytes] = []
+        """Each layer's tensors as read from the checkpoint (`swarm.identity`), when loaded from one."""
         self._layer_list = layers  # slicing a ModuleList builds a module on every step; a list slice does not
         rotary = self.spec.rotary
         weight = next(self.parameters())
@@ -40,12 +43,22 @@ class LayerStack(nn.Module):
         dtype: torch.dtype,
         on_tensor: Callable[[str, torch.Tensor], None] | None = None,
     ) -> LayerStack:
-        """Read exactly the tensors of layers [start, end), one layer at a time."""
-        layers = []
+        """Read exactly the tensors of layers [start, end), one layer at a time, hashing them as they are read."""
+        layers, digests = [], []
         for i in range(start, end):
-            weights = load_weights(index, layer_sources(architecture, i), device, dtype, on_tensor)
+            digest = LayerDigest()
+
+            def seen(name: str, tensor: torch.Tensor, digest: LayerDigest = digest) -> None:
+                digest.add(name, tensor)
+                if on_tensor is not None:
+                    on_tensor(name, tensor)
+
+            weights = load_weights(index, layer_sources(architecture, i), device, dtype, seen)
             layers.append(DecoderLayer(architecture.spec, i, weights).eval())
-        return cls(architecture, start, layers)
+            digests.append(digest.digest())
+        stack = cls(architecture, start, layers)
+        stack.layer_digests = digests
+        return stack
 
     def forward(
         self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention, start: int, end: int

@@ -85,3 +85,10 @@ def test_least_covered_span_prefers_gaps_then_lowest_index() -> None:
 def test_describe_models_reports_usability() -> None:
     [model] = describe_models([peer("a", 0, 4)])
     assert model["usable"] is False and model["missing"] == [[4, 8]] and model["coverage"][:5] == [1, 1, 1, 1, 0]
+
+
+def test_peers_this_client_has_not_seen_answer_pay_a_penalty() -> None:
+    stranger, proven = peer("stranger", 0, 8), peer("proven", 0, 8)
+    assert [link.peer.peer_id for link in plan_route([stranger, proven], 8, proven=frozenset({"proven"}))] == ["proven"]
+    halves = [peer("a", 0, 4), peer("b", 4, 8)]
+    assert len(plan_route([stranger, *halves], 8, proven=frozenset({"a", "b"}))) == 2  # two known hops win

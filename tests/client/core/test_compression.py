@@ -23,6 +23,7 @@ from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.loop import EventLoopThread
 from swarm.client.core.model import parse_compression
 from swarm.client.core.planner import ChainPlanner
+from swarm.identity import model_id
 from swarm.node.server import NodeIdentity, NodeServer
 from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
@@ -57,9 +58,11 @@ def swarm(tiny_llama: Path) -> Iterator[InProcessSwarm]:
     registry = Registry()
     nodes = []
     for start, end in ((0, 4), (4, 8)):
-        identity = NodeIdentity(f"node-{start}", "tiny-llama", 8, start, end, torch.float32, HIDDEN)
+        identity = NodeIdentity(
+            f"node-{start}", "tiny-llama", 8, start, end, torch.float32, HIDDEN, model_id=model_id(tiny_llama)
+        )
         node = NodeServer(NodeSettings(registry=["ws://127.0.0.1:9"]), identity)
-        node.span = LoadedSpan.load(tiny_llama, start, end, torch.device("cpu"), torch.float32, show_progress=False)
+        node.take_span(LoadedSpan.load(tiny_llama, start, end, torch.device("cpu"), torch.float32, show_progress=False))
         node.state, node.throughput = "online", 1000.0
         nodes.append(node)
 
@@ -135,8 +138,8 @@ def test_nodes_that_do_not_advertise_the_codec_get_raw_tensors(
 ) -> None:
     registry = swarm.registry
     for node in swarm.nodes:  # the same nodes, listed as an older version would announce them
-        info = node.peer_info().model_copy(update={"model": "tiny-old", "peer_id": f"old-{node.identity.start}"})
-        registry.state.announce(info.model_copy(update={"codecs": ["raw"]}), 3600.0, time.monotonic())
+        info = node.peer_info().model_copy(update={"model": "tiny-old", "codecs": ["raw"]})
+        registry.state.announce(info, 3600.0, time.monotonic())
     model = DistributedModelForCausalLM.from_pretrained(
         tiny_llama, swarm.registry_url, model_name="tiny-old", compression="int8-block"
     )
@@ -145,6 +148,8 @@ def test_nodes_that_do_not_advertise_the_codec_get_raw_tensors(
             torch.testing.assert_close(model(PROMPT).logits, local_llama(PROMPT).logits, atol=1e-4, rtol=0)
     finally:
         model.close()
+        for node in swarm.nodes:
+            registry.state.announce(node.peer_info(), 3600.0, time.monotonic())
 
 
 def test_planner_compresses_only_for_peers_that_advertise_the_codec() -> None:

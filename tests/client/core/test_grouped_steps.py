@@ -12,6 +12,7 @@ import torch
 from swarm.client.core import grouped_steps as group
 from swarm.client.core.grouped_steps import step_together
 from swarm.client.core.links import LinkSession
+from swarm.client.core.planner import ChainPlanner
 from swarm.client.core.sessions import ChainSession
 from swarm.errors import RemoteError
 from swarm.protocol import Error, Step, StepResult, WireTensor
@@ -55,7 +56,8 @@ class FakeChannel:
 
 
 def chain(name: str, channels: list[FakeChannel], rows: int = 1) -> ChainSession:
-    session = ChainSession(planner=None, channels=None, max_length=16, batch_size=rows)  # type: ignore[arg-type]
+    planner = ChainPlanner(["ws://127.0.0.1:9"], "m", 8)  # verify_rate 0: no step is checked on other peers
+    session = ChainSession(planner=planner, channels=None, max_length=16, batch_size=rows)  # type: ignore[arg-type]
     session.links = [
         LinkSession(Link(peer(channel.address, 0, 8), 2 * i, 2 * i + 2), channel, f"{name}-{i}")  # type: ignore[arg-type]
         for i, channel in enumerate(channels)

@@ -16,13 +16,13 @@ from tests.swarm.test_routing import peer
 def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monkeypatch: pytest.MonkeyPatch) -> None:
     queries: list[str | None] = []
 
-    async def fetch(registries: list[str], model: str | None, credentials: object) -> list[PeerInfo]:
+    async def fetch(registries: list[str], model: str | None, credentials: object, model_id: object) -> list[PeerInfo]:
         queries.append(model)
         await asyncio.sleep(0.05)
         return [peer("a", 0, 4), peer("b", 4, 8)]
 
     monkeypatch.setattr(chain, "fetch_peers", fetch)
-    planner = ChainPlanner(["ws://registry"], "m", 8)
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
 
     async def scenario() -> list[list[str]]:
         burst = await asyncio.gather(*(planner.plan() for _ in range(16)))
@@ -35,14 +35,44 @@ def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monk
 
 
 def test_a_failed_query_fails_every_plan_waiting_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def fetch(registries: list[str], model: str | None, credentials: object) -> list[PeerInfo]:
+    async def fetch(registries: list[str], model: str | None, credentials: object, model_id: object) -> list[PeerInfo]:
         await asyncio.sleep(0.01)
         raise RegistryUnavailableError("no registry answered")
 
     monkeypatch.setattr(chain, "fetch_peers", fetch)
-    planner = ChainPlanner(["ws://registry"], "m", 8)
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
 
     async def scenario() -> list[object]:
         return await asyncio.gather(*(planner.plan() for _ in range(3)), return_exceptions=True)
 
     assert all(isinstance(outcome, RegistryUnavailableError) for outcome in asyncio.run(scenario()))
+
+
+def test_a_busy_peer_cools_down_briefly_and_a_failed_one_is_banned_longer_each_time() -> None:
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
+    planner.cool_down("full", now=100.0)
+    assert "full" in planner.banned(now=101.0) and "full" not in planner.banned(now=104.0)
+    planner.cool_down("full", now=104.0)  # busy again: still a short pause, never a growing ban
+    assert "full" not in planner.banned(now=108.0)
+    assert planner.ban("broken", now=0.0) == chain.BAN_SECONDS
+    assert planner.ban("broken", now=1.0) == 2 * chain.BAN_SECONDS
+
+
+def test_a_liar_stays_banned_whatever_fails_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    reports: list[str] = []
+
+    async def report(registries: list[str], peer_id: str, reason: str, credentials: object) -> None:
+        reports.append(peer_id)
+
+    monkeypatch.setattr(chain, "report_peer", report)
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
+
+    async def scenario() -> None:
+        planner.proven.add("liar")
+        planner.ban_liar(peer("liar", 0, 8), "off by 0.3")
+        await asyncio.sleep(0)
+        planner.ban("liar")  # its link then fails over like any failed link
+
+    asyncio.run(scenario())
+    assert reports == ["liar"] and "liar" not in planner.proven
+    assert planner.ban("liar") > chain.MAX_BAN_SECONDS
