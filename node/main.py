@@ -61,6 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-size", type=int, help="largest batch a session may use (default 64)")
     add("--max-length", type=int, help="longest sequence a session may hold (default 8192)")
     add("--max-message-bytes", type=int, help="largest frame accepted; larger ones get too_large (default 64 MiB)")
+    add(
+        "--max-forward-tokens",
+        type=int,
+        help="most tokens (batch x length) one stateless forward may carry (default 8192)",
+    )
+    add(
+        "--max-sessions-per-client",
+        type=int,
+        help="sessions one client may hold: one connection, and all connections from one IP address (an IPv6 /64) "
+        "together; loopback connections count alone (default: half of --max-sessions)",
+    )
+    add(
+        "--max-cache-share-per-client",
+        type=float,
+        metavar="SHARE",
+        help="share of --cache-tokens one client may reserve; its first session may exceed it (default 0.5)",
+    )
+    add(
+        "--max-steps-per-second-per-client",
+        type=float,
+        metavar="N",
+        help="step and forward frames one client may send a second, after a burst of one second's worth; "
+        "more get busy (default 0: no limit)",
+    )
+    add("--hello-timeout", type=float, help="seconds a new connection has to say hello before it is closed (default 5)")
+    add(
+        "--first-step-timeout",
+        type=float,
+        help="seconds a session may wait for its first step before it is freed (default 30)",
+    )
     add("--token", help="shared secret of a private swarm (env SWARM_TOKEN)")
     add("--tls-cert", help="serve wss:// with this certificate (PEM); needs --tls-key")
     add("--tls-key", help="private key (PEM) of --tls-cert")

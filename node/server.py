@@ -2,7 +2,12 @@
 
 Each frame is answered in a task of its own, so a client may have several steps in flight on one connection
 (replies carry their `step_id`); the steps themselves go through `swarm.node.steps`, which runs them in rounds on the
-event loop. A session belongs to the connection that opened it and ends with it.
+event loop, and so do stateless forwards (`swarm.node.forwards`). A session belongs to the connection that opened it
+and ends with it.
+
+Nothing but a small hello is read from a connection before its hello is accepted (`receive_hello`), and each client
+holds at most its share of the node (`swarm.node.admission`, `swarm.node.sessions`). Peer-provided strings (session
+ids, refusals that quote them) are logged with %r, so they cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -19,20 +24,22 @@ from websockets.asyncio.server import ServerConnection
 import swarm
 from swarm.errors import ErrorCode, ProtocolError
 from swarm.http import PROMETHEUS_CONTENT_TYPE, Route
+from swarm.identity import span_digest
+from swarm.node.admission import StepRate, client_address, client_keys
+from swarm.node.forwards import ForwardService
 from swarm.node.kv_cache import capacity_for
 from swarm.node.metrics import NodeMetrics
-from swarm.node.sessions import SessionTable
+from swarm.node.sessions import ClientShare, SessionTable
 from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler, StepService
-from swarm.node.validation import check_layer_range, decode_hidden, decode_mask, decode_positions
+from swarm.node.validation import check_layer_range
 from swarm.protocol import (
     CODECS,
     DTYPE_NAMES,
     CloseSession,
     Error,
     Forward,
-    ForwardResult,
     Message,
     NodeLimits,
     OpenSession,
@@ -42,10 +49,9 @@ from swarm.protocol import (
     SessionOpened,
     Step,
     Welcome,
-    WireTensor,
     decode_message,
 )
-from swarm.transport import check_hello, error_frame, send
+from swarm.transport import error_frame, limit_frames, receive_hello, send
 
 log = logging.getLogger("swarm.node")
 
@@ -67,6 +73,10 @@ class NodeIdentity:
     dtype: torch.dtype
     hidden_size: int
     address: str = ""
+    model_id: str | None = None
+    """The checkpoint's architecture digest (`swarm.identity.model_id`)."""
+    weights: str | None = None
+    """The span's weights digest, once its layers are loaded (`swarm.identity.span_digest`)."""
 
 
 class NodeServer:
@@ -78,7 +88,8 @@ class NodeServer:
         self.span: LoadedSpan | None = None
         self.state: PeerState = "joining"
         self.throughput = 0.0
-        self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions)
+        self.sessions = SessionTable(settings.cache_tokens, settings.max_sessions, client_share(settings))
+        self.step_rate = StepRate(settings.max_steps_per_second_per_client)
         self.metrics = NodeMetrics(self.sessions, lambda: self.state)
         self.scheduler = StepScheduler(self._ready_span, self.metrics, settings.batch_steps, settings.prefill_chunk)
         self.steps = StepService(
@@ -91,6 +102,20 @@ class NodeServer:
             settings.max_length,
             self.metrics,
         )
+        self.forwards = ForwardService(
+            self._ready_span,
+            self.scheduler,
+            identity.hidden_size,
+            settings.max_batch_size,
+            settings.max_length,
+            settings.max_forward_tokens,
+            self.metrics,
+        )
+
+    def take_span(self, span: LoadedSpan) -> None:
+        """The span, once loaded: what the node serves, and the digest of its weights it announces."""
+        self.span = span
+        self.identity.weights = span_digest(span.stack.layer_digests)
 
     def peer_info(self) -> PeerInfo:
         ident = self.identity
@@ -109,6 +134,9 @@ class NodeServer:
             sessions=len(self.sessions),
             version=swarm.__version__,
             codecs=list(CODECS),
+            model_id=ident.model_id,
+            weights=ident.weights,
+            quantization=self.settings.quantize,
         )
 
     def limits(self) -> NodeLimits:
@@ -121,19 +149,18 @@ class NodeServer:
 
     async def handle(self, connection: ServerConnection) -> None:
         """One client or peer connection: handshake, then every frame answered in a task of its own."""
-        owner = id(connection)
+        owner, address = id(connection), client_address(connection.remote_address)
         answering: set[asyncio.Task[None]] = set()
         try:
             try:
-                version = check_hello(
-                    decode_message(await connection.recv(), self.settings.max_message_bytes), self.settings.token
-                )
+                version = await receive_hello(connection, self.settings.token, self.settings.hello_timeout)
             except ProtocolError as exc:
                 await send(connection, error_frame(exc))
                 return
+            limit_frames(connection, 2 * self.settings.max_message_bytes)  # beyond twice the limit: closed
             await send(connection, Welcome(version=version, node=self.peer_info(), limits=self.limits()))
             async for frame in connection:
-                task = asyncio.create_task(self._answer_frame(connection, frame, owner))
+                task = asyncio.create_task(self._answer_frame(connection, frame, owner, address))
                 answering.add(task)
                 task.add_done_callback(answering.discard)
                 if len(answering) >= FRAMES_IN_FLIGHT:
@@ -144,17 +171,23 @@ class NodeServer:
             for task in answering:
                 task.cancel()
             for session_id in self.sessions.close_owned_by(owner):
-                log.info("session %s freed: its connection closed", session_id)
+                log.info("session %r freed: its connection closed", session_id)
+            self.step_rate.forget(("connection", owner))
+            self.forwards.forget(owner)
 
-    async def _answer_frame(self, connection: ServerConnection, frame: bytes | str, owner: int) -> None:
+    async def _answer_frame(
+        self, connection: ServerConnection, frame: bytes | str, owner: int, address: str | None
+    ) -> None:
         try:
-            await send(connection, await self._answer(frame, owner))
+            await send(connection, await self._answer(frame, owner, address))
         except websockets.ConnectionClosed:
             pass
 
-    async def _answer(self, frame: bytes | str, owner: int) -> Message:
+    async def _answer(self, frame: bytes | str, owner: int, address: str | None) -> Message:
         try:
             message = decode_message(frame, self.settings.max_message_bytes)
+            if isinstance(message, (Step, Forward)):
+                self._check_step_rate(message, owner, address)
         except ProtocolError as exc:
             self.metrics.errors.labels(exc.code).inc()
             return error_frame(exc)
@@ -162,9 +195,18 @@ class NodeServer:
             return await self.steps.answer(message, owner)
         session_id = getattr(message, "session_id", None)
         try:
-            return await self._dispatch(message, owner)
+            return await self._dispatch(message, owner, address)
         except Exception as exc:
             return self._failed(exc, session_id, owner)
+
+    def _check_step_rate(self, message: Step | Forward, owner: int, address: str | None) -> None:
+        if not self.step_rate.allow(client_keys(owner, address), time.monotonic()):
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"this client sends more than its {self.step_rate.per_second:g} steps per second on this node; "
+                "slow down or try another peer",
+                getattr(message, "step_id", None),
+            )
 
     def _failed(self, exc: Exception, session_id: str | None, owner: int) -> Error:
         """The error frame for a failed request, after ending the session it happened in (if it was this
@@ -172,7 +214,7 @@ class NodeServer:
         if isinstance(exc, ProtocolError):
             if session_id is not None and exc.code not in _SESSION_STAYS and self._owns(session_id, owner):
                 self.sessions.close(session_id)
-                log.info("session %s ended after a bad frame: %s", session_id, exc.message)
+                log.info("session %r ended after a bad frame: %r", session_id, exc.message)
             self.metrics.errors.labels(exc.code).inc()
             return error_frame(exc, session_id)
         # a bug or a device error: end the session, keep the node
@@ -189,20 +231,25 @@ class NodeServer:
             return False
         return True
 
-    async def _dispatch(self, message: Message, owner: int) -> Message:
+    async def _dispatch(self, message: Message, owner: int, address: str | None) -> Message:
         if isinstance(message, OpenSession):
             span = self._ready_span()
             check_layer_range(message.start, message.end, (span.start, span.end))
             check_session_size(message.max_length, message.batch_size, self.settings)
+            now = time.monotonic()
+            needed = message.batch_size * capacity_for(message.max_length)
+            for session_id in self.sessions.reclaim(needed, owner, address, now):
+                log.info("session %r freed for a new client: it never stepped", session_id)
             self.sessions.open(
                 message.session_id,
                 owner,
                 (message.start, message.end),
                 message.max_length,
                 message.batch_size,
-                time.monotonic(),
+                now,
                 capacity_for,
                 span.cache.allocate,
+                address,
             )
             return SessionOpened(session_id=message.session_id)
         if isinstance(message, CloseSession):
@@ -210,7 +257,7 @@ class NodeServer:
             self.sessions.close(message.session_id)
             return SessionClosed(session_id=message.session_id)
         if isinstance(message, Forward):
-            return self._forward(message)
+            return await self.forwards.answer(message, owner)
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"a node does not accept {message.type!r} messages")
 
     def _ready_span(self) -> LoadedSpan:
@@ -218,33 +265,24 @@ class NodeServer:
             raise ProtocolError(ErrorCode.BUSY, f"node is {self.state}, not taking work; try another peer")
         return self.span
 
-    def _forward(self, message: Forward) -> ForwardResult:
-        """A stateless pass over a whole sequence, computed at once (it keeps the loop for its duration)."""
-        span = self._ready_span()
-        check_layer_range(message.start, message.end, (span.start, span.end))
-        hidden = decode_hidden(message.hidden, self.identity.hidden_size, self.settings.max_batch_size)
-        shape = (hidden.shape[0], hidden.shape[1])
-        positions = decode_positions(message.position_ids, shape, self.settings.max_length)
-        mask = decode_mask(message.attention_mask, shape)
-        real = mask if mask is not None else torch.ones(shape, dtype=torch.bool)
-        began = time.perf_counter()
-        out = span.forward_stateless(hidden, positions, real, message.start, message.end)
-        self.metrics.step_seconds.observe(time.perf_counter() - began)
-        self.metrics.steps.labels("forward").inc()
-        return ForwardResult(hidden=WireTensor.from_torch(out, message.hidden.codec))
-
     def expire_sessions(self) -> None:
         settings = self.settings
         for session_id in self.sessions.expire(
-            time.monotonic(), settings.session_idle_timeout, settings.max_session_seconds
+            time.monotonic(), settings.session_idle_timeout, settings.max_session_seconds, settings.first_step_timeout
         ):
-            log.info("session %s expired (idle or past its maximum age)", session_id)
+            log.info("session %r expired (idle, past its maximum age, or never stepped)", session_id)
 
     def http_routes(self) -> dict[str, Route]:
         return {
             "/metrics": lambda: (PROMETHEUS_CONTENT_TYPE, self.metrics.render()),
             "/healthz": lambda: ("text/plain; charset=utf-8", f"{self.state}\n".encode()),
         }
+
+
+def client_share(settings: NodeSettings) -> ClientShare:
+    """What one client may hold of this node (`--max-sessions-per-client`, `--max-cache-share-per-client`)."""
+    sessions = settings.max_sessions_per_client or max(1, settings.max_sessions // 2)
+    return ClientShare(sessions, int(settings.cache_tokens * settings.max_cache_share_per_client))
 
 
 def check_session_size(max_length: int, batch_size: int, settings: NodeSettings) -> None:

@@ -16,6 +16,7 @@ import websockets
 from swarm.checkpoint import CheckpointIndex, model_name_from_path
 from swarm.errors import RegistryUnavailableError, SwarmError, format_layer_range
 from swarm.http import http_router
+from swarm.identity import model_id
 from swarm.memory import ModelFootprint, default_memory_budget, parse_bytes
 from swarm.models import ModelArchitecture
 from swarm.node.announcer import Announcer
@@ -25,7 +26,7 @@ from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
 from swarm.protocol import DTYPE_NAMES, WIRE_DTYPES, PeerInfo
 from swarm.registry.client import fetch_peers
-from swarm.transport import Credentials, server_ssl_context
+from swarm.transport import HELLO_MAX_BYTES, Credentials, server_ssl_context
 
 log = logging.getLogger("swarm.node")
 
@@ -71,18 +72,19 @@ async def serve(settings: NodeSettings) -> None:
         end=end,
         dtype=dtype,
         hidden_size=architecture.hidden_size,
+        model_id=model_id(model),
     )
     node = NodeServer(settings, identity)
     server = await websockets.serve(
         node.handle,
         settings.host,
         settings.port,
-        max_size=settings.max_message_bytes * 2,
+        max_size=2 * HELLO_MAX_BYTES,  # until a connection's hello is accepted (`NodeServer.handle` raises it)
         compression=None,
         ping_interval=20,
         ping_timeout=60,
         ssl=server_ssl_context(settings.tls_cert, settings.tls_key),
-        process_request=http_router(node.http_routes()),
+        process_request=http_router(node.http_routes(), settings.token),
     )
     port = server.sockets[0].getsockname()[1]
     identity.address = settings.public_address or default_address(settings.host, port, bool(settings.tls_cert))
@@ -91,9 +93,10 @@ async def serve(settings: NodeSettings) -> None:
     stop = _stop_event()
     log.info("node %s: loading layers %s of %s", identity.peer_id, format_layer_range(start, end), identity.model_name)
     loop = asyncio.get_running_loop()
-    node.span = await loop.run_in_executor(
+    span = await loop.run_in_executor(
         None, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize
     )
+    node.take_span(span)
     if settings.compile:
         node.span.stack.compile()  # compiled by the first steps, here: measuring throughput runs a few
     node.throughput = await loop.run_in_executor(None, node.span.measure_throughput)
@@ -162,7 +165,9 @@ def _default_model() -> object:
 
 async def _expire_sessions(node: NodeServer) -> None:
     while True:
-        await asyncio.sleep(min(10.0, node.settings.session_idle_timeout / 2, node.settings.max_session_seconds / 2))
+        settings = node.settings
+        timeouts = (settings.session_idle_timeout, settings.max_session_seconds, settings.first_step_timeout)
+        await asyncio.sleep(min(10.0, *(timeout / 2 for timeout in timeouts)))
         node.expire_sessions()
 
 

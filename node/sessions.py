@@ -3,6 +3,11 @@
 A session reserves its rows of the KV cache when it opens (`batch_size` rows of the capacity that fits its
 `max_length`), so a node never promises more memory than `--cache-tokens` allows; the rows return to the cache
 and the budget when the session closes or expires.
+
+Opening is cheap and holding is free, so one client could otherwise take the whole node: each client holds at most
+its `ClientShare` (sessions and cache tokens), where a client is a connection and, apart, all the connections from
+one remote address together. Sessions that never step expire early, and a client within its share may reclaim
+them from others when the node is full.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from typing import Protocol
 import torch
 
 from swarm.errors import ErrorCode, ProtocolError
+
+RECLAIM_AFTER = 5.0
+"""Seconds a session may wait for its first step before a client short of room may reclaim it: an honest client
+steps within this (a chain's later links wait for the earlier links' prefill)."""
 
 
 class SessionCache(Protocol):
@@ -40,14 +49,32 @@ class Session:
     last_positions: torch.Tensor | None = None
     closed: bool = False
     """Set when the session ends: a step of it still waiting must not run (its cache rows are given away)."""
+    address: str | None = None
+    """The client address its connection counts under (`swarm.node.admission.client_address`); None: its own."""
+    stepped: bool = False
+    """A step of it was accepted; until then it expires after `--first-step-timeout` and may be reclaimed."""
+
+    def of_client(self, owner: int, address: str | None) -> bool:
+        """Whether the session counts against the client that is connection `owner` from `address`."""
+        return self.owner == owner or (address is not None and self.address == address)
+
+
+@dataclass(frozen=True)
+class ClientShare:
+    """What one client may hold of a node: its connection, and all connections from its address together."""
+
+    sessions: int
+    cache_tokens: int
 
 
 class SessionTable:
     """Open sessions of one node, keyed by id, each visible only to the connection that opened it."""
 
-    def __init__(self, cache_tokens: int, max_sessions: int) -> None:
+    def __init__(self, cache_tokens: int, max_sessions: int, share: ClientShare | None = None) -> None:
         self.cache_tokens = cache_tokens
         self.max_sessions = max_sessions
+        self.share = share
+        """None: no limits per client (the node's own apply)."""
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -71,13 +98,16 @@ class SessionTable:
         now: float,
         row_capacity: Callable[[int], int],
         allocate: Callable[[int, int], SessionCache],
+        address: str | None = None,
     ) -> Session:
-        """`row_capacity(max_length)`: tokens a cache row for it holds; `allocate(batch, max_length)`: its rows."""
+        """`row_capacity(max_length)`: tokens a cache row for it holds; `allocate(batch, max_length)`: its rows.
+        `owner` is the connection, `address` the client address it counts under (None: the connection alone)."""
         if session_id in self._sessions:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"session {session_id!r} is already open")
+        needed = batch_size * row_capacity(max_length)
+        self.check_share(needed, owner, address)
         if len(self._sessions) >= self.max_sessions:
             raise ProtocolError(ErrorCode.BUSY, f"node is at its limit of {self.max_sessions} sessions")
-        needed = batch_size * row_capacity(max_length)
         if needed > self.tokens_free:
             raise ProtocolError(
                 ErrorCode.BUSY,
@@ -86,8 +116,67 @@ class SessionTable:
             )
         cache = allocate(batch_size, max_length)
         session = Session(session_id, owner, span[0], span[1], max_length, batch_size, cache, needed, now, now)
+        session.address = address
         self._sessions[session_id] = session
         return session
+
+    def check_share(self, needed: int, owner: int, address: str | None) -> None:
+        """Refuse (`busy`) a session of `needed` cache tokens that would take the client past its share. A client's
+        first session may exceed the cache share, or a node whose cache fits one long session would refuse it."""
+        if self.share is None:
+            return
+        clients = [("this connection", lambda s: s.owner == owner)]
+        if address is not None:
+            clients.append((f"address {address}", lambda s: s.address == address))
+        for who, belongs in clients:
+            held = [session for session in self._sessions.values() if belongs(session)]
+            if len(held) >= self.share.sessions:
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    f"{who} holds {len(held)} sessions, the most one client may hold on this node; "
+                    "close one or try another peer",
+                )
+            tokens = sum(session.reserved_tokens for session in held)
+            if held and tokens + needed > self.share.cache_tokens:
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    f"{who} holds {tokens} cache tokens; {needed} more would pass one client's share of "
+                    f"{self.share.cache_tokens} on this node; try another peer",
+                )
+
+    def reclaim(self, needed: int, owner: int, address: str | None, now: float) -> list[str]:
+        """Make room for a session of `needed` tokens on a full node by closing other clients' sessions that have
+        waited `RECLAIM_AFTER` seconds or more for their first step, oldest first; returns their ids. Closes none
+        when there is room already or when closing all of them would not make enough; a client past its share
+        is refused (`busy`) as `open` would refuse it."""
+        self.check_share(needed, owner, address)
+        sessions_short = len(self._sessions) + 1 - self.max_sessions
+        tokens_short = needed - self.tokens_free
+        if sessions_short <= 0 and tokens_short <= 0:
+            return []
+        chosen: list[Session] = []
+        freed = 0
+        for session in self._reclaimable(owner, address, now):
+            if len(chosen) >= sessions_short and freed >= tokens_short:
+                break
+            chosen.append(session)
+            freed += session.reserved_tokens
+        if len(chosen) < sessions_short or freed < tokens_short:
+            return []
+        for session in chosen:
+            self.close(session.session_id)
+        return [session.session_id for session in chosen]
+
+    def _reclaimable(self, owner: int, address: str | None, now: float) -> list[Session]:
+        """Other clients' sessions still waiting for their first step after `RECLAIM_AFTER`, oldest first."""
+        waiting = [
+            session
+            for session in self._sessions.values()
+            if not session.stepped
+            and now - session.opened_at >= RECLAIM_AFTER
+            and not session.of_client(owner, address)
+        ]
+        return sorted(waiting, key=lambda session: session.opened_at)
 
     def get(self, session_id: str, owner: int) -> Session:
         session = self._sessions.get(session_id)
@@ -110,12 +199,17 @@ class SessionTable:
             self.close(session_id)
         return gone
 
-    def expire(self, now: float, idle_timeout: float, max_age: float = float("inf")) -> list[str]:
-        """Free sessions idle for longer than `idle_timeout` or open for longer than `max_age`."""
+    def expire(
+        self, now: float, idle_timeout: float, max_age: float = float("inf"), first_step_timeout: float = float("inf")
+    ) -> list[str]:
+        """Free sessions idle for longer than `idle_timeout`, open for longer than `max_age`, or still waiting for
+        their first step after `first_step_timeout`."""
         gone = [
             sid
             for sid, session in self._sessions.items()
-            if now - session.last_used > idle_timeout or now - session.opened_at > max_age
+            if now - session.last_used > idle_timeout
+            or now - session.opened_at > max_age
+            or (not session.stepped and now - session.opened_at > first_step_timeout)
         ]
         for session_id in gone:
             self.close(session_id)

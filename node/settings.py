@@ -30,7 +30,19 @@ class NodeSettings(SwarmSettings):
     batch_steps: bool = Field(True, description="run concurrent sessions' decode steps as one forward")
     compile: bool = Field(False, description="torch.compile the layers (GPU: fuses a decode step's small ops)")
     prefill_chunk: int = Field(256, ge=0, description="tokens of a long step computed at a time; 0: never split")
+    max_forward_tokens: int = Field(8192, ge=1, description="tokens (batch x length) one stateless forward may carry")
+    max_sessions_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="sessions one client (a connection; or an IP address) may hold; default: half of --max-sessions",
+    )
+    max_cache_share_per_client: float = Field(
+        0.5, gt=0, le=1, description="share of --cache-tokens one client may reserve (its first session may exceed it)"
+    )
+    max_steps_per_second_per_client: float = Field(0.0, ge=0, description="step and forward frames; 0: no limit")
     max_message_bytes: int = Field(64 * 2**20, ge=1024)
+    hello_timeout: float = Field(5.0, gt=0, description="a connection that has not said hello by then is closed")
+    first_step_timeout: float = Field(30.0, gt=0, description="a session that has not stepped by then is freed")
     session_idle_timeout: float = Field(300.0, gt=0)
     max_session_seconds: float = Field(24 * 3600.0, gt=0, description="a session is ended after this long")
     drain_timeout: float = Field(15.0, ge=0, description="on SIGTERM, how long to wait for clients to move")

@@ -32,7 +32,7 @@ from swarm.node.kv_cache import RoundEntry
 from swarm.node.metrics import NodeMetrics
 from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
-from swarm.node.validation import StepInputs, decode_step, session_rows
+from swarm.node.validation import StepInputs, decode_step, position_limit, session_rows
 from swarm.protocol import Error, Step, StepResult, WireTensor
 
 log = logging.getLogger("swarm.node")
@@ -72,8 +72,8 @@ class StepService:
         scheduled, so the steps of a connection are scheduled in the order their frames arrived."""
         outcomes: list[Outcome]
         try:
-            self.span()  # refuses the whole frame unless the node takes work
-            inputs = decode_step(message, self.hidden_size, self.max_length)
+            span = self.span()  # refuses the whole frame unless the node takes work
+            inputs = decode_step(message, self.hidden_size, position_limit(span.architecture.spec, self.max_length))
         except ProtocolError as exc:  # nothing in the frame can run: every session's step failed
             outcomes = [exc] * len(message.session_ids)
         else:
@@ -93,6 +93,7 @@ class StepService:
             failed.set_exception(exc)
             return failed
         session.last_used = time.monotonic()
+        session.stepped = True
         return self.scheduler.submit(session, own)
 
     def _reply(self, message: Step, owner: int, outcomes: list[Outcome | BaseException]) -> StepResult:
@@ -260,7 +261,7 @@ class StepScheduler:
         already run are undone, so the session's next step finds the session as its client last saw it."""
         if not step.done.cancelled():
             return False
-        if step.chunked is not None:
+        if step.chunked is not None and not step.session.closed:  # a closed session's rows may be another's now
             step.chunked.checkpoint.restore(step.session)
         self._leave_line(step)
         return True

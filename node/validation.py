@@ -14,8 +14,9 @@ import torch
 
 from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.errors import ErrorCode, ProtocolError
+from swarm.models.spec import ModelSpec
 from swarm.node.sessions import Session
-from swarm.protocol import Step, WireTensor
+from swarm.protocol import Forward, Step, WireTensor
 
 INDEX_DTYPES = ("int64", "int32")
 MASK_DTYPES = ("bool", "int64", "int32", "int8", "uint8")
@@ -37,6 +38,13 @@ class StepInputs:
 
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+def position_limit(spec: ModelSpec, max_length: int) -> int:
+    """Positions a step or forward may use: below `--max-length`, and below the model's position embeddings unless
+    it has none (ALiBi): a rotary model was trained on no more, and learned positions (applied by the client) stop
+    there. A peer asking for more gets nothing an honest client needs and can only make the node work longer."""
+    return max_length if spec.alibi else min(max_length, spec.max_positions)
 
 
 def check_layer_range(start: int, end: int, served: tuple[int, int]) -> None:
@@ -132,6 +140,21 @@ def decode_step(message: Step, hidden_size: int, max_length: int) -> StepInputs:
         decode_mask(message.attention_mask, shape),
         decode_hypo_ids(message.hypo_ids, message.rows),
     )
+
+
+def decode_forward(message: Forward, hidden_size: int, max_batch: int, limit: int, max_tokens: int) -> StepInputs:
+    """A stateless forward's tensors, checked like a step's, each row at most `limit` tokens (positions in
+    [0, `limit`) leave an honest row no more) and all of them together at most `max_tokens`; the sizes are read
+    from the frame before any tensor is decoded."""
+    shape = message.hidden.shape
+    if len(shape) == 3 and shape[1] > limit:
+        raise _bad(f"a forward carries at most {limit} tokens a row here, got {shape[1]}")
+    if len(shape) == 3 and shape[0] * shape[1] > max_tokens:
+        raise _bad(f"a forward carries at most {max_tokens} tokens (batch x length) here, got {shape[0] * shape[1]}")
+    hidden = decode_hidden(message.hidden, hidden_size, max_batch)
+    tokens = (hidden.shape[0], hidden.shape[1])
+    positions = decode_positions(message.position_ids, tokens, limit)
+    return StepInputs(hidden, positions, decode_mask(message.attention_mask, tokens), None)
 
 
 def session_rows(session: Session, inputs: StepInputs, rows: slice) -> StepInputs:

@@ -25,13 +25,13 @@ from swarm import compression
 from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.errors import ErrorCode, ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
-understand a frame. Version 3 has one step message for one or many sessions, matched to its reply by
-`step_id`, so several can be in flight on a connection; versions 1 and 2 had `step`, `step_many` and
-`step_group` answered in order."""
+understand a frame. Version 4 adds what a span is (`PeerInfo.model_id`, `weights`, `quantization`), route
+queries by model identity, and `report` of a peer caught lying. Version 3 has one step message for one or many
+sessions, matched to its reply by `step_id`; versions 1 and 2 had `step`, `step_many` and `step_group`."""
 
-SUPPORTED_VERSIONS = (3,)
+SUPPORTED_VERSIONS = (4,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
 with `unsupported_version`, and a client then tries the next older one it speaks."""
 
@@ -56,6 +56,11 @@ CODECS = ("raw", "int8-block")
 Codec = Literal["raw", "int8-block"]
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+"""No control characters or line separators: what registries log and dashboards show cannot forge a line."""
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=PRINTABLE)]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+"""128 bits as 32 lowercase hex digits (`swarm.identity`)."""
 LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
 Count = Annotated[int, Field(ge=0, le=2**40)]
 
@@ -150,23 +155,31 @@ def _check_length(field: str, value: bytes, expected: int, tensor: WireTensor) -
 class PeerInfo(_Strict):
     """What a node tells registries about itself; the unit of the swarm's soft state."""
 
-    peer_id: Id
-    address: Annotated[str, Field(min_length=1, max_length=512)]
-    model: Id
-    num_layers: Annotated[int, Field(ge=1, le=100_000)]
+    peer_id: Name
+    address: Annotated[str, Field(min_length=1, max_length=512, pattern=PRINTABLE)]
+    model: Name
+    num_layers: Annotated[int, Field(ge=1, le=4096)]
     start: LayerIndex
     end: LayerIndex
     state: PeerState
     dtype: WireDType
-    throughput: Annotated[float, Field(ge=0)] = Field(description="decode steps per second through one layer")
+    throughput: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] = Field(
+        description="decode steps per second through one layer"
+    )
     cache_tokens_free: Count
     cache_tokens_total: Count
     sessions: Count = 0
-    version: Annotated[str, Field(max_length=64)] = ""
-    codecs: Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=16)] = ["raw"]
+    version: Annotated[str, Field(max_length=64, pattern=PRINTABLE)] = ""
+    codecs: Annotated[list[Annotated[str, Field(max_length=32, pattern=PRINTABLE)]], Field(max_length=16)] = ["raw"]
     """Tensor codecs the node decodes; names this version does not know are allowed and ignored."""
+    model_id: Digest | None = None
+    """The checkpoint's architecture: config and every tensor's name, dtype and shape (`swarm.identity`)."""
+    weights: Digest | None = None
+    """The bytes of the span's tensors as the node read them from the checkpoint (`swarm.identity`)."""
+    quantization: Annotated[str, Field(max_length=32)] | None = None
+    """How the node stores the span's weights beyond `dtype` (e.g. `int8`), or None."""
 
-    omitted_when_default = frozenset({"codecs"})
+    omitted_when_default = frozenset({"codecs", "model_id", "weights", "quantization"})
 
     @model_validator(mode="after")
     def _span_is_valid(self) -> PeerInfo:
@@ -212,7 +225,7 @@ class Announce(_Strict):
 
 class Leave(_Strict):
     type: Literal["leave"] = "leave"
-    peer_id: Id
+    peer_id: Name
 
 
 class Ack(_Strict):
@@ -220,10 +233,23 @@ class Ack(_Strict):
 
 
 class Query(_Strict):
-    """Client -> registry: the live peers of one model (or of all models when `model` is None)."""
+    """Client -> registry: the live peers of one model (or of all models when `model` is None); with `model_id`,
+    only the peers serving that checkpoint (`PeerInfo.model_id`)."""
 
     type: Literal["query"] = "query"
-    model: Id | None = None
+    model: Name | None = None
+    model_id: Digest | None = None
+
+    omitted_when_default = frozenset({"model_id"})
+
+
+class Report(_Strict):
+    """Client -> registry: `peer_id` answered a step with hidden states that two other peers contradicted.
+    Registries stop routing to a peer after reports from several independent clients."""
+
+    type: Literal["report"] = "report"
+    peer_id: Name
+    reason: Annotated[str, Field(max_length=512)]
 
 
 class SwarmView(_Strict):
@@ -339,6 +365,7 @@ Message = Annotated[
         Leave,
         Ack,
         Query,
+        Report,
         SwarmView,
         OpenSession,
         SessionOpened,
@@ -394,6 +421,58 @@ def _defaults(model: type[BaseModel]) -> dict[str, object]:
     return {name: field.default for name, field in model.model_fields.items() if not field.is_required()}
 
 
+MAX_MAP_ENTRIES = 64
+"""Entries of one msgpack map: a message or tensor has a few dozen fields at most."""
+MAX_LIST_ITEMS = 2**16
+"""Items of one list: a step names at most 1024 sessions and a tensor 4 dimensions; a swarm view lists peers."""
+MAX_STR_BYTES = 4 * 4096
+"""Bytes of one string: the longest (an error's message) is 4096 characters, at most 4 bytes each in UTF-8."""
+MAX_VALUES = 2**18
+"""Values in one frame, counted while unpacking: a 1024-session step holds ~2K, a swarm view ~35 per peer. Each
+value takes a byte of the frame or more but up to ~100 bytes unpacked (an empty list: 1 byte, then a list
+object), so without a count a 57 MiB frame unpacked into gigabytes before its type was even read."""
+
+
+class _TooManyValues(Exception):
+    pass
+
+
+class _ValueBudget:
+    """Counts the values of the lists and maps msgpack has built, and stops it past `MAX_VALUES`."""
+
+    def __init__(self) -> None:
+        self.left = MAX_VALUES
+
+    def list(self, items: list[object]) -> list[object]:
+        self.left -= len(items) + 1
+        if self.left < 0:
+            raise _TooManyValues
+        return items
+
+    def map(self, entries: dict[str, object]) -> dict[str, object]:
+        self.left -= 2 * len(entries) + 1
+        if self.left < 0:
+            raise _TooManyValues
+        return entries
+
+
+def _unpack(frame: bytes) -> object:
+    """The frame's msgpack, with every length bounded by what a valid message can hold (`MAX_*`)."""
+    limits: dict[str, int] = dict(
+        max_str_len=MAX_STR_BYTES,
+        max_bin_len=len(frame),
+        max_array_len=MAX_LIST_ITEMS,
+        max_map_len=MAX_MAP_ENTRIES,
+        max_ext_len=0,  # no extension types (timestamps included) are part of the protocol
+    )
+    if len(frame) <= MAX_VALUES:  # a value takes a byte or more: this frame cannot hold too many (the hot path)
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, **limits)
+    budget = _ValueBudget()
+    return msgpack.unpackb(
+        frame, raw=False, strict_map_key=True, list_hook=budget.list, object_hook=budget.map, **limits
+    )
+
+
 def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
     """Parse and validate one frame, or raise `ProtocolError` with the code to answer with."""
     if isinstance(frame, str):
@@ -401,8 +480,12 @@ def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
     if max_bytes is not None and len(frame) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
     try:
-        payload = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated exception types on garbage
+        payload = _unpack(frame)
+    except _TooManyValues:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"frame holds more than {MAX_VALUES} msgpack values; no message has that many"
+        ) from None
+    except Exception as exc:  # msgpack raises several unrelated exception types on garbage (and on limits)
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a msgpack map with a string 'type' field")
@@ -413,5 +496,11 @@ def decode_message(frame: bytes | str, max_bytes: int | None = None) -> Message:
         where = ".".join(str(part) for part in first["loc"])
         step_id = payload.get("step_id")
         step_id = step_id if type(step_id) is int and 0 <= step_id <= 2**40 else None
-        message = f"invalid {payload['type']!r} message at {where}: {first['msg']}"
+        message = f"invalid {payload['type']!r} message at {_printable(where)}: {_printable(first['msg'])}"
         raise ProtocolError(ErrorCode.BAD_REQUEST, message, step_id) from None
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped: field names and tags in refusals come from the peer, and a newline
+    in one would forge a line wherever the refusal is logged."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -27,6 +27,11 @@ ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 CONNECT_TIMEOUT = 10.0
+HELLO_MAX_BYTES = 64 * 1024
+"""Largest first frame a server reads. A hello is a few hundred bytes (its token at most 1 KiB); nothing bigger is
+read, let alone unpacked, before the peer has said hello (with the token, in a private swarm)."""
+HELLO_TIMEOUT = 5.0
+"""How long a server waits for the hello of a connection before closing it."""
 
 
 async def send(connection: websockets.asyncio.connection.Connection, message: BaseModel) -> None:
@@ -123,6 +128,36 @@ async def _connect(url: str, credentials: Credentials, max_bytes: int, timeout: 
             )
     except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
         raise PeerUnreachableError(f"cannot connect to {url}: {exc}") from exc
+
+
+async def receive_hello(
+    connection: websockets.asyncio.connection.Connection,
+    token: str | None,
+    timeout: float = HELLO_TIMEOUT,
+    max_bytes: int = HELLO_MAX_BYTES,
+) -> int:
+    """Server side of the handshake: the first frame, read with a small size limit and a deadline, must be an
+    acceptable `hello` (`check_hello`); returns its version, or raises `ProtocolError` to answer with.
+
+    A first frame over `max_bytes` is `too_large`, and one over twice that closes the connection (1009) as soon as
+    its header arrives, unread. A frame sent together with the websocket handshake may be parsed before this runs:
+    serve with `max_size=2 * max_bytes`, and raise the limit with `limit_frames` once the hello is accepted."""
+    limit_frames(connection, 2 * max_bytes)
+    try:
+        async with asyncio.timeout(timeout):
+            frame = await connection.recv()
+    except TimeoutError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"no hello within {timeout:g} s; closing") from None
+    return check_hello(decode_message(frame, max_bytes), token)
+
+
+def limit_frames(connection: websockets.asyncio.connection.Connection, max_bytes: int | None) -> None:
+    """The largest message the connection accepts from now on; a larger one closes it (1009, message too big)."""
+    protocol = connection.protocol
+    if hasattr(protocol, "max_message_size"):  # websockets 15 and later
+        protocol.max_message_size = max_bytes
+    else:
+        protocol.max_size = max_bytes
 
 
 def check_hello(message: Message, token: str | None) -> int:

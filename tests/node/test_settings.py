@@ -73,3 +73,31 @@ def test_a_node_lets_idle_openmp_threads_sleep_unless_told_otherwise() -> None:
         timeout=120,
     )
     assert told.stdout.split()[0] == "ACTIVE", told.stderr
+
+
+def test_per_client_limits_and_timeouts_reach_node_settings() -> None:
+    flags = ["--max-sessions-per-client", "4", "--max-cache-share-per-client", "0.25", "--hello-timeout", "2"]
+    flags += ["--max-steps-per-second-per-client", "100", "--first-step-timeout", "10", "--max-forward-tokens", "1024"]
+    settings = settings_from_args(build_parser().parse_args(flags))
+    assert (
+        settings.max_sessions_per_client,
+        settings.max_cache_share_per_client,
+        settings.max_steps_per_second_per_client,
+        settings.hello_timeout,
+        settings.first_step_timeout,
+        settings.max_forward_tokens,
+    ) == (4, 0.25, 100.0, 2.0, 10.0, 1024)
+    with pytest.raises(ValidationError, match="max_cache_share_per_client"):
+        NodeSettings(max_cache_share_per_client=1.5)
+
+
+def test_by_default_one_client_may_hold_half_of_a_node() -> None:
+    """Enough for a local swarm's one client process (a gateway, a 32-session benchmark) on default nodes."""
+    from swarm.node.server import client_share
+    from swarm.node.sessions import ClientShare
+
+    defaults = NodeSettings()
+    assert (defaults.hello_timeout, defaults.first_step_timeout, defaults.max_steps_per_second_per_client) == (5, 30, 0)
+    assert client_share(defaults) == ClientShare(sessions=32, cache_tokens=32768)
+    assert client_share(NodeSettings(max_sessions=256)).sessions == 128
+    assert client_share(NodeSettings(max_sessions=1)).sessions == 1

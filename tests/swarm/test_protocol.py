@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgpack
 import pytest
 import torch
@@ -9,12 +11,15 @@ from pydantic import ValidationError
 
 from swarm.errors import ProtocolError
 from swarm.protocol import (
+    MAX_SESSIONS_PER_STEP,
     PROTOCOL_VERSION,
     Error,
+    Forward,
     Hello,
     PeerInfo,
     Step,
     StepResult,
+    SwarmView,
     WireTensor,
     decode_message,
     encode_message,
@@ -191,3 +196,74 @@ def test_trusted_messages_equal_validated_ones_and_encode_the_same() -> None:
     assert decode_message(encode_message(trusted)) == validated
     with pytest.raises(ValidationError):  # trusted messages stay frozen like the others
         trusted.step_id = 4  # type: ignore[misc]
+
+
+def empty_lists(count: int) -> bytes:
+    """One msgpack array of `count` empty arrays: a byte each on the wire, some 60 bytes each once unpacked."""
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
+
+
+def lists_of_lists(outer: int, inner: int) -> bytes:
+    """A step whose `session_ids` holds `outer` arrays of `inner` empty arrays: every single array is short."""
+    one = b"\xdc" + inner.to_bytes(2, "big") + b"\x90" * inner
+    head = msgpack.packb({"type": "step", "step_id": 0, "session_ids": []})[:-1]  # the map, less its empty list
+    return head + b"\xdd" + outer.to_bytes(4, "big") + one * outer
+
+
+def unpacked_peak(frame: bytes) -> tuple[int, str]:
+    """Peak bytes Python allocated while decoding `frame`, and the error code it was refused with."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError) as refused:
+            decode_message(frame)
+        return tracemalloc.get_traced_memory()[1], refused.value.code
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [empty_lists(4_000_000), lists_of_lists(4_000, 1_000)],
+    ids=["one list of 4M empty lists", "4K lists of 1K empty lists in a step"],
+)
+def test_a_frame_of_a_few_mib_cannot_unpack_into_hundreds_of_mib(frame: bytes) -> None:
+    """msgpack objects cost far more unpacked than on the wire (an empty list: 1 byte, ~60 unpacked), so the
+    unpacker is bounded by what a valid message can hold; a 4 MiB frame used to take ~250 MB to refuse."""
+    peak, code = unpacked_peak(frame)
+    assert code == "bad_request"
+    assert peak < 32 * 2**20, f"decoding a {len(frame) >> 20} MiB frame allocated {peak >> 20} MiB"
+
+
+def test_values_no_message_can_hold_are_refused_while_unpacking() -> None:
+    too_long = msgpack.packb({"type": "error", "code": "busy", "message": "x" * (64 * 1024)})
+    assert "msgpack" in expect_code(too_long, "bad_request")
+    huge_map = msgpack.packb({"type": "ack", **{f"k{i}": i for i in range(1000)}})
+    assert "msgpack" in expect_code(huge_map, "bad_request")
+    timestamp = msgpack.packb({"type": "hello", "version": 0})[:-1] + b"\xd6\xff" + bytes(4)  # version: a date
+    assert "msgpack" in expect_code(timestamp, "bad_request")  # extension types are not part of the protocol
+
+
+def test_the_largest_legal_messages_still_decode() -> None:
+    sessions = [f"session-{i}-" + "x" * 100 for i in range(MAX_SESSIONS_PER_STEP)]
+    step = decode_message(msgpack.packb(a_step(sessions, [1] * MAX_SESSIONS_PER_STEP)))
+    assert isinstance(step, Step) and len(step.session_ids) == MAX_SESSIONS_PER_STEP
+    errors = [Error(code="busy", message="é" * 4096, session_id=s) for s in sessions]
+    answer = StepResult(step_id=1, hidden=WireTensor.from_torch(torch.ones(1024, 1, 4)), errors=errors)
+    assert decode_message(encode_message(answer)) == answer
+    view = SwarmView(peers=[peer(peer_id=f"p{i}", codecs=["raw", "int8-block"]) for i in range(5000)])
+    assert len(decode_message(encode_message(view)).peers) == 5000
+    big_tensor = Forward(
+        start=0,
+        end=1,
+        hidden=WireTensor.from_torch(torch.zeros(8, 1024, 1024)),
+        position_ids=WireTensor.from_torch(torch.zeros(8, 1024, dtype=torch.long)),
+    )
+    assert decode_message(encode_message(big_tensor)) == big_tensor
+
+
+def test_refusals_escape_the_control_characters_a_peer_put_in_field_names_and_tags() -> None:
+    """A refusal's message is logged and shown; a newline from the peer in it would forge a line."""
+    extra = expect_code(msgpack.packb({"type": "hello", "version": 3, "x\nINFO forged": 1}), "bad_request")
+    tag = expect_code(msgpack.packb({"type": "evil\r\nINFO forged"}), "bad_request")
+    for message in (extra, tag):
+        assert "forged" in message and "\n" not in message and "\r" not in message
