@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from swarm.client.core.settings import ClientSettings
-from swarm.client.serve.settings import GatewaySettings
+from swarm.client.serve.settings import GatewaySettings, add_gateway_flags
 from swarm.errors import SwarmError
 from swarm.settings import SwarmSettings, environment_help
 
@@ -28,6 +28,7 @@ EXAMPLES = """examples:
 SERVE_EXAMPLES = """examples:
   swarm-client serve --model ./models/tiny-llama --registry ws://127.0.0.1:7000 --port 8000
   swarm-client serve --port 8000 --api-key secret --max-concurrency 16
+  swarm-client serve --api-key alice-key --api-key bob-key --key-requests-per-minute 60 --key-tokens-per-minute 50000
   curl http://127.0.0.1:8000/v1/completions -H 'Authorization: Bearer secret' -H 'Content-Type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}'
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret'); \\
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
     _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))
     _add_batch(command("batch", "run a JSONL file of OpenAI completions requests; resumable", BATCH_EXAMPLES))
-    _add_serve(command("serve", "serve an OpenAI-compatible HTTP API for the model", SERVE_EXAMPLES, GatewaySettings))
+    add_gateway_flags(
+        command("serve", "serve an OpenAI-compatible HTTP API for the model", SERVE_EXAMPLES, GatewaySettings)
+    )
 
     estimate = commands.add_parser(
         "estimate",
@@ -183,13 +186,6 @@ def _add_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="JSONL: one OpenAI completions request per line")
     parser.add_argument("output", help="JSONL results, one per input line; kept and resumed across runs")
     parser.add_argument("--concurrency", type=int, default=4, help="requests running at once (default 4)")
-
-
-def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
-    parser.add_argument("--max-concurrency", type=int, help="requests generating at once (default 8)")
 
 
 Command = Callable[[argparse.Namespace, ClientSettings], int]

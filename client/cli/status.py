@@ -9,6 +9,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from swarm.client.core.planner import fetch_peers
@@ -49,13 +50,16 @@ async def wait_ready(
 
 
 def render_status(status: dict[str, object], console: Console) -> None:
+    """Every string here comes from peers, so each is escaped: a model named `[/bold]` is text, not markup."""
     models = status["models"]
     peers = [PeerInfo(**peer) for peer in status["peers"]]  # type: ignore[union-attr]
     if not models:
         console.print("No model is served right now.")
     for model in models:  # type: ignore[union-attr]
         state = "[green]ready[/green]" if model["usable"] else "[red]incomplete[/red]"
-        console.print(f"[bold]{model['name']}[/bold]: {model['num_layers']} layers, {model['peers']} peer(s), {state}")
+        console.print(
+            f"[bold]{escape(model['name'])}[/bold]: {model['num_layers']} layers, {model['peers']} peer(s), {state}"
+        )
         console.print("  coverage " + "".join(_coverage_glyph(count) for count in model["coverage"]))
         if model["missing"]:
             gaps = ", ".join(format_layer_range(a, b) for a, b in model["missing"])
@@ -63,10 +67,10 @@ def render_status(status: dict[str, object], console: Console) -> None:
         table = Table("address", "layers", "state", "dtype", "speed", "sessions", "free cache", box=None)
         for peer in sorted((p for p in peers if p.model == model["name"]), key=lambda p: (p.start, p.end)):
             table.add_row(
-                peer.address,
+                escape(peer.address),
                 format_layer_range(peer.start, peer.end),
-                peer.state,
-                peer.dtype,
+                escape(peer.state),
+                escape(peer.dtype),
                 f"{peer.throughput:.0f}/s",
                 str(peer.sessions),
                 str(peer.cache_tokens_free),

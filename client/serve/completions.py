@@ -1,10 +1,11 @@
 """Running an OpenAI completions or chat completions request on a swarm model: the one implementation behind
 the gateway (`swarm-client serve`) and `swarm-client batch`.
 
-A request becomes a `GenerationJob` (prompts as token ids, checked against the context length), then one
-batched decoding job over every prompt times every choice, on its own swarm session. Calls are synchronous
-and thread-safe, so a server runs several at once in worker threads; their jobs share the `DecodeScheduler`'s
-ticks, so the client's per-token work and the nodes' forwards are batched across requests.
+A request becomes a `GenerationJob` (prompts as token ids, checked against the context length and the batch
+rows a node takes), then one batched decoding job over every prompt times every choice, on its own swarm
+session. Calls are synchronous and thread-safe, so a server runs several at once in worker threads (tokenizing a
+long prompt included); their jobs share the `DecodeScheduler`'s ticks, so the client's per-token work and the
+nodes' forwards are batched across requests.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, render_chat
 from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler, TokenEntry
-from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
+from swarm.client.serve.errors import ContextLengthExceededError, InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest, Usage
 from swarm.client.serve.sampling import PresenceFrequencyPenalty, sampling_processors
 from swarm.client.serve.scoring import left_pad, score_sequences, token_entries
 
 DEFAULT_COMPLETION_TOKENS = 16
+DEFAULT_MAX_ROWS = 64
+"""Sequences one request decodes at once (prompts x choices): a node's default `--max-batch-size`."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class GenerationJob:
     stop: list[str]
     logprobs: int | None
     echo: bool = False
+
+    @property
+    def token_budget(self) -> int:
+        """The most tokens it can take: its prompts, then `max_new_tokens` for every candidate."""
+        rows = len(self.prompts) * self.candidates
+        return sum(len(ids) for ids in self.prompts) + self.max_new_tokens * rows
 
 
 @dataclass
@@ -89,11 +98,22 @@ DeltaSink = Callable[[list[ChoiceDelta]], None]
 class CompletionEngine:
     """One model with its tokenizer, answering OpenAI-style requests."""
 
-    def __init__(self, model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    def __init__(
+        self,
+        model: DistributedModelForCausalLM,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        max_rows: int = DEFAULT_MAX_ROWS,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.max_rows = max_rows
         self.context_length: int = model.config.max_position_embeddings
+        longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 2 * self.context_length * max(longest_token, 1)
+        """No token spans more characters than the vocabulary's longest (with a margin of 2 for normalizers), so
+        text longer than this cannot fit the context: it is refused without tokenizing it."""
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
@@ -117,6 +137,7 @@ class CompletionEngine:
         self.check_model(request.model)
         messages = [{"role": message.role, "content": message.text} for message in request.messages]
         text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        self._check_characters(text, "messages")
         ids = chat_prompt_ids(self.tokenizer, text)
         limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_new = self.context_length - len(ids) if limit is None else limit
@@ -160,7 +181,8 @@ class CompletionEngine:
         echo: bool,
         best_of: int | None,
     ) -> GenerationJob:
-        self.check_context(prompts, max_new)
+        self.check_context(prompts, max_new, param="max_tokens")
+        self.check_rows(len(prompts), best_of or request.n, param="best_of" if best_of else "n")
         return GenerationJob(
             prompts=prompts,
             prompt_texts=texts,
@@ -177,13 +199,31 @@ class CompletionEngine:
             echo=echo,
         )
 
-    def check_context(self, prompts: list[list[int]], max_new: int) -> None:
+    def check_context(self, prompts: list[list[int]], max_new: int, param: str = "max_tokens") -> None:
         """Refuse what cannot fit in the model's context (positions beyond it were never trained)."""
         longest = max(len(ids) for ids in prompts)
         if longest >= self.context_length or longest + max_new > self.context_length:
-            raise InvalidRequestError(
+            raise ContextLengthExceededError(
                 f"this model's context is {self.context_length} tokens, but the prompt has {longest} tokens and "
-                f"{max(max_new, 0)} more were asked for; shorten the prompt or ask for fewer tokens"
+                f"{max(max_new, 0)} more were asked for; shorten the prompt or ask for fewer tokens",
+                param=param,
+            )
+
+    def check_rows(self, prompts: int, per_prompt: int, param: str) -> None:
+        """Refuse more sequences than one swarm session may decode at once (a node's batch limit)."""
+        if prompts * per_prompt > self.max_rows:
+            raise InvalidRequestError(
+                f"{prompts} prompt(s) x {per_prompt} = {prompts * per_prompt} sequences, but this gateway decodes at "
+                f"most {self.max_rows} per request; send fewer prompts or choices per request",
+                param=param,
+            )
+
+    def _check_characters(self, text: str, param: str) -> None:
+        if len(text) > self.max_prompt_chars:
+            raise ContextLengthExceededError(
+                f"this model's context is {self.context_length} tokens, and a prompt of {len(text)} characters "
+                "cannot fit in it; shorten the prompt",
+                param=param,
             )
 
     def tokenize_prompts(self, prompt: Prompt) -> tuple[list[list[int]], list[str]]:
@@ -194,11 +234,15 @@ class CompletionEngine:
             prompt = [prompt]  # type: ignore[list-item]
         ids: list[list[int]] = []
         for item in prompt:
+            if isinstance(item, str):
+                self._check_characters(item, "prompt")
             tokens = self.tokenizer(item).input_ids if isinstance(item, str) else list(item)  # type: ignore[arg-type]
             if not tokens:
-                raise InvalidRequestError("prompt: an empty prompt has no token to continue from")
+                raise InvalidRequestError("prompt: an empty prompt has no token to continue from", param="prompt")
             if not all(0 <= token < self.model.config.vocab_size for token in tokens):
-                raise InvalidRequestError(f"prompt: token ids must be in [0, {self.model.config.vocab_size})")
+                raise InvalidRequestError(
+                    f"prompt: token ids must be in [0, {self.model.config.vocab_size})", param="prompt"
+                )
             ids.append(tokens)
         texts = [
             item if isinstance(item, str) else self.tokenizer.decode(tokens)

@@ -1,42 +1,62 @@
 """The OpenAI completions and chat completions API as pydantic models: what the gateway and `batch` accept
 and return. Bounds live on the fields, so invalid requests fail validation (HTTP 422) before any work, and
-the OpenAPI schema at `/openapi.json` documents them. Unknown fields are refused rather than silently ignored."""
+the OpenAPI schema at `/openapi.json` documents them. Unknown fields are refused rather than silently ignored,
+and types are strict (`json_input.py`). Every numeric bound is one the sampling code works at (a fuzzer checks
+it): a seed is an integer JSON carries exactly, and temperatures so small that logits over them would overflow
+decode greedily (`sampling.py`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from swarm.client.serve.errors import redact_addresses
+from swarm.client.serve.json_input import WHOLE, Integer, JsonRequest, null_means_default
 
 MAX_CHOICES = 16
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 4
+MAX_PROMPTS = 64
+"""Prompts in one request: a node runs at most 64 sequences of a session by default (see `--max-batch-rows`)."""
+MAX_MESSAGES = 1024
+MAX_SEED = 2**53 - 1
+"""The largest integer every JSON parser reads exactly (beyond it, a seed could change on its way here)."""
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+
+TokenIds = Annotated[list[Integer], Field(min_length=1)]
+StopText = Annotated[str, Field(min_length=1)]
+Prompt = (
+    str
+    | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(JsonRequest):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices before [DONE].")
 
 
-class SamplingRequest(BaseModel):
-    """Fields that completions and chat completions share. JSON `null` means "the default", as in OpenAI's API."""
+class SamplingRequest(JsonRequest):
+    """Fields that completions and chat completions share. JSON `null` means "the default", as in OpenAI's API;
+    types are strict (`json_input.py`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(json_schema_extra=null_means_default)
 
     model: str | None = Field(None, description="Model to use; the gateway serves one, listed by GET /v1/models.")
-    max_tokens: int | None = Field(
-        None, ge=0, description="Most tokens to generate per choice (completions default 16; chat: up to the context)."
+    max_tokens: Annotated[int, Field(ge=0), WHOLE] | None = Field(
+        None, description="Most tokens to generate per choice (completions default 16; chat: up to the context)."
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 picks the likeliest token.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: sample from this probability mass.")
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to return for each prompt.")
-    stop: str | list[str] | None = Field(
+    n: Integer = Field(1, ge=1, le=MAX_CHOICES, description="Choices to return for each prompt.")
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
         None, description=f"Up to {MAX_STOP_SEQUENCES} strings that end a choice; the text excludes them."
     )
-    seed: int | None = Field(None, ge=0, description="Makes sampling reproducible for the same request.")
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE] | None = Field(
+        None, description="Makes sampling reproducible for the same request (0 to 2**53 - 1)."
+    )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token generated at least once."
     )
@@ -52,15 +72,6 @@ class SamplingRequest(BaseModel):
     def _nulls_mean_defaults(cls, data: Any) -> Any:
         return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
 
-    @model_validator(mode="after")
-    def _check_stop(self) -> SamplingRequest:
-        stops = self.stop_sequences
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}")
-        if any(not stop for stop in stops):
-            raise ValueError("stop: sequences must not be empty")
-        return self
-
     @property
     def stop_sequences(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -72,13 +83,22 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt = Field(
         description="Text to continue: a string, a list of strings (one result set each), or token ids.",
     )
-    logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="Return each token's log-probability and this many alternatives."
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = Field(
+        None, description="Return each token's log-probability and this many alternatives."
     )
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs if asked).")
-    best_of: int | None = Field(
-        None, ge=1, le=MAX_CHOICES, description="Generate this many, return the `n` with the best mean logprob."
+    best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES), WHOLE] | None = Field(
+        None, description="Generate this many, return the `n` with the best mean logprob."
     )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _some_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("give at least one prompt")
+        if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS and any(isinstance(i, str | list) for i in prompt):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+        return prompt
 
     @model_validator(mode="after")
     def _check_best_of(self) -> CompletionRequest:
@@ -86,17 +106,19 @@ class CompletionRequest(SamplingRequest):
             raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
         if self.stream and (self.best_of or self.n) > self.n:
             raise ValueError("best_of cannot be combined with stream")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt: give at least one prompt")
         return self
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"] = "text"
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(description="The message text, or a list of text parts.")
     name: str | None = None
@@ -109,11 +131,15 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
-    max_completion_tokens: int | None = Field(None, ge=0, description="Newer name for `max_tokens`.")
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="The conversation so far, oldest first."
+    )
+    max_completion_tokens: Annotated[int, Field(ge=0), WHOLE] | None = Field(
+        None, description="Newer name for `max_tokens`."
+    )
     logprobs: bool = Field(False, description="Return each generated token's log-probability.")
-    top_logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="Alternatives to return per token (needs `logprobs`)."
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = Field(
+        None, description="Alternatives to return per token (needs `logprobs`)."
     )
 
     @model_validator(mode="after")
@@ -229,10 +255,17 @@ class ModelList(BaseModel):
 
 
 class ErrorDetail(BaseModel):
+    """One error as OpenAI shapes it. The message never names a peer's address, wherever it came from."""
+
     message: str
     type: str
     param: str | None = None
     code: str | None = None
+
+    @field_validator("message")
+    @classmethod
+    def _no_addresses(cls, message: str) -> str:
+        return redact_addresses(message)
 
 
 class ErrorResponse(BaseModel):

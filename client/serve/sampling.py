@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+GREEDY_BELOW = 1e-5
+"""Temperatures under this decode greedily (as vLLM does): sampling there already picks the likeliest token unless
+two logits are within 1e-4 of each other, and far smaller ones overflow the logits to inf (then NaN)."""
+
 
 class PresenceFrequencyPenalty(LogitsProcessor):
     """OpenAI's penalties over the tokens generated so far (not the prompt): a token seen `c` times loses
@@ -47,8 +51,9 @@ class SeededSampler(LogitsProcessor):
 def sampling_processors(
     temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int | None = None
 ) -> list[LogitsProcessor]:
-    """Warpers in `generate()`'s own order, then the sampler; temperature 0 means greedy (nothing to add)."""
-    if temperature == 0:
+    """Warpers in `generate()`'s own order, then the sampler; temperature 0 (or below `GREEDY_BELOW`) means greedy
+    (nothing to add)."""
+    if temperature < GREEDY_BELOW:
         return []
     processors: list[LogitsProcessor] = []
     if temperature != 1.0:

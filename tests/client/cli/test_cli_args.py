@@ -63,7 +63,7 @@ def test_without_a_registry_the_embedded_model_is_the_default(monkeypatch: pytes
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["serve", "--port", "9000", "--api-key", "k"], {"port": 9000, "api_key": "k"}),
+        (["serve", "--port", "9000", "--api-key", "k"], {"port": 9000, "api_key": ["k"]}),
         (["chat", "--temperature", "0", "--system", "Be brief."], {"temperature": 0.0, "max_length": 2048}),
         (["score", "f.txt", "--choices", "yes,no"], {"file": "f.txt", "choices": "yes,no", "separator": " "}),
         (["batch", "in.jsonl", "out.jsonl"], {"input": "in.jsonl", "output": "out.jsonl", "concurrency": 4}),
@@ -98,3 +98,16 @@ def test_estimate_reports_sizes_and_nodes_needed(capsys) -> None:
     assert float32["layers_per_node"] >= 1
     assert float32["nodes_to_cover"] == -(-8 // float32["layers_per_node"])
     assert report["dtypes"]["int8"]["layer_bytes"] * 4 == float32["layer_bytes"]
+
+
+def test_the_gateway_takes_several_api_keys_and_per_key_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWARM_GATEWAY_API_KEY", "env-a, env-b")
+    assert GatewaySettings.from_flags(build_parser().parse_args(["serve"])).api_key == ["env-a", "env-b"]
+    flags = ["serve", "--api-key", "key-1", "--api-key", "key-2,key-3", "--max-body-bytes", "65536"]
+    flags += ["--max-batch-rows", "8"]
+    flags += ["--key-max-concurrency", "2", "--key-requests-per-minute", "60", "--key-tokens-per-minute", "1000"]
+    gateway = GatewaySettings.from_flags(build_parser().parse_args(flags))
+    assert gateway.api_key == ["key-1", "key-2", "key-3"] and "key-1" not in repr(gateway)
+    assert (gateway.max_body_bytes, gateway.max_batch_rows) == (65536, 8)
+    limits = (gateway.key_max_concurrency, gateway.key_requests_per_minute, gateway.key_tokens_per_minute)
+    assert limits == (2, 60, 1000)

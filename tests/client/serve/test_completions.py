@@ -72,8 +72,9 @@ def test_echo_logprobs_cover_prompt_and_completion_with_offsets(engine: Completi
 
 
 def test_limits_are_invalid_requests(engine: CompletionEngine) -> None:
-    with pytest.raises(InvalidRequestError, match="context is 512 tokens"):
+    with pytest.raises(InvalidRequestError, match="context is 512 tokens") as too_long:
         engine.completion_job(CompletionRequest(prompt="hi " * 300, max_tokens=300))
+    assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(InvalidRequestError, match="token ids"):
         engine.completion_job(CompletionRequest(prompt=[1, 10**6]))
     with pytest.raises(UnknownModelError, match="'tiny'"):
@@ -85,3 +86,28 @@ def test_chat_jobs_default_to_the_rest_of_the_context_and_stop_at_the_next_user_
     assert job.prompt_texts == ["User: Hi\nAssistant:"]
     assert job.max_new_tokens == engine.context_length - len(job.prompts[0])
     assert job.stop == [".", "\nUser:"]
+
+
+def test_more_sequences_than_a_node_batch_holds_are_refused_before_any_work(engine: CompletionEngine) -> None:
+    """5 prompts x best_of 16 is 80 sequences in one swarm session: more rows than a node takes (64)."""
+    with pytest.raises(InvalidRequestError, match="80 sequences") as refused:
+        engine.completion_job(CompletionRequest(prompt=["a"] * 5, n=2, best_of=16))
+    assert refused.value.param == "best_of"
+    assert len(engine.completion_job(CompletionRequest(prompt=["a"] * 4, n=16)).prompts) == 4
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it(
+    engine: CompletionEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_tokenizing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole prompt was tokenized")
+
+    monkeypatch.setattr(type(engine.tokenizer), "__call__", no_tokenizing)
+    with pytest.raises(InvalidRequestError, match="context") as refused:
+        engine.completion_job(CompletionRequest(prompt="word " * 500_000, max_tokens=1))
+    assert refused.value.code == "context_length_exceeded"
+
+
+def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(engine: CompletionEngine) -> None:
+    job = engine.completion_job(CompletionRequest(prompt="Once upon", max_tokens=6, temperature=1e-80, top_p=0.5))
+    assert engine.run(job).choices[0].assembler.text == greedy_text(engine, "Once upon", 6)

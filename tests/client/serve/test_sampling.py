@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
+from swarm.client.serve.openai_types import MAX_SEED
 from swarm.client.serve.sampling import PresenceFrequencyPenalty, SeededSampler, sampling_processors
 
 
@@ -52,3 +54,18 @@ def test_temperature_zero_is_greedy_and_others_end_with_the_sampler() -> None:
     assert sampling_processors(0.0, top_p=0.5) == []
     kinds = [type(p).__name__ for p in sampling_processors(0.7, top_p=0.9, top_k=5, seed=1)]
     assert kinds == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "SeededSampler"]
+
+
+@pytest.mark.parametrize("temperature", [1e-80, 5e-324, 1e-6])
+def test_tiny_temperatures_pick_the_likeliest_token_instead_of_failing(temperature: float) -> None:
+    scores = torch.tensor([[3.0, 9.5, -2.0, 9.0]])
+    processors = sampling_processors(temperature, top_p=0.5, top_k=3, seed=1)
+    for processor in processors:
+        scores = processor(torch.zeros(1, 1, dtype=torch.long), scores)
+    assert int(scores.argmax()) == 1 and not torch.isnan(scores).any()
+
+
+def test_the_largest_seed_a_request_may_carry_seeds_the_sampler() -> None:
+    scores = torch.randn(1, 50)
+    first = SeededSampler(MAX_SEED)(torch.zeros(1, 1, dtype=torch.long), scores)
+    assert torch.equal(first, SeededSampler(MAX_SEED)(torch.zeros(1, 1, dtype=torch.long), scores))
