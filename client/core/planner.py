@@ -9,7 +9,13 @@ import time
 from dataclasses import dataclass, field
 
 from swarm.client.core.addresses import AddressPolicy
-from swarm.errors import CheckpointError, MissingLayersError, RegistryUnavailableError
+from swarm.errors import (
+    CheckpointError,
+    MissingLayersError,
+    RegistryUnavailableError,
+    SwarmFullError,
+    format_layer_range,
+)
 from swarm.identity import CheckpointDigests
 from swarm.protocol import Codec, PeerInfo
 from swarm.registry.client import fetch_peers, report_peer
@@ -82,6 +88,9 @@ class ChainPlanner:
         """Leave a peer that answered `busy` out of new chains for a moment, without banning it."""
         self._cooling[peer_id] = (time.monotonic() if now is None else now) + BUSY_COOLDOWN_SECONDS
 
+    def _cooling_now(self, now: float) -> frozenset[str]:
+        return frozenset(peer_id for peer_id, until in self._cooling.items() if until > now)
+
     def banned(self, now: float | None = None) -> frozenset[str]:
         """Peers left out of new chains now: banned ones and those cooling down after `busy`."""
         now = time.monotonic() if now is None else now
@@ -97,19 +106,30 @@ class ChainPlanner:
         max_age: float = 0.0,
     ) -> list[Link]:
         """The best chain over layers [start, end) now (without the peers in `avoid`), or `MissingLayersError`
-        naming the gaps. `max_age`: a view of the swarm this many seconds old will do (a registry query saved)."""
+        naming the gaps, or `SwarmFullError` when the only chains go through peers that just answered `busy`.
+        `max_age`: a view of the swarm this many seconds old will do (a registry query saved)."""
         end = self.num_layers if end is None else end
         peers = await self.usable_peers(max_age)
-        banned = self.banned() | avoid
-        chain = plan_route(
-            peers,
-            self.num_layers,
-            start=start,
-            end=end,
-            banned=banned,
-            cache_tokens_needed=cache_tokens_needed,
-            proven=frozenset(self.proven),
-        )
+        now = time.monotonic()
+        banned = self.banned(now) | avoid
+
+        def route(excluded: frozenset[str]) -> list[Link] | None:
+            return plan_route(
+                peers,
+                self.num_layers,
+                start=start,
+                end=end,
+                banned=excluded,
+                cache_tokens_needed=cache_tokens_needed,
+                proven=frozenset(self.proven),
+            )
+
+        chain = route(banned)
+        if chain is None and route(banned - self._cooling_now(now)) is not None:
+            raise SwarmFullError(
+                f"every peer that could serve layers {format_layer_range(start, end)} of {self.model_name} answered "
+                f"busy in the last {BUSY_COOLDOWN_SECONDS:g} s (full or draining); try again shortly"
+            )
         if chain is None:
             usable = [peer for peer in peers if peer.peer_id not in banned]
             missing = [
@@ -193,7 +213,7 @@ class ChainPlanner:
         while True:
             try:
                 return await self.plan(start, end, cache_tokens_needed, avoid)
-            except (MissingLayersError, RegistryUnavailableError) as exc:
+            except (MissingLayersError, RegistryUnavailableError, SwarmFullError) as exc:
                 if time.monotonic() >= deadline:
                     raise
                 if not announced:

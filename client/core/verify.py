@@ -26,7 +26,7 @@ import torch
 from swarm.client.core.forward import ChainFailure, forward_chain
 from swarm.client.core.links import LinkSession
 from swarm.client.core.planner import ChainPlanner
-from swarm.errors import MissingLayersError, RegistryUnavailableError
+from swarm.errors import MissingLayersError, RegistryUnavailableError, SwarmFullError
 from swarm.routing import Link
 
 log = logging.getLogger("swarm.client")
@@ -150,7 +150,7 @@ class Verifier:
         for _ in range(3):  # a witness that fails is set aside like any failed peer; try another
             try:
                 chain = await self.planner.plan(link.link.start, link.link.end, avoid=avoid, max_age=WITNESS_VIEW_AGE)
-            except (MissingLayersError, RegistryUnavailableError):
+            except (MissingLayersError, RegistryUnavailableError, SwarmFullError):
                 return None
             try:
                 return chain, await forward_chain(self.planner, chain, hidden, positions, mask)

@@ -2,7 +2,8 @@
 
 Run as `python tests/swarm_sim/lying_node.py <swarm-node flags>` with `LIE` in the environment:
 `noise` adds 10% Gaussian noise to every answer, `constant` answers a constant vector, `nan` answers NaN, and
-`every:N` adds the noise to every N-th answer only, and `none` answers honestly. It also claims an absurd
+`every:N` adds the noise to every N-th answer only, `narrow` answers half the hidden size, and `none` answers
+honestly. It also claims an absurd
 throughput, so that planners try it first. Nothing else differs from an honest node: same flags, same protocol,
 same identity.
 """
@@ -32,6 +33,8 @@ def lie(output: torch.Tensor) -> torch.Tensor:
         return torch.full_like(output, 0.5)
     if MODE == "nan":
         return torch.full_like(output, float("nan"))
+    if MODE == "narrow":
+        return output[..., : output.shape[-1] // 2].contiguous()
     scale = output.float().std(dim=-1, keepdim=True)
     return (output.float() + 0.1 * scale * torch.randn(output.shape)).to(output.dtype)
 

@@ -112,10 +112,12 @@ def test_a_peer_that_lies_once_in_a_while_is_caught_when_that_step_is_checked(
         liar.kill()
 
 
-def test_a_peer_that_answers_nan_loses_its_link_at_once_without_verification(
-    tiny_llama: Path, swarm: LocalSwarm, expected: list[list[int]]
+@pytest.mark.parametrize("lie", ["nan", "narrow"])
+def test_a_peer_that_answers_what_cannot_be_right_loses_its_link_at_once_without_verification(
+    tiny_llama: Path, swarm: LocalSwarm, expected: list[list[int]], lie: str
 ) -> None:
-    liar = lying(swarm, tiny_llama, "nan")
+    """NaN, or hidden states of the wrong size: banned and failed over on the spot, not raised to the caller."""
+    liar = lying(swarm, tiny_llama, lie)
     model = client(tiny_llama, swarm, verify_rate=0.0)
     try:
         assert generate(model) == expected
