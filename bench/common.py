@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,8 +80,10 @@ def use_threads(option: str) -> int | None:
     return threads
 
 
-def build_random_llama(preset: str, target: Path) -> Path:
-    """The benchmarks' default model; `build_random_model` builds the other families."""
+def build_random_llama(preset: str, target: Path | None = None) -> Path:
+    """The benchmarks' default model (by default in the temporary folder, built once); `build_random_model` builds
+    the other families."""
+    target = target or Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{preset}"
     return build_random_model(preset, target)
 
 

@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    model = build_random_llama(args.preset, Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{args.preset}")
+    model = build_random_llama(args.preset)
     num_layers = PRESETS[args.preset]["num_hidden_layers"]
     spans = {"small": args.small, "all": f"0-{num_layers - 1}"}
     results: dict[str, dict[str, float]] = {}

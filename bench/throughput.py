@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = use_threads(args.threads)
-    model_path = build_random_llama(args.preset, Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{args.preset}")
+    model_path = build_random_llama(args.preset)
     local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = local.config.num_hidden_layers
     counts = [int(n) for n in args.sessions.split(",")]

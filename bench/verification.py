@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_path = build_random_llama(args.preset, Path(tempfile.gettempdir()) / "swarm-bench" / f"llama-{args.preset}")
+    model_path = build_random_llama(args.preset)
     num_layers = PRESETS[args.preset]["num_hidden_layers"]
     half = num_layers // 2
     prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
