@@ -127,8 +127,9 @@ class ChainPlanner:
         chain = route(banned)
         if chain is None and route(banned - self._cooling_now(now)) is not None:
             raise SwarmFullError(
-                f"every peer that could serve layers {format_layer_range(start, end)} of {self.model_name} answered "
-                f"busy in the last {BUSY_COOLDOWN_SECONDS:g} s (full or draining); try again shortly"
+                f"the swarm is full for layers {format_layer_range(start, end)} of {self.model_name}: every peer that "
+                f"could serve them answered busy (full or draining) in the last {BUSY_COOLDOWN_SECONDS:g} s. Try again "
+                f"shortly, use a shorter max_length, or start more nodes."
             )
         if chain is None:
             usable = [peer for peer in peers if peer.peer_id not in banned]

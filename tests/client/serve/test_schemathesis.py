@@ -11,7 +11,9 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,10 +45,34 @@ def gateway_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemat
     engine.close()
 
 
-schema = schemathesis.pytest.from_fixture("gateway_schema")
+EXAMPLES_PER_OPERATION = 20
 
 
-@schema.parametrize()
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_no_request_the_schema_allows_or_refuses_gets_a_server_error(case: schemathesis.Case) -> None:
-    case.call_and_validate()
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=str)
+def test_no_request_the_schema_allows_or_refuses_gets_a_server_error(
+    gateway_schema: schemathesis.BaseSchema, mode: GenerationMode
+) -> None:
+    """Every operation, with requests the schema allows (positive) and refuses (negative). Driven through plain
+    hypothesis rather than schemathesis' pytest plugin, which reaches into pytest's internals."""
+    operations = [result.ok() for result in gateway_schema.get_all_operations()]
+    checked_negative = {operation.label for operation in operations}
+    for operation in operations:
+
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
+        @given(operation.as_strategy(generation_mode=mode))
+        def each_request(case: schemathesis.Case) -> None:
+            case.call_and_validate()
+
+        try:
+            each_request()
+        except Unsatisfiable:
+            if mode is GenerationMode.POSITIVE:
+                raise
+            checked_negative.discard(operation.label)  # nothing to get wrong (`GET /v1/models` takes no input)
+    assert mode is GenerationMode.POSITIVE or len(checked_negative) >= 2, checked_negative
