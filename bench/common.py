@@ -87,6 +87,13 @@ def build_random_llama(preset: str, target: Path | None = None) -> Path:
     return build_random_model(preset, target)
 
 
+def swarm_bench_setup(preset: str) -> tuple[Path, int, torch.Tensor]:
+    """What the swarm benchmarks start from: the preset's random Llama, its number of layers, and a fixed prompt
+    of 16 tokens."""
+    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    return build_random_llama(preset), PRESETS[preset]["num_hidden_layers"], prompt
+
+
 def build_random_model(preset: str, target: Path, family: str = "llama") -> Path:
     """A random model of a preset size, saved sharded like real checkpoints (built once, then reused)."""
     if (target / "config.json").is_file():

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bench.common import PRESETS, build_random_llama, median, write_json
+from bench.common import PRESETS, median, swarm_bench_setup, write_json
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.verify import DEFAULT_VERIFY_RATE
 from swarm.client.local_swarm import LocalSwarm
@@ -79,10 +79,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_path = build_random_llama(args.preset)
-    num_layers = PRESETS[args.preset]["num_hidden_layers"]
+    model_path, num_layers, prompt = swarm_bench_setup(args.preset)
     half = num_layers // 2
-    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     rates = {"off": 0.0, f"default ({DEFAULT_VERIFY_RATE:g})": DEFAULT_VERIFY_RATE, "every step": 1.0}
     cost: dict[str, list[float]] = {name: [] for name in rates}
     detection: dict[str, list[int | None]] = {"noise": [], "every:20": []}
