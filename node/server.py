@@ -36,7 +36,6 @@ from swarm.node.steps import StepScheduler, StepService
 from swarm.node.validation import check_layer_range
 from swarm.protocol import (
     CODECS,
-    DTYPE_NAMES,
     CloseSession,
     Error,
     Forward,
@@ -51,6 +50,7 @@ from swarm.protocol import (
     Welcome,
     decode_message,
 )
+from swarm.tensors import DTYPE_NAMES
 from swarm.transport import error_frame, limit_frames, receive_hello, send
 
 log = logging.getLogger("swarm.node")

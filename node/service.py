@@ -24,8 +24,9 @@ from swarm.node.plan import SpanPlan, plan_span
 from swarm.node.server import NodeIdentity, NodeServer
 from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
-from swarm.protocol import DTYPE_NAMES, WIRE_DTYPES, PeerInfo
+from swarm.protocol import PeerInfo
 from swarm.registry.client import fetch_peers
+from swarm.tensors import DTYPE_NAMES, WIRE_DTYPES
 from swarm.transport import HELLO_MAX_BYTES, Credentials, server_ssl_context
 
 log = logging.getLogger("swarm.node")

@@ -9,12 +9,14 @@ step, `scale / 254`, per value. The byte layout is part of the wire contract (se
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where values are computed: checking a frame's sizes needs none of it
+    import torch
 
 BLOCK_SIZE = 64
 """Consecutive values along the last dimension that share one scale; a row's last block may be shorter."""
-SCALE_DTYPE = torch.float32
+SCALE_BYTES = 4
 """Scales are float32 so that any float32 hidden state (not only float16's range) has a finite scale."""
 LEVELS = 127
 
@@ -29,7 +31,7 @@ def block_layout(shape: list[int]) -> tuple[int, int, int]:
 def encoded_sizes(shape: list[int]) -> tuple[int, int]:
     """Exact byte lengths of `(data, scales)` for `shape`: one int8 per value, one scale per block."""
     rows, last, blocks = block_layout(shape)
-    return rows * last, rows * blocks * SCALE_DTYPE.itemsize
+    return rows * last, rows * blocks * SCALE_BYTES
 
 
 def quantize(tensor: torch.Tensor) -> tuple[bytes, bytes]:
@@ -37,6 +39,8 @@ def quantize(tensor: torch.Tensor) -> tuple[bytes, bytes]:
 
     An all-zero block gets scale 0 and zeros. A block holding NaN or infinity gets a NaN scale, so it
     decodes to NaN and fails the receiver's finiteness check exactly as the raw values would."""
+    import torch
+
     rows, last, blocks = block_layout(list(tensor.shape))
     if rows * last == 0:
         return b"", b""
@@ -48,20 +52,24 @@ def quantize(tensor: torch.Tensor) -> tuple[bytes, bytes]:
     finite = torch.nan_to_num(padded, nan=0.0, posinf=0.0, neginf=0.0)
     codes = torch.round(finite * inverse.unsqueeze(-1)).clamp_(-LEVELS, LEVELS)
     codes = codes.to(torch.int8).reshape(rows, blocks * BLOCK_SIZE)[:, :last]
-    scales = torch.where(torch.isfinite(scales), scales, math.nan).to(SCALE_DTYPE)
+    scales = torch.where(torch.isfinite(scales), scales, math.nan).to(torch.float32)
     return _bytes(codes.contiguous()), _bytes(scales)
 
 
 def dequantize(data: bytes, scales: bytes, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The tensor `quantize` encoded, as `dtype`; lengths must already match `encoded_sizes(shape)`."""
+    import torch
+
     rows, last, blocks = block_layout(shape)
     if rows * last == 0:
         return torch.empty(shape, dtype=dtype)
     codes = torch.frombuffer(bytearray(data), dtype=torch.int8).reshape(rows, last)
-    steps = torch.frombuffer(bytearray(scales), dtype=SCALE_DTYPE).reshape(rows, blocks).float() / LEVELS
+    steps = torch.frombuffer(bytearray(scales), dtype=torch.float32).reshape(rows, blocks) / LEVELS
     values = codes.float() * steps.repeat_interleave(BLOCK_SIZE, dim=1)[:, :last]
     return values.to(dtype).reshape(shape)
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     return tensor.view(torch.uint8).numpy().tobytes()

@@ -1,6 +1,6 @@
 """The floating dtypes swarm computes and sends hidden states in, by name.
 
-Free of torch, so that settings and `--help` can offer them; `swarm.protocol.WIRE_DTYPES` maps names to torch.
+Free of torch, so that settings and `--help` can offer them; `swarm.tensors.WIRE_DTYPES` maps names to torch.
 """
 
 from __future__ import annotations

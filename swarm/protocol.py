@@ -15,15 +15,17 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Annotated, ClassVar, Literal, Self, Union
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Self, Union
 
 import msgpack
-import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from swarm import compression
 from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.errors import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:  # tensors are converted in `swarm.tensors`: a process that never touches one never loads torch
+    import torch
 
 PROTOCOL_VERSION = 4
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
@@ -38,17 +40,8 @@ with `unsupported_version`, and a client then tries the next older one it speaks
 
 PeerState = Literal["joining", "online", "draining"]
 
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+"""Bytes per value of each wire dtype (`swarm.tensors.WIRE_DTYPES` maps the names to torch's dtypes)."""
 WireDType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
 
 CODECS = ("raw", "int8-block")
@@ -109,7 +102,7 @@ class WireTensor(_Strict):
         if self.codec == "raw":
             if self.scales is not None:
                 raise ValueError("a raw tensor carries no scales")
-            expected = math.prod(self.shape) * WIRE_DTYPES[self.dtype].itemsize
+            expected = math.prod(self.shape) * ITEMSIZE[self.dtype]
             _check_length("data", self.data, expected, self)
             return self
         if self.dtype not in FLOAT_DTYPE_NAMES or not self.shape:
@@ -122,26 +115,14 @@ class WireTensor(_Strict):
     @classmethod
     def from_torch(cls, tensor: torch.Tensor, codec: Codec = "raw") -> WireTensor:
         """`tensor` as it travels: bit-exact (`raw`), or 8-bit blocks that decode to its dtype (`int8-block`)."""
-        tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.dtype not in DTYPE_NAMES:
-            raise TypeError(f"dtype {tensor.dtype} cannot travel on the wire")
-        name = DTYPE_NAMES[tensor.dtype]
-        if codec == "int8-block":
-            if name not in FLOAT_DTYPE_NAMES or tensor.dim() == 0:
-                raise TypeError(f"int8-block encodes floating tensors of at least one dimension, not {tensor.dtype}")
-            data, scales = compression.quantize(tensor)
-            return cls.trusted(dtype=name, shape=list(tensor.shape), data=data, codec=codec, scales=scales)
-        raw = tensor.view(torch.uint8) if tensor.dtype != torch.bool and tensor.numel() else tensor
-        data = raw.numpy().tobytes() if tensor.numel() else b""
-        return cls.trusted(dtype=name, shape=list(tensor.shape), data=data)
+        from swarm import tensors
+
+        return cls.trusted(**tensors.encode(tensor, codec))
 
     def to_torch(self) -> torch.Tensor:
-        dtype = WIRE_DTYPES[self.dtype]
-        if self.codec == "int8-block":
-            return compression.dequantize(self.data, self.scales or b"", self.shape, dtype)
-        if not self.data:
-            return torch.empty(self.shape, dtype=dtype)
-        return torch.frombuffer(bytearray(self.data), dtype=dtype).reshape(self.shape)
+        from swarm import tensors
+
+        return tensors.decode(self)
 
 
 def _check_length(field: str, value: bytes, expected: int, tensor: WireTensor) -> None:

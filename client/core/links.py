@@ -15,7 +15,6 @@ import torch
 from swarm.client.core.channel import ChannelPool, PeerChannel
 from swarm.errors import ErrorCode, ProtocolError, RemoteError
 from swarm.protocol import (
-    WIRE_DTYPES,
     CloseSession,
     Codec,
     OpenSession,
@@ -26,6 +25,7 @@ from swarm.protocol import (
     WireTensor,
 )
 from swarm.routing import Link
+from swarm.tensors import WIRE_DTYPES
 
 log = logging.getLogger("swarm.client")
 
