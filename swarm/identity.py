@@ -35,13 +35,13 @@ def _hasher() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=DIGEST_BYTES)
 
 
-def model_id(model: str | Path) -> str:
+def model_id(model: str | Path, index: CheckpointIndex | None = None) -> str:
     """The checkpoint's architecture: its config and the name, dtype and shape of every tensor it stores."""
     root = checkpoint_dir(model)
     digest = _hasher()
     config = json.loads((root / "config.json").read_text())
     digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    index = CheckpointIndex.open(root)
+    index = index or CheckpointIndex.open(root)
     layout: list[tuple[str, str, list[int]]] = []
     for shard in sorted(set(index.shard_of.values())):
         with safe_open(str(root / shard), framework="pt") as handle:
@@ -87,8 +87,8 @@ class CheckpointDigests:
     def __init__(self, model: str | Path, architecture: ModelArchitecture | None = None) -> None:
         self.root = checkpoint_dir(model)
         self.architecture = architecture or ModelArchitecture.of(self.root)
-        self.model_id = model_id(self.root)
         self._index = CheckpointIndex.open(self.root)
+        self.model_id = model_id(self.root, self._index)
         self._layers: dict[int, bytes] = {}
         self._lock = threading.Lock()
 

@@ -132,10 +132,13 @@ async def _send_group(members: list[_Member]) -> list[Exception | None]:
         link.record(member.inputs)
         answered.append((member, own))
         failures.append(None)
+    checked = [(member, own) for member, own in answered if member.session.checks(member.index)]
     verified = await asyncio.gather(
-        *(member.session.verified(member.index, own) for member, own in answered), return_exceptions=True
+        *(member.session.check(member.index, own) for member, own in checked), return_exceptions=True
     )
-    for (member, _), outcome in zip(answered, verified, strict=True):
+    outcomes = dict(zip((id(member) for member, _ in checked), verified, strict=True))
+    for member, own in answered:  # most steps are not checked: their own answer goes on
+        outcome = outcomes.get(id(member), own)
         if isinstance(outcome, BaseException):  # failing over a liar failed: this session's step ends
             member.outcome = outcome
             continue

@@ -137,6 +137,8 @@ class LinkSession:
         self.session_id = session_id
         self.codec = codec
         self.history: list[LinkInputs] = []
+        self.reordered = False
+        """Some step reordered the rows (beam search's `hypo_ids`): the history is not one sequence per row."""
 
     @classmethod
     async def open(
@@ -173,6 +175,7 @@ class LinkSession:
     def record(self, inputs: LinkInputs) -> None:
         """Keep a step this link has taken, to replay it onto a replacement after a failover."""
         self.history.append(inputs.compact())
+        self.reordered = self.reordered or inputs.hypo_ids is not None
 
     async def close(self) -> None:
         if not self.channel.alive:  # the peer freed the session with the connection

@@ -82,14 +82,24 @@ class ChainSession:
             f"after {MAX_FAILOVERS_PER_STEP} failovers in one step"
         )
 
+    def checks(self, index: int) -> bool:
+        """Whether link `index`'s latest step is to be checked on other peers; a peer that answered without a check
+        counts as one this client has seen answer."""
+        link = self.links[index]
+        if self.verifier.wants(link):
+            return True
+        self.planner.proven.add(link.link.peer.peer_id)
+        return False
+
     async def verified(self, index: int, output: torch.Tensor) -> torch.Tensor:
         """Link `index`'s answer to the step it just took, checked by other peers when the verifier samples it
         (`verify.py`). A link caught lying fails over (its history, this step included, replayed elsewhere) and
         the honest answer is returned."""
+        return await self.check(index, output) if self.checks(index) else output
+
+    async def check(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """`verified` for a step already chosen for checking."""
         link = self.links[index]
-        if not self.verifier.wants(link):
-            self.planner.proven.add(link.link.peer.peer_id)
-            return output
         verdict = await self.verifier.check(link, output)
         if verdict.liar:
             await self.spans.replace(self.links, index, PeerLiedError(link.link.peer.address))

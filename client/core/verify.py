@@ -79,7 +79,7 @@ class Verifier:
 
     def wants(self, link: LinkSession) -> bool:
         rate = self.planner.verify_rate
-        if rate <= 0 or any(past.hypo_ids is not None for past in link.history):
+        if rate <= 0 or link.reordered:
             return False
         return link.link.peer.peer_id not in self.planner.proven or self.rng.random() < rate
 
@@ -87,7 +87,13 @@ class Verifier:
         """`output` is link's answer to its latest step (the last entry of its history)."""
         peer = link.link.peer
         self.checks += 1
-        second = await self._recompute(link, frozenset({peer.peer_id}))
+        history = link.history
+        whole = (
+            torch.cat([past.hidden for past in history], dim=1),
+            torch.cat([past.position_ids for past in history], dim=1),
+            torch.cat([past.attention_mask for past in history], dim=1),
+        )
+        second = await self._recompute(link, whole, frozenset({peer.peer_id}))
         if second is None:
             log.debug("no other peer serves [%d, %d) to check %s against", link.link.start, link.link.end, peer.address)
             self.planner.proven.add(peer.peer_id)
@@ -109,7 +115,7 @@ class Verifier:
             error,
             limit,
         )
-        third = await self._recompute(link, frozenset({peer.peer_id, *(w.peer.peer_id for w in witnesses)}))
+        third = await self._recompute(link, whole, frozenset({peer.peer_id, *(w.peer.peer_id for w in witnesses)}))
         if third is None:
             log.warning(
                 "cannot tell whether %s or %s answered layers [%d, %d) wrongly: no third peer serves them",
@@ -141,12 +147,15 @@ class Verifier:
         )
         return Verdict(output)
 
-    async def _recompute(self, link: LinkSession, avoid: frozenset[str]) -> tuple[list[Link], torch.Tensor] | None:
-        """The link's whole history through a chain of peers not in `avoid`, or None when there is none."""
-        history = link.history
-        hidden = torch.cat([past.hidden for past in history], dim=1)
-        positions = torch.cat([past.position_ids for past in history], dim=1)
-        mask = torch.cat([past.attention_mask for past in history], dim=1)
+    async def _recompute(
+        self,
+        link: LinkSession,
+        whole: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        avoid: frozenset[str],
+    ) -> tuple[list[Link], torch.Tensor] | None:
+        """The link's whole history (`whole`: hidden states, positions, mask, every step it was sent) through a
+        chain of peers not in `avoid`, or None when there is none."""
+        hidden, positions, mask = whole
         for _ in range(3):  # a witness that fails is set aside like any failed peer; try another
             try:
                 chain = await self.planner.plan(link.link.start, link.link.end, avoid=avoid, max_age=WITNESS_VIEW_AGE)

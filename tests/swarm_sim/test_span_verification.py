@@ -10,6 +10,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from swarm.client import DistributedModelForCausalLM
+from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.local_swarm import LocalSwarm, Process
 from swarm.protocol import PeerInfo
 from swarm.registry.client import fetch_peers
@@ -144,3 +146,24 @@ def test_a_node_serving_other_weights_under_the_same_name_is_never_used(
     finally:
         model.close()
         impostor.kill()
+
+
+def test_steps_sent_together_by_the_scheduler_are_checked_and_a_liar_among_them_is_caught(
+    tiny_llama: Path, swarm: LocalSwarm, local_llama: PreTrainedModel
+) -> None:
+    """Concurrent jobs' decode steps travel as one frame per peer (`grouped_steps`); checking samples each one."""
+    prompts = [PROMPT, torch.tensor([[1, 300, 8, 99, 14, 33, 7, 45]])]
+    wanted = [local_llama.generate(p, max_new_tokens=NEW_TOKENS, do_sample=False).tolist() for p in prompts]
+    liar = lying(swarm, tiny_llama, "every:7")
+    model = client(tiny_llama, swarm, verify_rate=1.0)
+    scheduler = DecodeScheduler(model, lanes=1)  # one lane: the jobs' steps go together
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(scheduler.generate, p, max_new_tokens=NEW_TOKENS) for p in prompts]
+            assert [job.result(timeout=120).tolist() for job in jobs] == wanted
+        assert model.verifier.caught >= 1  # each job whose session was on the liar may catch it in the same tick
+        assert reported(swarm, liar)
+    finally:
+        scheduler.close()
+        model.close()
+        liar.kill()

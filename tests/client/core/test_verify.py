@@ -30,7 +30,7 @@ def test_relative_error_is_per_token_and_infinite_for_non_finite_answers() -> No
 class _Link:
     def __init__(self, peer_id: str, hypo: bool = False) -> None:
         self.link = type("L", (), {"peer": type("P", (), {"peer_id": peer_id})()})()
-        self.history = [type("H", (), {"hypo_ids": torch.zeros(1) if hypo else None})()]
+        self.reordered = hypo  # a step of its history carried beam search's hypo_ids
 
 
 def test_new_peers_are_always_checked_known_ones_at_the_rate_and_none_when_off() -> None:
