@@ -94,8 +94,8 @@ class ChainPlanner:
     def banned(self, now: float | None = None) -> frozenset[str]:
         """Peers left out of new chains now: banned ones and those cooling down after `busy`."""
         now = time.monotonic() if now is None else now
-        bans = {peer_id for peer_id, (until, _) in self._bans.items() if until > now}
-        return frozenset(bans | {peer_id for peer_id, until in self._cooling.items() if until > now})
+        bans = frozenset(peer_id for peer_id, (until, _) in self._bans.items() if until > now)
+        return bans | self._cooling_now(now)
 
     async def plan(
         self,
