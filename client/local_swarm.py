@@ -8,6 +8,7 @@ closing the swarm stops every child, also after an error.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,9 +22,26 @@ READY_TIMEOUT = 120.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 now, outside the kernel's range for outgoing connections: a port picked there
+    can be taken by any client's connection in the moment before the node binds it (`address already in use`)."""
+    low, high = _ephemeral_ports()
+    for _ in range(1000):
+        port = random.randrange(1024, low) if low > 1024 else random.randrange(high + 1, 65536)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port on 127.0.0.1 outside the ephemeral range")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; other systems use 49152-65535, also above it
 
 
 def child_env(threads: int | None = 1, **extra: str) -> dict[str, str]:
