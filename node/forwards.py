@@ -17,11 +17,12 @@ from collections.abc import Callable
 
 import torch
 
+from swarm.models.adapters import LayerAdapters
 from swarm.node.metrics import NodeMetrics
 from swarm.node.sessions import Session
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler
-from swarm.node.validation import StepInputs, check_layer_range, decode_forward, position_limit
+from swarm.node.validation import StepInputs, check_layer_range, decode_adapter, decode_forward, position_limit
 from swarm.protocol import Forward, ForwardResult, WireTensor
 
 
@@ -36,6 +37,7 @@ class ForwardService:
         max_batch: int,
         max_length: int,
         max_tokens: int,
+        max_adapter_bytes: int,
         metrics: NodeMetrics,
     ) -> None:
         self.span = span
@@ -44,6 +46,7 @@ class ForwardService:
         self.max_batch = max_batch
         self.max_length = max_length
         self.max_tokens = max_tokens
+        self.max_adapter_bytes = max_adapter_bytes
         self.metrics = metrics
         self._computing = asyncio.Lock()
         self._connections: dict[int, asyncio.Lock] = {}
@@ -53,8 +56,11 @@ class ForwardService:
         check_layer_range(message.start, message.end, (span.start, span.end))
         limit = position_limit(span.architecture.spec, self.max_length)
         inputs = decode_forward(message, self.hidden_size, self.max_batch, limit, self.max_tokens)
+        adapter = decode_adapter(
+            message.adapter, span.architecture.spec, message.start, message.end, self.max_adapter_bytes
+        )
         async with self._turn(owner), self._computing:
-            hidden = await self._compute(inputs, message.start, message.end, owner)
+            hidden = await self._compute(inputs, message.start, message.end, owner, adapter)
         self.metrics.steps.labels("forward").inc()  # its compute time is in the rounds it ran in
         return ForwardResult(hidden=WireTensor.from_torch(hidden, message.hidden.codec))
 
@@ -66,7 +72,9 @@ class ForwardService:
         """A connection that went away (its forwards were cancelled with it)."""
         self._connections.pop(owner, None)
 
-    async def _compute(self, inputs: StepInputs, start: int, end: int, owner: int) -> torch.Tensor:
+    async def _compute(
+        self, inputs: StepInputs, start: int, end: int, owner: int, adapter: LayerAdapters | None
+    ) -> torch.Tensor:
         batch, tokens = inputs.hidden.shape[:2]
         chunk = self.scheduler.chunk_tokens
         rows = max(1, chunk // tokens) if chunk else batch
@@ -75,15 +83,17 @@ class ForwardService:
             part = slice(first, first + rows)
             mask = inputs.attention_mask[part] if inputs.attention_mask is not None else None
             piece = StepInputs(inputs.hidden[part], inputs.position_ids[part], mask, None)
-            outputs.append(await self._rows(piece, start, end, owner))
+            outputs.append(await self._rows(piece, start, end, owner, adapter))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    async def _rows(self, inputs: StepInputs, start: int, end: int, owner: int) -> torch.Tensor:
+    async def _rows(
+        self, inputs: StepInputs, start: int, end: int, owner: int, adapter: LayerAdapters | None
+    ) -> torch.Tensor:
         """Some rows of a forward, as a session of their own that is gone once they are computed."""
         batch, tokens = inputs.hidden.shape[:2]
         now = time.monotonic()
         cache = self.span().cache.allocate(batch, tokens)
-        session = Session("forward", owner, start, end, tokens, batch, cache, 0, now, now)
+        session = Session("forward", owner, start, end, tokens, batch, cache, 0, now, now, adapter=adapter)
         try:
             return await self.scheduler.submit(session, inputs)
         finally:

@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="most tokens (batch x length) one stateless forward may carry (default 8192)",
     )
     add(
+        "--no-training",
+        dest="training",
+        action="store_const",
+        const=False,
+        help="refuse backward requests: lend the layers for inference only (training is on by default)",
+    )
+    add(
+        "--max-training-tokens",
+        type=int,
+        help="most tokens (batch x length) one backward may carry (default 4096)",
+    )
+    add(
+        "--max-adapter-bytes",
+        type=int,
+        help="largest low-rank adapter a session or pass may bring (default 16 MiB)",
+    )
+    add(
         "--max-sessions-per-client",
         type=int,
         help="sessions one client may hold: one connection, and all connections from one IP address (an IPv6 /64) "

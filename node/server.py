@@ -33,9 +33,11 @@ from swarm.node.sessions import ClientShare, SessionTable
 from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler, StepService
-from swarm.node.validation import check_layer_range
+from swarm.node.training import BackwardService
+from swarm.node.validation import check_layer_range, decode_adapter
 from swarm.protocol import (
     CODECS,
+    Backward,
     CloseSession,
     Error,
     Forward,
@@ -109,6 +111,17 @@ class NodeServer:
             settings.max_batch_size,
             settings.max_length,
             settings.max_forward_tokens,
+            settings.max_adapter_bytes,
+            self.metrics,
+        )
+        self.backwards = BackwardService(
+            self._ready_span,
+            settings.training,
+            identity.hidden_size,
+            settings.max_batch_size,
+            settings.max_length,
+            settings.max_training_tokens,
+            settings.max_adapter_bytes,
             self.metrics,
         )
 
@@ -137,6 +150,7 @@ class NodeServer:
             model_id=ident.model_id,
             weights=ident.weights,
             quantization=self.settings.quantize,
+            training=self.settings.training,
         )
 
     def limits(self) -> NodeLimits:
@@ -186,7 +200,7 @@ class NodeServer:
     async def _answer(self, frame: bytes | str, owner: int, address: str | None) -> Message:
         try:
             message = decode_message(frame, self.settings.max_message_bytes)
-            if isinstance(message, (Step, Forward)):
+            if isinstance(message, (Step, Forward, Backward)):
                 self._check_step_rate(message, owner, address)
         except ProtocolError as exc:
             self.metrics.errors.labels(exc.code).inc()
@@ -199,7 +213,7 @@ class NodeServer:
         except Exception as exc:
             return self._failed(exc, session_id, owner)
 
-    def _check_step_rate(self, message: Step | Forward, owner: int, address: str | None) -> None:
+    def _check_step_rate(self, message: Step | Forward | Backward, owner: int, address: str | None) -> None:
         if not self.step_rate.allow(client_keys(owner, address), time.monotonic()):
             raise ProtocolError(
                 ErrorCode.BUSY,
@@ -236,6 +250,9 @@ class NodeServer:
             span = self._ready_span()
             check_layer_range(message.start, message.end, (span.start, span.end))
             check_session_size(message.max_length, message.batch_size, self.settings)
+            adapter = decode_adapter(
+                message.adapter, span.architecture.spec, message.start, message.end, self.settings.max_adapter_bytes
+            )
             now = time.monotonic()
             needed = message.batch_size * capacity_for(message.max_length)
             for session_id in self.sessions.reclaim(needed, owner, address, now):
@@ -250,6 +267,7 @@ class NodeServer:
                 capacity_for,
                 span.cache.allocate,
                 address,
+                adapter,
             )
             return SessionOpened(session_id=message.session_id)
         if isinstance(message, CloseSession):
@@ -258,6 +276,8 @@ class NodeServer:
             return SessionClosed(session_id=message.session_id)
         if isinstance(message, Forward):
             return await self.forwards.answer(message, owner)
+        if isinstance(message, Backward):
+            return await self.backwards.answer(message)
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"a node does not accept {message.type!r} messages")
 
     def _ready_span(self) -> LoadedSpan:

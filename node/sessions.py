@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from swarm.errors import ErrorCode, ProtocolError
+from swarm.models.adapters import LayerAdapters
 
 RECLAIM_AFTER = 5.0
 """Seconds a session may wait for its first step before a client short of room may reclaim it: an honest client
@@ -53,6 +54,8 @@ class Session:
     """The client address its connection counts under (`swarm.node.admission.client_address`); None: its own."""
     stepped: bool = False
     """A step of it was accepted; until then it expires after `--first-step-timeout` and may be reclaimed."""
+    adapter: LayerAdapters | None = None
+    """The low-rank adapter every step of it runs with (`OpenSession.adapter`), or None."""
 
     def of_client(self, owner: int, address: str | None) -> bool:
         """Whether the session counts against the client that is connection `owner` from `address`."""
@@ -99,6 +102,7 @@ class SessionTable:
         row_capacity: Callable[[int], int],
         allocate: Callable[[int, int], SessionCache],
         address: str | None = None,
+        adapter: LayerAdapters | None = None,
     ) -> Session:
         """`row_capacity(max_length)`: tokens a cache row for it holds; `allocate(batch, max_length)`: its rows.
         `owner` is the connection, `address` the client address it counts under (None: the connection alone)."""
@@ -117,6 +121,7 @@ class SessionTable:
         cache = allocate(batch_size, max_length)
         session = Session(session_id, owner, span[0], span[1], max_length, batch_size, cache, needed, now, now)
         session.address = address
+        session.adapter = adapter
         self._sessions[session_id] = session
         return session
 

@@ -31,6 +31,9 @@ class NodeSettings(SwarmSettings):
     compile: bool = Field(False, description="torch.compile the layers (GPU: fuses a decode step's small ops)")
     prefill_chunk: int = Field(256, ge=0, description="tokens of a long step computed at a time; 0: never split")
     max_forward_tokens: int = Field(8192, ge=1, description="tokens (batch x length) one stateless forward may carry")
+    training: bool = Field(True, description="answer backward requests (clients training through the swarm)")
+    max_training_tokens: int = Field(4096, ge=1, description="tokens (batch x length) one backward may carry")
+    max_adapter_bytes: int = Field(16 * 2**20, ge=0, description="bytes of one session's or pass's adapter")
     max_sessions_per_client: int | None = Field(
         None,
         ge=1,

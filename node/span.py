@@ -14,6 +14,7 @@ from torch import nn
 
 from swarm.checkpoint import CheckpointIndex, tensor_nbytes
 from swarm.models import ModelArchitecture
+from swarm.models.adapters import LayerAdapters, LowRank, RowAdapter
 from swarm.models.attention import StatelessAttention
 from swarm.models.stack import LayerStack, layer_tensor_names
 from swarm.node.kv_cache import KVCache, RoundAttention, RoundEntry
@@ -83,21 +84,72 @@ class LoadedSpan:
         return sum(tensor_storage_bytes(tensor) for tensor in tensors)
 
     @torch.inference_mode()
-    def run_round(self, hidden: torch.Tensor, entries: list[RoundEntry], start: int, end: int) -> torch.Tensor:
+    def run_round(
+        self,
+        hidden: torch.Tensor,
+        entries: list[RoundEntry],
+        start: int,
+        end: int,
+        adapters: list[RowAdapter] | None = None,
+    ) -> torch.Tensor:
         """Layers [start, end) over the new tokens of one or more sessions (their rows stacked in `hidden`, in
-        the order of `entries`), reading and extending their caches; returns the span's dtype."""
+        the order of `entries`, each row range with its session's adapter if it has one), reading and extending
+        their caches; returns the span's dtype."""
         positions = torch.cat([entry.positions for entry in entries]) if len(entries) > 1 else entries[0].positions
         attention = RoundAttention(self.cache, entries)
-        return self.stack(hidden.to(self.device, self.dtype), positions.to(self.device), attention, start, end)
+        hidden = hidden.to(self.device, self.dtype)
+        return self.stack(hidden, positions.to(self.device), attention, start, end, adapters)
 
     @torch.inference_mode()
     def forward_stateless(
-        self, hidden: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor, start: int, end: int
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        padding: torch.Tensor,
+        start: int,
+        end: int,
+        adapter: LayerAdapters | None = None,
     ) -> torch.Tensor:
         """Layers [start, end) over a whole sequence with no session: nothing is kept."""
         hidden = hidden.to(self.device, self.dtype)
         attention = StatelessAttention(self.architecture.spec, padding.to(self.device), positions, hidden.dtype)
-        return self.stack(hidden, positions.to(self.device), attention, start, end)
+        rows = [RowAdapter(0, hidden.shape[0], adapter)] if adapter is not None else None
+        return self.stack(hidden, positions.to(self.device), attention, start, end, rows)
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        padding: torch.Tensor | None,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        adapter: LayerAdapters | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Gradients of sum(forward(hidden) * grad_output) over layers [start, end) with no session, with respect
+        to `hidden` and to the adapter's tensors (in `LayerAdapters.tensors` order). The layers run again with
+        each one's activations recomputed during the backward pass (`LayerStack.forward`'s `recompute`), so a
+        backward holds one layer's activations, not the span's."""
+        with torch.enable_grad():
+            inputs = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            leaves: list[torch.Tensor] = []
+            rows: list[RowAdapter] = []
+            if adapter is not None:
+                pairs = {
+                    key: LowRank(
+                        pair.a.to(self.device, self.dtype).requires_grad_(True),
+                        pair.b.to(self.device, self.dtype).requires_grad_(True),
+                    )
+                    for key, pair in adapter.pairs.items()
+                }
+                adapter = LayerAdapters(adapter.scale, pairs)
+                leaves = adapter.tensors()
+                rows = [RowAdapter(0, inputs.shape[0], adapter)]
+            real = padding if padding is not None else torch.ones(inputs.shape[:2], dtype=torch.bool)
+            attention = StatelessAttention(self.architecture.spec, real.to(self.device), positions, inputs.dtype)
+            output = self.stack(inputs, positions.to(self.device), attention, start, end, rows, recompute=True)
+            grads = torch.autograd.grad(output, [inputs, *leaves], grad_output.to(self.device, output.dtype))
+        return grads[0], list(grads[1:])
 
     def measure_throughput(self, repeats: int = 5) -> float:
         """Decode steps per second through one layer, from a few single-token steps of a scratch session."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.errors import ErrorCode, ProtocolError
+from swarm.models.adapters import RowAdapter
 from swarm.node.chunking import ChunkedStep, SessionCheckpoint
 from swarm.node.kv_cache import RoundEntry
 from swarm.node.metrics import NodeMetrics
@@ -279,7 +280,8 @@ def run_alone(
             session.cache.reorder(inputs.hypo_ids)  # type: ignore[attr-defined]
             if session.last_positions is not None:
                 session.last_positions = session.last_positions[inputs.hypo_ids]
-        hidden = span.run_round(inputs.hidden, [_entry(session, inputs)], session.start, session.end)
+        adapters = [RowAdapter(0, session.batch_size, session.adapter)] if session.adapter is not None else None
+        hidden = span.run_round(inputs.hidden, [_entry(session, inputs)], session.start, session.end, adapters)
         _advance(session, inputs)
         return hidden
     except BaseException:
@@ -296,6 +298,7 @@ def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor
         [_entry(step.session, step.inputs) for step in steps],
         start,
         end,
+        _row_adapters(steps),
     )
     outputs, row = [], 0
     for step in steps:
@@ -303,6 +306,17 @@ def run_batched(span: LoadedSpan, steps: list[PendingStep]) -> list[torch.Tensor
         outputs.append(hidden[row : row + step.session.batch_size])
         row += step.session.batch_size
     return outputs
+
+
+def _row_adapters(steps: list[PendingStep]) -> list[RowAdapter] | None:
+    """The row ranges of the sessions in a batch that run with an adapter (None when none does)."""
+    rows, first = [], 0
+    for step in steps:
+        last = first + step.session.batch_size
+        if step.session.adapter is not None:
+            rows.append(RowAdapter(first, last, step.session.adapter))
+        first = last
+    return rows or None
 
 
 def _entry(session: Session, inputs: StepInputs) -> RoundEntry:

@@ -14,9 +14,10 @@ import torch
 
 from swarm.dtypes import FLOAT_DTYPE_NAMES
 from swarm.errors import ErrorCode, ProtocolError
+from swarm.models.adapters import LayerAdapters, LowRank, target_shape
 from swarm.models.spec import ModelSpec
 from swarm.node.sessions import Session
-from swarm.protocol import Forward, Step, WireTensor
+from swarm.protocol import Backward, Forward, Step, WireAdapter, WireTensor
 
 INDEX_DTYPES = ("int64", "int32")
 MASK_DTYPES = ("bool", "int64", "int32", "int8", "uint8")
@@ -142,7 +143,9 @@ def decode_step(message: Step, hidden_size: int, max_length: int) -> StepInputs:
     )
 
 
-def decode_forward(message: Forward, hidden_size: int, max_batch: int, limit: int, max_tokens: int) -> StepInputs:
+def decode_forward(
+    message: Forward | Backward, hidden_size: int, max_batch: int, limit: int, max_tokens: int
+) -> StepInputs:
     """A stateless forward's tensors, checked like a step's, each row at most `limit` tokens (positions in
     [0, `limit`) leave an honest row no more) and all of them together at most `max_tokens`; the sizes are read
     from the frame before any tensor is decoded."""
@@ -155,6 +158,44 @@ def decode_forward(message: Forward, hidden_size: int, max_batch: int, limit: in
     tokens = (hidden.shape[0], hidden.shape[1])
     positions = decode_positions(message.position_ids, tokens, limit)
     return StepInputs(hidden, positions, decode_mask(message.attention_mask, tokens), None)
+
+
+def decode_grad_output(wire: WireTensor, hidden: torch.Tensor) -> torch.Tensor:
+    """A backward's gradient of the span's output: the shape of the hidden states it goes with, finite."""
+    if tuple(wire.shape) != tuple(hidden.shape):
+        raise _bad(f"grad_output must have the hidden states' shape {list(hidden.shape)}, got {wire.shape}")
+    return decode_hidden(wire, hidden.shape[2], hidden.shape[0])
+
+
+def decode_adapter(
+    wire: WireAdapter | None, spec: ModelSpec, start: int, end: int, max_bytes: int
+) -> LayerAdapters | None:
+    """A low-rank adapter for layers [start, end): at most `max_bytes` of tensors, every pair inside the layers,
+    A [rank, in] and B [out, rank] of its projection's sizes, floating and finite."""
+    if wire is None:
+        return None
+    size = sum(len(pair.a.data) + len(pair.b.data) for pair in wire.pairs)
+    if size > max_bytes:
+        raise _bad(f"adapter of {size} bytes exceeds this node's limit of {max_bytes} (--max-adapter-bytes)")
+    pairs: dict[tuple[int, str], LowRank] = {}
+    for pair in wire.pairs:
+        if not start <= pair.layer < end:
+            raise _bad(f"adapter pair for layer {pair.layer} is outside the requested layers [{start}, {end})")
+        features_in, features_out = target_shape(spec, pair.target)
+        expected = {"a": [wire.rank, features_in], "b": [features_out, wire.rank]}
+        tensors = {}
+        for name, tensor in (("a", pair.a), ("b", pair.b)):
+            if tensor.dtype not in FLOAT_DTYPE_NAMES or tensor.shape != expected[name]:
+                raise _bad(
+                    f"adapter {name} of layer {pair.layer} {pair.target} must be floating of shape "
+                    f"{expected[name]}, got {tensor.dtype} {tensor.shape}"
+                )
+            value = tensor.to_torch()
+            if not bool(torch.isfinite(value).all()):
+                raise _bad(f"adapter {name} of layer {pair.layer} {pair.target} holds NaN or infinite values")
+            tensors[name] = value
+        pairs[(pair.layer, pair.target)] = LowRank(tensors["a"], tensors["b"])
+    return LayerAdapters(wire.alpha / wire.rank, pairs)
 
 
 def session_rows(session: Session, inputs: StepInputs, rows: slice) -> StepInputs:

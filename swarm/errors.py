@@ -40,13 +40,23 @@ class ErrorCode(StrEnum):
     """The peer is full or draining."""
     INTERNAL = "internal"
     """The peer failed while computing; the request itself was valid."""
+    NOT_OFFERED = "not_offered"
+    """The peer does not offer this kind of work (a node started with `--no-training` asked for `backward`)."""
 
     @property
     def retryable(self) -> bool:
         return self in _RETRYABLE
 
 
-_RETRYABLE = frozenset({ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_SESSION, ErrorCode.BUSY, ErrorCode.INTERNAL})
+_RETRYABLE = frozenset(
+    {
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.UNKNOWN_SESSION,
+        ErrorCode.BUSY,
+        ErrorCode.INTERNAL,
+        ErrorCode.NOT_OFFERED,
+    }
+)
 
 
 class SwarmError(Exception):

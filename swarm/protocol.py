@@ -27,13 +27,15 @@ from swarm.errors import ErrorCode, ProtocolError
 if TYPE_CHECKING:  # tensors are converted in `swarm.tensors`: a process that never touches one never loads torch
     import torch
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
-understand a frame. Version 4 adds what a span is (`PeerInfo.model_id`, `weights`, `quantization`), route
-queries by model identity, and `report` of a peer caught lying. Version 3 has one step message for one or many
-sessions, matched to its reply by `step_id`; versions 1 and 2 had `step`, `step_many` and `step_group`."""
+understand a frame. Version 5 adds training: `backward`, low-rank adapters for a session or a pass
+(`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`. Version 4 added what a span is
+(`PeerInfo.model_id`, `weights`, `quantization`), route queries by model identity, and `report` of a peer
+caught lying. Version 3 has one step message for one or many sessions, matched to its reply by `step_id`;
+versions 1 and 2 had `step`, `step_many` and `step_group`."""
 
-SUPPORTED_VERSIONS = (4,)
+SUPPORTED_VERSIONS = (5,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
 with `unsupported_version`, and a client then tries the next older one it speaks."""
 
@@ -159,8 +161,10 @@ class PeerInfo(_Strict):
     """The bytes of the span's tensors as the node read them from the checkpoint (`swarm.identity`)."""
     quantization: Annotated[str, Field(max_length=32)] | None = None
     """How the node stores the span's weights beyond `dtype` (e.g. `int8`), or None."""
+    training: bool = True
+    """Whether the node answers `backward` (an operator may refuse training: `--no-training`)."""
 
-    omitted_when_default = frozenset({"codecs", "model_id", "weights", "quantization"})
+    omitted_when_default = frozenset({"codecs", "model_id", "weights", "quantization", "training"})
 
     @model_validator(mode="after")
     def _span_is_valid(self) -> PeerInfo:
@@ -238,8 +242,40 @@ class SwarmView(_Strict):
     peers: list[PeerInfo]
 
 
+AdapterTarget = Literal["qkv", "out"]
+MAX_ADAPTER_PAIRS = 8192
+"""Low-rank pairs of one adapter: two projections on each of up to 4096 layers."""
+
+
+class AdapterPair(_Strict):
+    """One projection's low-rank pair: `a` [rank, in features] and `b` [out features, rank] of layer `layer`'s
+    `target` (`qkv`: the fused query-key-value projection, rows as all query heads then key heads then value
+    heads; `out`: the attention output projection). As a gradient, the same fields hold dL/da and dL/db."""
+
+    layer: LayerIndex
+    target: AdapterTarget
+    a: WireTensor
+    b: WireTensor
+
+
+class WireAdapter(_Strict):
+    """A low-rank adapter (LoRA): each pair adds `alpha / rank * b @ a @ x` to its projection's output."""
+
+    rank: Annotated[int, Field(ge=1, le=1024)]
+    alpha: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    pairs: Annotated[list[AdapterPair], Field(min_length=1, max_length=MAX_ADAPTER_PAIRS)]
+
+    @model_validator(mode="after")
+    def _one_pair_per_projection(self) -> WireAdapter:
+        keys = [(pair.layer, pair.target) for pair in self.pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("an adapter has at most one pair per layer and target")
+        return self
+
+
 class OpenSession(_Strict):
-    """Reserve a KV cache for layers [start, end) of this node for `batch_size` x `max_length` tokens."""
+    """Reserve a KV cache for layers [start, end) of this node for `batch_size` x `max_length` tokens; with an
+    `adapter` (pairs for layers inside [start, end) only), every step of the session runs with it."""
 
     type: Literal["open_session"] = "open_session"
     session_id: Id
@@ -247,6 +283,9 @@ class OpenSession(_Strict):
     end: LayerIndex
     max_length: Annotated[int, Field(ge=1, le=2**24)]
     batch_size: Annotated[int, Field(ge=1, le=2**16)]
+    adapter: WireAdapter | None = None
+
+    omitted_when_default = frozenset({"adapter"})
 
 
 class SessionOpened(_Strict):
@@ -310,7 +349,8 @@ class SessionClosed(_Strict):
 
 
 class Forward(_Strict):
-    """A stateless pass over layers [start, end): no cache is kept, `attention_mask` covers all T."""
+    """A stateless pass over layers [start, end): no cache is kept, `attention_mask` covers all T; with an
+    `adapter` (pairs for layers inside [start, end) only)."""
 
     type: Literal["forward"] = "forward"
     start: LayerIndex
@@ -318,11 +358,42 @@ class Forward(_Strict):
     hidden: WireTensor
     position_ids: WireTensor
     attention_mask: WireTensor | None = None
+    adapter: WireAdapter | None = None
+
+    omitted_when_default = frozenset({"adapter"})
 
 
 class ForwardResult(_Strict):
     type: Literal["forward_result"] = "forward_result"
     hidden: WireTensor
+
+
+class Backward(_Strict):
+    """The gradient of a stateless pass over layers [start, end): the node runs `forward` on `hidden` again (with
+    `adapter`, if any) and returns the gradient of sum(output * `grad_output`) with respect to `hidden` and to
+    the adapter's tensors. The node's own weights never change."""
+
+    type: Literal["backward"] = "backward"
+    start: LayerIndex
+    end: LayerIndex
+    hidden: WireTensor
+    position_ids: WireTensor
+    attention_mask: WireTensor | None = None
+    grad_output: WireTensor
+    adapter: WireAdapter | None = None
+
+    omitted_when_default = frozenset({"attention_mask", "adapter"})
+
+
+class BackwardResult(_Strict):
+    """`grad_hidden` has `hidden`'s shape and dtype; `adapter_grads` one pair per pair of the request's adapter,
+    in its order (empty without one)."""
+
+    type: Literal["backward_result"] = "backward_result"
+    grad_hidden: WireTensor
+    adapter_grads: Annotated[list[AdapterPair], Field(max_length=MAX_ADAPTER_PAIRS)] = []
+
+    omitted_when_default = frozenset({"adapter_grads"})
 
 
 class Error(_Strict):
@@ -356,6 +427,8 @@ Message = Annotated[
         SessionClosed,
         Forward,
         ForwardResult,
+        Backward,
+        BackwardResult,
         Error,
     ],
     Field(discriminator="type"),

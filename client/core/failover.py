@@ -19,6 +19,7 @@ import time
 from swarm.client.core.channel import ChannelPool
 from swarm.client.core.links import LinkInputs, LinkSession
 from swarm.client.core.planner import ChainPlanner, describe_chain
+from swarm.client.core.tuning import LowRankAdapter
 from swarm.errors import (
     ErrorCode,
     MissingLayersError,
@@ -62,11 +63,20 @@ def set_aside(planner: ChainPlanner, peer_id: str, failure: Exception) -> None:
 class SpanBuilder:
     """Opens link sessions covering a range of layers for one chain session, and fails its links over."""
 
-    def __init__(self, planner: ChainPlanner, channels: ChannelPool, max_length: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        planner: ChainPlanner,
+        channels: ChannelPool,
+        max_length: int,
+        batch_size: int,
+        adapter: LowRankAdapter | None = None,
+    ) -> None:
         self.planner = planner
         self.channels = channels
         self.max_length = max_length
         self.batch_size = batch_size
+        self.adapter = adapter
+        """Every link session opens with this adapter's pairs for its layers (replacements too)."""
 
     async def replace(self, links: list[LinkSession], index: int, failure: Exception) -> None:
         """Swap `links[index]` for peers covering exactly its layers, rebuilt from its history.
@@ -115,7 +125,11 @@ class SpanBuilder:
                 for link in chain:
                     culprit = link.peer
                     codec = self.planner.codec_for(link.peer)
-                    opened.append(await LinkSession.open(link, self.max_length, self.batch_size, self.channels, codec))
+                    opened.append(
+                        await LinkSession.open(
+                            link, self.max_length, self.batch_size, self.channels, codec, self.adapter
+                        )
+                    )
                 for past in history:
                     hidden = past.hidden
                     for session in opened:

@@ -12,8 +12,9 @@ from swarm.client.core.channel import HANDSHAKE_TIMEOUT
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, set_aside, worth_failing_over
 from swarm.client.core.links import STEP_TIMEOUT, check_peer, checked_output, wire_hidden
 from swarm.client.core.planner import ChainPlanner
+from swarm.client.core.tuning import LowRankAdapter
 from swarm.errors import SwarmError
-from swarm.protocol import Codec, Forward, ForwardResult, WireTensor
+from swarm.protocol import Codec, Forward, ForwardResult, WireAdapter, WireTensor
 from swarm.routing import Link
 from swarm.transport import Credentials, open_connection, request
 
@@ -25,12 +26,14 @@ async def forward_through(
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    adapter: LowRankAdapter | None = None,
 ) -> torch.Tensor:
-    """The last layer's hidden states for `hidden`, through a chain planned for this pass alone."""
+    """The last layer's hidden states for `hidden`, through a chain planned for this pass alone (each peer running
+    `adapter`'s pairs for its layers, if there is one)."""
     for _ in range(MAX_FAILOVERS_PER_STEP):
         chain = await planner.plan()
         try:
-            return await forward_chain(planner, chain, hidden, position_ids, attention_mask)
+            return await forward_chain(planner, chain, hidden, position_ids, attention_mask, adapter)
         except ChainFailure as failure:
             if not worth_failing_over(failure.error):
                 raise failure.error from None
@@ -54,6 +57,7 @@ async def forward_chain(
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    adapter: LowRankAdapter | None = None,
 ) -> torch.Tensor:
     """`hidden` through every link of `chain` with no session; `ChainFailure` names the link that failed."""
     positions = WireTensor.from_torch(position_ids.long())
@@ -61,20 +65,23 @@ async def forward_chain(
     for link in chain:
         try:
             codec = planner.codec_for(link.peer)
-            hidden = await _forward_link(link, hidden, positions, mask, planner.credentials, codec)
+            wire = adapter.wire(link.start, link.end) if adapter is not None else None
+            hidden = await forward_link(link, hidden, positions, mask, planner.credentials, codec, wire)
         except LINK_FAILURES as exc:
             raise ChainFailure(link, exc) from exc
     return hidden
 
 
-async def _forward_link(
+async def forward_link(
     link: Link,
     hidden: torch.Tensor,
     positions: WireTensor,
     mask: WireTensor,
     credentials: Credentials,
     codec: Codec = "raw",
+    adapter: WireAdapter | None = None,
 ) -> torch.Tensor:
+    """`hidden` through one link, on a connection of its own."""
     address = link.peer.address
     connection, welcome = await open_connection(address, credentials, agent="swarm-client", timeout=HANDSHAKE_TIMEOUT)
     async with connection:
@@ -86,6 +93,7 @@ async def _forward_link(
             hidden=wire_hidden(hidden, link.peer.dtype, codec),
             position_ids=positions,
             attention_mask=mask,
+            adapter=adapter,
         )
         reply = await request(connection, message, ForwardResult, timeout=STEP_TIMEOUT, peer=address)
     return checked_output(reply.hidden.to_torch(), hidden, address)

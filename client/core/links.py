@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.client.core.channel import ChannelPool, PeerChannel
+from swarm.client.core.tuning import LowRankAdapter
 from swarm.errors import ErrorCode, ProtocolError, RemoteError
 from swarm.protocol import (
     CloseSession,
@@ -131,8 +132,17 @@ class LinkSession:
 
     Hidden states go out in `codec` (which the peer must advertise); the peer answers in the same one."""
 
-    def __init__(self, link: Link, channel: PeerChannel, session_id: str, codec: Codec = "raw") -> None:
+    def __init__(
+        self,
+        link: Link,
+        channel: PeerChannel,
+        session_id: str,
+        codec: Codec = "raw",
+        adapter: LowRankAdapter | None = None,
+    ) -> None:
         self.link = link
+        self.adapter = adapter
+        """The adapter the session runs with (its pairs for this link's layers went with `open_session`)."""
         self.channel = channel
         self.session_id = session_id
         self.codec = codec
@@ -142,16 +152,27 @@ class LinkSession:
 
     @classmethod
     async def open(
-        cls, link: Link, max_length: int, batch_size: int, channels: ChannelPool, codec: Codec = "raw"
+        cls,
+        link: Link,
+        max_length: int,
+        batch_size: int,
+        channels: ChannelPool,
+        codec: Codec = "raw",
+        adapter: LowRankAdapter | None = None,
     ) -> LinkSession:
         channel = await channels.get(link.peer.address)
         check_peer(channel.node, link.peer, link.peer.address)
         session_id = secrets.token_hex(8)
         message = OpenSession(
-            session_id=session_id, start=link.start, end=link.end, max_length=max_length, batch_size=batch_size
+            session_id=session_id,
+            start=link.start,
+            end=link.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            adapter=adapter.wire(link.start, link.end) if adapter is not None else None,
         )
         await channel.request(message, SessionOpened, timeout=STEP_TIMEOUT)
-        return cls(link, channel, session_id, codec)
+        return cls(link, channel, session_id, codec, adapter)
 
     async def step(self, inputs: LinkInputs) -> torch.Tensor:
         wire = inputs.encoded()

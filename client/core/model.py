@@ -29,11 +29,14 @@ from swarm.client.core.planner import DEFAULT_FAILOVER_WAIT, ChainPlanner
 from swarm.client.core.remote_cache import RemoteSessionCache
 from swarm.client.core.sessions import ChainSession
 from swarm.client.core.settings import ClientSettings
+from swarm.client.core.training import remote_layers
 from swarm.client.core.transformers_compat import RemoteCacheGenerationMixin, causal_lm_output, take_cache
+from swarm.client.core.tuning import LowRankAdapter, SoftPrompt, Tuning
 from swarm.client.core.verify import Verifier
 from swarm.errors import SwarmError
 from swarm.identity import CheckpointDigests
 from swarm.models import ModelArchitecture
+from swarm.models.adapters import TARGETS
 from swarm.models.local import LocalModules
 from swarm.protocol import CODECS, Codec
 
@@ -44,6 +47,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as `generate()` derives them: count real tokens, padding sits at 0."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
+
+
+def _kept(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions `generate()` wants logits for (`logits_to_keep`: the last N, or given indexes; 0: all)."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+    return hidden[:, logits_to_keep]
 
 
 def parse_compression(compression: str | None) -> Codec:
@@ -78,6 +88,8 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         self.verifier = Verifier(planner)
         """Checks sampled steps on other peers; `verifier.checks` and `verifier.caught` count what it did."""
         self.generate_calls = threading.local()
+        self.tuning: Tuning | None = None
+        """The soft prompt and/or adapter every call runs with unless it passes its own (`load_tuning`)."""
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -146,6 +158,52 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.local.head
 
+    def add_soft_prompt(self, tokens: int, init_ids: torch.Tensor | None = None, seed: int = 0) -> SoftPrompt:
+        """Start training a soft prompt of `tokens` embeddings: copies of the embeddings of `init_ids` (e.g. a
+        tokenized task description, repeated to length), else of randomly drawn vocabulary tokens."""
+        if tokens < 1:
+            raise ValueError("a soft prompt needs at least one token")
+        if init_ids is None:
+            generator = torch.Generator().manual_seed(seed)
+            init_ids = torch.randint(0, self.config.vocab_size, (tokens,), generator=generator)
+        init_ids = init_ids.flatten().repeat(tokens // max(init_ids.numel(), 1) + 1)[:tokens]
+        prompt = SoftPrompt(self.local.embed.weight[init_ids].float())
+        adapter = self.tuning.adapter if self.tuning is not None else None
+        self.tuning = Tuning(self.planner.model_name, prompt, adapter)
+        return prompt
+
+    def add_adapter(
+        self,
+        rank: int,
+        alpha: float | None = None,
+        layers: list[int] | None = None,
+        targets: tuple[str, ...] = TARGETS,
+        seed: int = 0,
+    ) -> LowRankAdapter:
+        """Start training a low-rank adapter (LoRA) of `rank` on `targets` of `layers` (default: every layer)."""
+        generator = torch.Generator().manual_seed(seed)
+        adapter = LowRankAdapter(self.architecture.spec, rank, alpha, layers, targets, generator)
+        prompt = self.tuning.soft_prompt if self.tuning is not None else None
+        self.tuning = Tuning(self.planner.model_name, prompt, adapter)
+        return adapter
+
+    def load_tuning(self, path: str | Path) -> Tuning:
+        """Run with the soft prompt and/or adapter in `path` (a file `swarm-client tune` or `Tuning.save` wrote)
+        from now on; returns it (its parameters can be trained further)."""
+        self.tuning = self.read_tuning(path)
+        return self.tuning
+
+    def read_tuning(self, path: str | Path) -> Tuning:
+        """The tuning in `path`, checked against this model, without making it the default."""
+        tuning = Tuning.load(path, self.architecture.spec)
+        prompt = tuning.soft_prompt
+        if prompt is not None and prompt.embeddings.shape[1] != self.local.embed.weight.shape[1]:
+            raise ValueError(
+                f"{path}: its soft prompt has embeddings of size {prompt.embeddings.shape[1]}, "
+                f"{self.planner.model_name}'s are {self.local.embed.weight.shape[1]}"
+            )
+        return tuning
+
     @contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSessionCache]:
         """A cache to pass to several `generate()` calls (multi-turn chat) as `cache=` (or `past_key_values=`):
@@ -182,40 +240,128 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        tuning: Tuning | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """The swarm session comes as `cache` (transformers 5.24 on) or `past_key_values` (before)."""
+        """The swarm session comes as `cache` (transformers 5.24 on) or `past_key_values` (before). `tuning`: a
+        soft prompt and/or adapter to run with instead of `self.tuning` (what `generate(..., tuning=...)` passes).
+
+        With gradients enabled and something to train (a tuning's parameters, or `inputs_embeds` that require
+        grad), the pass is differentiable through the remote layers (`swarm.client.core.training`), so
+        `loss.backward()` reaches the soft prompt and the adapter."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         past_key_values = take_cache(kwargs)
         self.check_forward_cache(past_key_values, kwargs)
-        with torch.inference_mode():
-            if inputs_embeds is None:
-                inputs_embeds = self.local.embed(input_ids)
-            batch, new_tokens = inputs_embeds.shape[:2]
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            if attention_mask is None:
-                attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
-            if position_ids is None:
-                position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
-            self.check_positions(position_ids)
-            hidden = self.first_hidden(inputs_embeds, position_ids)
-            if isinstance(past_key_values, RemoteSessionCache):
-                hidden = self.runner.run(
-                    self._session_step(past_key_values, hidden, position_ids, attention_mask[:, -new_tokens:])
+        tuning = tuning if tuning is not None else self.tuning
+        if self._trains(tuning, inputs_embeds):
+            if past_key_values is not None:
+                raise ValueError("a training pass runs without a cache: call the model without past_key_values/cache")
+            hidden = self._differentiable(input_ids, inputs_embeds, attention_mask, position_ids, tuning)
+            logits = self.head(_kept(hidden, logits_to_keep))
+        else:
+            with torch.inference_mode():
+                hidden = self._inference(
+                    input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, tuning
                 )
-            else:
-                hidden = self.runner.run(forward_through(self.planner, hidden, position_ids, attention_mask))
-            hidden = hidden.to(self.dtype)
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                hidden = hidden[:, -logits_to_keep:]
-            elif isinstance(logits_to_keep, torch.Tensor):
-                hidden = hidden[:, logits_to_keep]
-            logits = self.head(hidden)
+                logits = self.head(_kept(hidden, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return causal_lm_output(logits, loss, past_key_values)
+
+    @staticmethod
+    def _trains(tuning: Tuning | None, inputs_embeds: torch.Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if inputs_embeds is not None and inputs_embeds.requires_grad:
+            return True
+        return tuning is not None and any(parameter.requires_grad for parameter in tuning.parameters())
+
+    def _inference(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: RemoteSessionCache | None,
+        tuning: Tuning | None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.local.embed(input_ids)
+        batch, new_tokens = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + new_tokens, dtype=torch.long)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)[:, -new_tokens:]
+        prompt = tuning.soft_prompt if tuning is not None else None
+        adapter = tuning.adapter if tuning is not None else None
+        if isinstance(cache, RemoteSessionCache):
+            if cache.session is None and prompt is not None:  # the session's first step: the prompt goes in front
+                cache.prefix_tokens = prompt.tokens
+            offset = cache.prefix_tokens
+            first = cache.session is None
+        else:
+            offset = prompt.tokens if prompt is not None else 0
+            first = True
+        new_mask = attention_mask[:, -new_tokens:] if isinstance(cache, RemoteSessionCache) else attention_mask
+        hidden, positions, mask = self.prefixed_inputs(
+            inputs_embeds, position_ids, new_mask, prompt if first else None, offset
+        )
+        self.check_positions(positions)
+        if isinstance(cache, RemoteSessionCache):
+            hidden = self.runner.run(self._session_step(cache, hidden, positions, mask, adapter))
+            cache.seen_tokens += new_tokens
+        else:
+            hidden = self.runner.run(forward_through(self.planner, hidden, positions, mask, adapter))
+        return hidden.to(self.dtype)[:, -new_tokens:]
+
+    def _differentiable(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        tuning: Tuning | None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.local.embed(input_ids)
+        batch, tokens = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, tokens, dtype=torch.long)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        prompt = tuning.soft_prompt if tuning is not None else None
+        offset = prompt.tokens if prompt is not None else 0
+        hidden, positions, mask = self.prefixed_inputs(inputs_embeds, position_ids, attention_mask, prompt, offset)
+        self.check_positions(positions)
+        adapter = tuning.adapter if tuning is not None else None
+        hidden = remote_layers(self.planner, self.runner, hidden, positions, mask, adapter)
+        return hidden[:, -tokens:]
+
+    def prefixed_inputs(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt: SoftPrompt | None,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What enters the first remote layer, its positions and mask: with `prompt`, its tokens go first (always
+        attended, positions 0..P-1) and every position moves `offset` (= P, also on later steps) along."""
+        if offset:
+            position_ids = position_ids + offset
+        if prompt is not None:
+            batch = inputs_embeds.shape[0]
+            embeddings = prompt.embeddings.to(inputs_embeds.dtype)[None].expand(batch, -1, -1)
+            inputs_embeds = torch.cat([embeddings, inputs_embeds], dim=1)
+            prefix_positions = torch.arange(prompt.tokens).expand(batch, -1)
+            position_ids = torch.cat([prefix_positions, position_ids], dim=1)
+            attention_mask = torch.cat(
+                [torch.ones(batch, prompt.tokens, dtype=attention_mask.dtype), attention_mask], dim=1
+            )
+        return self.first_hidden(inputs_embeds, position_ids), position_ids, attention_mask
 
     def check_positions(self, position_ids: torch.Tensor) -> None:
         """Positions past the model's own (rotary or learned) are refused here, with the numbers, rather than by
@@ -241,17 +387,16 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         new_mask: torch.Tensor,
+        adapter: LowRankAdapter | None,
     ) -> torch.Tensor:
         if cache.closed:
             raise SwarmError("this inference session is closed; open a new one with model.inference_session()")
         if cache.session is None:
-            max_length = cache.max_length or self.config.max_position_embeddings
+            max_length = (cache.max_length or self.config.max_position_embeddings) + cache.prefix_tokens
             cache.session = await ChainSession.open(
-                self.planner, self.channels, max_length, hidden.shape[0], self.verifier
+                self.planner, self.channels, max_length, hidden.shape[0], self.verifier, adapter
             )
-        out = await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
-        cache.seen_tokens += hidden.shape[1]
-        return out
+        return await cache.session.step(hidden, position_ids, new_mask, cache.take_hypo_ids())
 
     def close(self) -> None:
         """Stop the client's network thread; sessions still open are dropped by their peers."""

@@ -25,6 +25,9 @@ class RemoteSessionCache(RemoteCache):
         self.max_length = max_length
         self.session: ChainSession | None = None
         self.seen_tokens = 0
+        self.prefix_tokens = 0
+        """Soft-prompt tokens in front of the session (not part of what `generate()` counts); every position
+        sent to the swarm is this far along."""
         self.pending_hypo_ids: torch.Tensor | None = None
         self.closed = False
 

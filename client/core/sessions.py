@@ -8,6 +8,7 @@ from swarm.client.core.channel import ChannelPool
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, SpanBuilder, worth_failing_over
 from swarm.client.core.links import LinkInputs, LinkSession
 from swarm.client.core.planner import ChainPlanner
+from swarm.client.core.tuning import LowRankAdapter
 from swarm.client.core.verify import Verifier
 from swarm.errors import PeerLiedError, SwarmError
 
@@ -22,11 +23,12 @@ class ChainSession:
         max_length: int,
         batch_size: int,
         verifier: Verifier | None = None,
+        adapter: LowRankAdapter | None = None,
     ) -> None:
         self.planner = planner
         self.max_length = max_length
         self.batch_size = batch_size
-        self.spans = SpanBuilder(planner, channels, max_length, batch_size)
+        self.spans = SpanBuilder(planner, channels, max_length, batch_size, adapter)
         self.verifier = verifier or Verifier(planner)
         self.links: list[LinkSession] = []
 
@@ -38,8 +40,10 @@ class ChainSession:
         max_length: int,
         batch_size: int,
         verifier: Verifier | None = None,
+        adapter: LowRankAdapter | None = None,
     ) -> ChainSession:
-        session = cls(planner, channels, max_length, batch_size, verifier)
+        """A session over every layer; with `adapter`, each peer runs its pairs for the layers it serves."""
+        session = cls(planner, channels, max_length, batch_size, verifier, adapter)
         try:
             session.links = await session.spans.open(0, planner.num_layers, history=[], wait=False)
         except BaseException:

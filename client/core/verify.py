@@ -162,7 +162,7 @@ class Verifier:
             except (MissingLayersError, RegistryUnavailableError, SwarmFullError):
                 return None
             try:
-                return chain, await forward_chain(self.planner, chain, hidden, positions, mask)
+                return chain, await forward_chain(self.planner, chain, hidden, positions, mask, link.adapter)
             except ChainFailure as failure:
                 log.info("witness %s failed: %s", failure.link.peer.address, failure.error)
                 self.planner.ban(failure.link.peer.peer_id)

@@ -8,13 +8,14 @@ output. Positions enter as precomputed rotary tables or as an ALiBi bias inside 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarm.models.adapters import RowAdapter, adapted
 from swarm.models.mlp import DenseMLP, MixtureOfExperts
 from swarm.models.rotary import apply_rotary
 from swarm.models.spec import ModelSpec
@@ -30,12 +31,13 @@ class Attention(Protocol):
 @dataclass
 class StepContext:
     """What every layer of one forward shares: the rotary tables of the new tokens' positions (and the rotation
-    they go with) and the attention."""
+    they go with), the attention, and the adapters of the rows that have one (`swarm.models.adapters`)."""
 
     attention: Attention
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
+    adapters: list[RowAdapter] = field(default_factory=list)
 
 
 class RMSNorm(nn.Module):
@@ -124,7 +126,10 @@ class DecoderLayer(nn.Module):
         rotation turns both in one go."""
         spec = self.spec
         batch, tokens, _ = x.shape
-        heads = self.qkv.forward(x).view(batch, tokens, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        projected = self.qkv.forward(x)
+        if context.adapters:
+            projected = adapted(projected, x, self.index, "qkv", context.adapters)
+        heads = projected.view(batch, tokens, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
         query_key, v = heads[:, :, : self.qk_heads], heads[:, :, self.qk_heads :]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = query_key.split((spec.num_heads, spec.num_kv_heads), dim=2)
@@ -133,4 +138,7 @@ class DecoderLayer(nn.Module):
             query_key = apply_rotary(query_key, context.cos, context.sin, context.rotation)  # type: ignore[arg-type]
         q, k = query_key[:, :, : spec.num_heads], query_key[:, :, spec.num_heads :]
         out = context.attention(self.index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
-        return self.out.forward(out.transpose(1, 2).reshape(batch, tokens, spec.q_size))
+        attended = out.transpose(1, 2).reshape(batch, tokens, spec.q_size)
+        if not context.adapters:
+            return self.out.forward(attended)
+        return adapted(self.out.forward(attended), attended, self.index, "out", context.adapters)

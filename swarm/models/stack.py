@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from swarm.checkpoint import CheckpointIndex
 from swarm.identity import LayerDigest
 from swarm.models import ModelArchitecture
+from swarm.models.adapters import RowAdapter
 from swarm.models.block import Attention, DecoderLayer, StepContext
 from swarm.models.rotary import RotaryTable
 from swarm.models.weights import Source, load_weights, stored_names
@@ -61,15 +63,27 @@ class LayerStack(nn.Module):
         return stack
 
     def forward(
-        self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention, start: int, end: int
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention: Attention,
+        start: int,
+        end: int,
+        adapters: list[RowAdapter] | None = None,
+        recompute: bool = False,
     ) -> torch.Tensor:
-        """Layers [start, end) (inside this stack) over new tokens at `positions` [batch, tokens]."""
-        context = StepContext(attention)
+        """Layers [start, end) (inside this stack) over new tokens at `positions` [batch, tokens], with the
+        adapters of the rows that have one. `recompute` (for a backward pass) keeps only each layer's input and
+        computes the layer again when its gradient is needed, so memory holds one layer's activations at a time."""
+        context = StepContext(attention, adapters=adapters or [])
         if self.rotary is not None:
             context.cos, context.sin = self.rotary.lookup(positions)
             context.rotation = self.rotary.rotation
         for layer in self._layer_list[start - self.start : end - self.start]:
-            hidden = layer.forward(hidden, context)  # not __call__: see DecoderLayer.forward
+            if recompute:
+                hidden = checkpoint(layer.forward, hidden, context, use_reentrant=False)
+            else:
+                hidden = layer.forward(hidden, context)  # not __call__: see DecoderLayer.forward
         return hidden
 
     def compile(self) -> None:
