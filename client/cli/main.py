@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   swarm-client chat --temperature 0.7
   swarm-client score stories.txt --choices "yes,no"
   swarm-client batch requests.jsonl results.jsonl --concurrency 4
+  swarm-client tune data.jsonl --prompt-tokens 16 --steps 200 --out my-prompt.safetensors
+  swarm-client generate "Once upon a time" --soft-prompt my-prompt.safetensors
   swarm-client serve --port 8000 --api-key secret
   swarm-client status --json
 """
@@ -52,6 +54,16 @@ BATCH_EXAMPLES = """examples:
   swarm-client batch in.jsonl out.jsonl
   swarm-client batch in.jsonl out.jsonl --concurrency 8 --model ./models/tiny-llama
 rerun the same command after an interruption: lines already in OUT are kept, the rest run
+"""
+
+
+TUNE_EXAMPLES = """examples:
+  printf '%s\\n' '{"prompt": "Q: What is the cave like?\\nA:", "completion": " dark"}' > data.jsonl
+  swarm-client tune data.jsonl --prompt-tokens 16 --steps 200 --out my-prompt.safetensors
+  swarm-client generate "Q: What is the cave like?\\nA:" --soft-prompt my-prompt.safetensors
+  swarm-client tune data.jsonl --lora 8 --steps 100 --out my-adapter.safetensors
+  swarm-client serve --tuned my-prompt=my-prompt.safetensors     # model "tiny-stories:my-prompt"
+rerun the same tune command after an interruption: it resumes from the last save
 """
 
 
@@ -96,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model.add_argument(
+        "--soft-prompt",
+        metavar="FILE",
+        help="run with the soft prompt learned by `swarm-client tune` (a .safetensors file it wrote)",
+    )
+    model.add_argument(
+        "--adapter",
+        metavar="FILE",
+        help="run with the low-rank adapter learned by `swarm-client tune --lora` (the file it wrote)",
+    )
+    model.add_argument(
         "--verify-rate",
         type=float,
         metavar="FRACTION",
@@ -127,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
     _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))
     _add_batch(command("batch", "run a JSONL file of OpenAI completions requests; resumable", BATCH_EXAMPLES))
+    _add_tune(command("tune", "learn a soft prompt or a low-rank adapter through the swarm; resumable", TUNE_EXAMPLES))
     add_gateway_flags(
         command("serve", "serve an OpenAI-compatible HTTP API for the model", SERVE_EXAMPLES, GatewaySettings)
     )
@@ -182,6 +205,22 @@ def _add_score(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="texts per pass through the swarm (default 8)")
 
 
+def _add_tune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help='JSONL: one {"prompt": ..., "completion": ...} per line (loss on completions)')
+    parser.add_argument("--out", required=True, help="safetensors file to write (and to resume from)")
+    parser.add_argument("--prompt-tokens", type=int, metavar="N", help="learn a soft prompt of N tokens")
+    parser.add_argument("--init-text", help="start the soft prompt from this text's token embeddings (repeated)")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="learn a low-rank adapter of this rank")
+    parser.add_argument("--lora-alpha", type=float, help="the adapter's scale numerator (default: its rank)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default 100)")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
+    parser.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW's learning rate (default 0.01)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest example in tokens (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and example order (default 0)")
+    parser.add_argument("--save-every", type=int, default=10, help="save (and so resume from) every N steps")
+    parser.add_argument("--restart", action="store_true", help="start over even if --out holds a run to resume")
+
+
 def _add_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="JSONL: one OpenAI completions request per line")
     parser.add_argument("output", help="JSONL results, one per input line; kept and resumed across runs")
@@ -196,6 +235,7 @@ COMMANDS: dict[str, str] = {
     "chat": "swarm.client.cli.chat",
     "score": "swarm.client.cli.score",
     "batch": "swarm.client.cli.batch",
+    "tune": "swarm.client.cli.tune",
     "serve": "swarm.client.serve.gateway",
 }
 """The module whose `run(args, settings)` is each command, imported only when it runs (they load torch,

@@ -74,5 +74,23 @@ def open_model(settings: ClientSettings) -> tuple[DistributedModelForCausalLM, P
         token=settings.token,
         tls_ca=settings.tls_ca,
         compression=settings.compression,
+        verify_rate=settings.verify_rate,
     )
+    apply_tuning_files(distributed, settings.soft_prompt, settings.adapter)
     return distributed, tokenizer
+
+
+def apply_tuning_files(model: DistributedModelForCausalLM, soft_prompt: str | None, adapter: str | None) -> None:
+    """Run `model` with the soft prompt of one tuning file and the adapter of another (or of the same one)."""
+    from swarm.client.core.tuning import Tuning
+
+    prompt = model.read_tuning(soft_prompt).soft_prompt if soft_prompt else None
+    lora = model.read_tuning(adapter).adapter if adapter else None
+    if soft_prompt and prompt is None:
+        raise ValueError(f"{soft_prompt} holds no soft prompt (it was tuned with --lora only); pass it as --adapter")
+    if adapter and lora is None:
+        raise ValueError(
+            f"{adapter} holds no adapter (it was tuned with --prompt-tokens only); pass it as --soft-prompt"
+        )
+    if prompt is not None or lora is not None:
+        model.tuning = Tuning(model.planner.model_name, prompt, lora)

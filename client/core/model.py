@@ -44,9 +44,10 @@ log = logging.getLogger("swarm.client")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions as `generate()` derives them: count real tokens, padding sits at 0."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
+    """Positions as `generate()` derives them, counting real tokens: left padding sits at 0, padding after a real
+    token (right-padded training batches) at that token's position, so positions never decrease along a row (as
+    nodes require). Padding is masked, so where it sits changes no real token's result."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _kept(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

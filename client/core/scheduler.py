@@ -31,6 +31,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from swarm.client.core.grouped_steps import step_together
 from swarm.client.core.model import DistributedModelForCausalLM, position_ids_from_mask
 from swarm.client.core.sessions import ChainSession
+from swarm.client.core.tuning import Tuning
 
 log = logging.getLogger("swarm.client")
 
@@ -46,6 +47,8 @@ class DecodeJob:
     stopping: StoppingCriteriaList
     eos_ids: torch.Tensor
     pad_id: int
+    tuning: Tuning | None = None
+    """The soft prompt and/or adapter this job runs with (None: the model's own `tuning`)."""
     result: Future[torch.Tensor] = field(default_factory=Future)
     session: ChainSession | None = None
     prefill: Future[torch.Tensor] | None = None
@@ -69,11 +72,16 @@ class DecodeJob:
         """The first step is done (or failed) and waits for a tick to take its output."""
         return not self.decoding and self.prefill is not None and self.prefill.done()
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Soft-prompt tokens in front of the job's rows: every position it sends is this far along."""
+        return self.tuning.soft_prompt.tokens if self.tuning is not None and self.tuning.soft_prompt else 0
+
     def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids the swarm has not seen yet, their positions, and their part of the attention mask. Positions
         come from the prompt's mask once; every new token is real, one position past its row's last."""
         if not self.decoding:
-            positions = position_ids_from_mask(self.attention_mask)
+            positions = position_ids_from_mask(self.attention_mask) + self.prefix_tokens
             self.last_positions = positions[:, -1]
             return self.input_ids, positions, self.attention_mask
         self.last_positions = self.last_positions + 1
@@ -125,15 +133,19 @@ class DecodeScheduler:
         stopping_criteria: StoppingCriteriaList | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        tuning: Tuning | None = None,
     ) -> torch.Tensor:
-        """Like greedy `model.generate(...)`: the prompt rows followed by their new tokens. Blocks until done."""
+        """Like greedy `model.generate(...)`: the prompt rows followed by their new tokens. Blocks until done.
+        `tuning`: a soft prompt and/or adapter for this call (default: the model's own `tuning`)."""
         vocab = self.model.config.vocab_size
         if input_ids.ndim != 2 or input_ids.numel() == 0 or input_ids.min() < 0 or input_ids.max() >= vocab:
             raise ValueError(
                 f"input_ids must be a non-empty [batch, tokens] tensor of ids in the vocabulary [0, {vocab})"
             )
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        last = int(mask.sum(dim=1).max()) + max(max_new_tokens, 1) - 2  # the position of the last token sent
+        tuning = tuning if tuning is not None else self.model.tuning
+        prefix = tuning.soft_prompt.tokens if tuning is not None and tuning.soft_prompt is not None else 0
+        last = prefix + int(mask.sum(dim=1).max()) + max(max_new_tokens, 1) - 2  # the position of the last token sent
         self.model.check_positions(torch.tensor([[last]]))
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -145,6 +157,7 @@ class DecodeScheduler:
             stopping=stopping_criteria or StoppingCriteriaList(),
             eos_ids=torch.tensor(eos, dtype=torch.long),
             pad_id=pad,
+            tuning=tuning,
         )
         if max_new_tokens <= 0:
             return job.input_ids
@@ -183,7 +196,7 @@ class DecodeScheduler:
         with torch.inference_mode():
             for job in jobs:
                 if job.prefill is None:
-                    job.prefill = self.model.runner.submit(self._prefill(job, *self._inputs([job])))
+                    job.prefill = self.model.runner.submit(self._prefill(job, *self._prompt_inputs(job)))
         decoding = [job for job in jobs if job.decoding]
         if not decoding and not any(job.prefilled for job in jobs):  # nothing to do until a first step is done
             concurrent.futures.wait(
@@ -241,13 +254,21 @@ class DecodeScheduler:
         except Exception as exc:  # a bug in the group's own code: every decoding job fails with it
             return [exc] * jobs
 
+    def _prompt_inputs(self, job: DecodeJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A new job's prompt as hidden states entering the first layer, with its soft prompt in front (if any)."""
+        ids, positions, mask = job.next_inputs()
+        prompt = job.tuning.soft_prompt if job.tuning is not None else None
+        embeddings = self.model.local.embed(ids)
+        return self.model.prefixed_inputs(embeddings, positions - job.prefix_tokens, mask, prompt, job.prefix_tokens)
+
     async def _prefill(
         self, job: DecodeJob, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """A new job's first step: open its session through the swarm and send it the prompt."""
-        max_length = job.input_ids.shape[1] + job.max_new_tokens
+        max_length = job.prefix_tokens + job.input_ids.shape[1] + job.max_new_tokens
+        adapter = job.tuning.adapter if job.tuning is not None else None
         job.session = await ChainSession.open(
-            self.model.planner, self.model.channels, max_length, job.rows, self.model.verifier
+            self.model.planner, self.model.channels, max_length, job.rows, self.model.verifier, adapter
         )
         return await job.session.step(hidden, positions, mask)
 

@@ -27,6 +27,7 @@ from transformers import (
 
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
+from swarm.client.core.tuning import Tuning
 from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings, render_chat
 from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler, TokenEntry
 from swarm.client.serve.errors import ContextLengthExceededError, InvalidRequestError, UnknownModelError
@@ -56,6 +57,9 @@ class GenerationJob:
     stop: list[str]
     logprobs: int | None
     echo: bool = False
+    model: str = ""
+    """The model name the request asked for (the base model's, or `base:tuning` for a served tuning)."""
+    tuning: Tuning | None = None
 
     @property
     def token_budget(self) -> int:
@@ -122,19 +126,41 @@ class CompletionEngine:
         self.scheduler = DecodeScheduler(model) if isinstance(model, DistributedModelForCausalLM) else None
         self.decode = self.scheduler.generate if self.scheduler is not None else partial(greedy_generate, model)
         """Runs decoding: concurrent requests share the scheduler's ticks (a plain local model decodes alone)."""
+        self.tunings: dict[str, Tuning] = {}
+        """Served tunings by their model name, `<name>:<label>` (`add_tuning`)."""
 
-    def check_model(self, requested: str | None) -> None:
-        if requested is not None and requested != self.name:
-            raise UnknownModelError(f"model {requested!r} is not served here; this gateway serves {self.name!r}")
+    def add_tuning(self, label: str, tuning: Tuning) -> str:
+        """Serve `tuning` (a soft prompt and/or adapter) as model `<name>:<label>`; returns that name."""
+        if not label or ":" in label or not label.isprintable():
+            raise ValueError(f"a served tuning's label must be printable, non-empty and without ':', got {label!r}")
+        name = f"{self.name}:{label}"
+        self.tunings[name] = tuning
+        return name
+
+    @property
+    def served(self) -> list[str]:
+        """Every model name this gateway answers to."""
+        return [self.name, *self.tunings]
+
+    def check_model(self, requested: str | None) -> tuple[str, Tuning | None]:
+        """The name a request is answered under, and the tuning it runs with (None: the base model)."""
+        if requested is None or requested == self.name:
+            return self.name, None
+        if requested in self.tunings:
+            return requested, self.tunings[requested]
+        raise UnknownModelError(
+            f"model {requested!r} is not served here; this gateway serves {', '.join(map(repr, self.served))}"
+        )
 
     def completion_job(self, request: CompletionRequest) -> GenerationJob:
-        self.check_model(request.model)
+        model, tuning = self.check_model(request.model)
         prompts, texts = self.tokenize_prompts(request.prompt)
         max_new = DEFAULT_COMPLETION_TOKENS if request.max_tokens is None else request.max_tokens
-        return self._job(request, prompts, texts, max_new, request.logprobs, request.echo, request.best_of)
+        job = self._job(request, prompts, texts, max_new, request.logprobs, request.echo, request.best_of)
+        return dataclasses.replace(job, model=model, tuning=tuning)
 
     def chat_job(self, request: ChatCompletionRequest) -> GenerationJob:
-        self.check_model(request.model)
+        model, tuning = self.check_model(request.model)
         messages = [{"role": message.role, "content": message.text} for message in request.messages]
         text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
         self._check_characters(text, "messages")
@@ -144,7 +170,7 @@ class CompletionEngine:
         top = (request.top_logprobs or 0) if request.logprobs else None
         job = self._job(request, [ids], [text], max_new, top, echo=False, best_of=None)
         extra_stops = [stop for stop in chat_stop_strings(self.tokenizer) if stop not in job.stop]
-        return dataclasses.replace(job, stop=job.stop + extra_stops)
+        return dataclasses.replace(job, stop=job.stop + extra_stops, model=model, tuning=tuning)
 
     def run(
         self, job: GenerationJob, on_delta: DeltaSink | None = None, cancel: threading.Event | None = None
@@ -254,7 +280,7 @@ class CompletionEngine:
         """The prompts' tokens with their logprobs (from a stateless forward), when `echo` and `logprobs` ask."""
         if not job.echo or job.logprobs is None:
             return [[] for _ in job.prompts]
-        scores = score_sequences(self.model, job.prompts, self.pad_id, alternatives=job.logprobs)
+        scores = score_sequences(self.model, job.prompts, self.pad_id, alternatives=job.logprobs, tuning=job.tuning)
         return [token_entries(self.tokenizer, score) for score in scores]
 
     def _generate(
@@ -280,6 +306,7 @@ class CompletionEngine:
             stopping_criteria=StoppingCriteriaList([tracker]),
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
+            **({"tuning": job.tuning} if job.tuning is not None else {}),
         )
 
     def close(self) -> None:

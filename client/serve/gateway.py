@@ -109,12 +109,14 @@ def create_app(engine: CompletionEngine, settings: GatewaySettings | None = None
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(_: str = api_key) -> ModelList:
-        return ModelList(data=[ModelCard(id=engine.name, created=0, max_model_len=engine.context_length)])
+        return ModelList(
+            data=[ModelCard(id=name, created=0, max_model_len=engine.context_length) for name in engine.served]
+        )
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES | STREAMED, response_model=Completion)
     async def completions(request: CompletionRequest, key: str = api_key) -> Completion | StreamingResponse:
         ticket, job = await admitted(key, partial(engine.completion_job, request))
-        meta = ResponseMeta(engine.name)
+        meta = ResponseMeta(job.model)
         formats = Formats(
             whole=lambda result: completion_response(meta, job, result),
             chunk=lambda deltas: completion_chunk(meta, job, deltas),
@@ -127,7 +129,7 @@ def create_app(engine: CompletionEngine, settings: GatewaySettings | None = None
         request: ChatCompletionRequest, key: str = api_key
     ) -> ChatCompletion | StreamingResponse:
         ticket, job = await admitted(key, partial(engine.chat_job, request))
-        meta = ResponseMeta(engine.name)
+        meta = ResponseMeta(job.model)
         formats = Formats(
             whole=lambda result: chat_response(meta, job, result),
             chunk=lambda deltas: chat_chunk(meta, job, deltas),
@@ -300,6 +302,9 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> int:
     gateway = GatewaySettings.from_flags(args)
     model, tokenizer = open_model(settings)
     engine = CompletionEngine(model, tokenizer, model.planner.model_name, max_rows=gateway.max_batch_rows)
+    for label, path in gateway.tunings().items():
+        name = engine.add_tuning(label, model.read_tuning(path))
+        print(f"serving {path} as model {name!r}", file=sys.stderr)
     app = create_app(engine, gateway)
     print(
         f"swarm gateway for {engine.name}: http://{gateway.host}:{gateway.port}/v1 (API docs at /docs)", file=sys.stderr

@@ -46,14 +46,18 @@ def score_sequences(
     pad_id: int,
     alternatives: int = 0,
     batch_size: int = 8,
+    tuning: object | None = None,
 ) -> list[TokenScores]:
-    """Score `sequences` in left-padded batches of `batch_size`; `alternatives` most likely tokens per position."""
+    """Score `sequences` in left-padded batches of `batch_size`; `alternatives` most likely tokens per position;
+    `tuning`: a swarm model's soft prompt and/or adapter for these passes (default: the model's own)."""
+    extra = {"tuning": tuning} if tuning is not None else {}
     results: list[TokenScores] = []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
         input_ids, mask = left_pad(batch, pad_id)
         with torch.inference_mode():
-            logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+            logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, ids in enumerate(batch):
             results.append(_row_scores(list(ids), logprobs[row, input_ids.shape[1] - len(ids) : -1], alternatives))
     return results

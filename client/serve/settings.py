@@ -18,7 +18,9 @@ def parse_api_keys(value: str | list[str] | None) -> list[str]:
     return [key.strip() for item in items for key in item.split(",") if key.strip()]
 
 
-ApiKeys = Annotated[list[str], NoDecode, BeforeValidator(parse_api_keys)]
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(parse_api_keys)]
+"""A flag that may repeat, or a variable of comma-separated items."""
+ApiKeys = CommaList
 
 
 class GatewaySettings(SwarmSettings):
@@ -33,6 +35,17 @@ class GatewaySettings(SwarmSettings):
     key_max_concurrency: int | None = Field(None, ge=1, description="requests in flight per API key")
     key_requests_per_minute: int | None = Field(None, ge=1)
     key_tokens_per_minute: int | None = Field(None, ge=1, description="prompt + max_tokens, then what was used")
+    tuned: CommaList = Field(default_factory=list, description="LABEL=FILE: serve a tuning file as model NAME:LABEL")
+
+    def tunings(self) -> dict[str, str]:
+        """`--tuned LABEL=FILE` (repeated, or comma-separated) as {label: file}."""
+        served = {}
+        for item in self.tuned:
+            label, sep, path = item.partition("=")
+            if not sep or not label or not path:
+                raise ValueError(f"--tuned takes LABEL=FILE (e.g. my-prompt=my-prompt.safetensors), got {item!r}")
+            served[label] = path
+        return served
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +72,13 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-max-concurrency", type=int, help="requests in flight per API key (default: no limit)")
     parser.add_argument(
         "--key-requests-per-minute", type=int, help="requests per minute per API key (default: no limit)"
+    )
+    parser.add_argument(
+        "--tuned",
+        action="append",
+        metavar="LABEL=FILE",
+        help="also serve a file `swarm-client tune` wrote, as model NAME:LABEL (repeat for several); requests "
+        "naming it run with its soft prompt and/or adapter",
     )
     parser.add_argument(
         "--key-tokens-per-minute",

@@ -1,4 +1,5 @@
-"""Every model family through a real swarm: two node processes per checkpoint, output equal to local `generate`.
+"""Every model family through a real swarm: two node processes per checkpoint, output equal to local `generate`,
+gradients (soft prompts, adapters) equal to local autograd.
 
 One swarm serves all families at once (each checkpoint's folder name is its model name), so the node
 processes start in parallel and once for the whole module.
@@ -6,6 +7,7 @@ processes start in parallel and once for the whole module.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from swarm.client import DistributedModelForCausalLM
+from swarm.client.core.tuning import LowRankAdapter, SoftPrompt, Tuning
 from swarm.client.local_swarm import LocalSwarm
 from tests.checkpoints import build_tiny
+from tests.tuning_reference import HFSoftPromptModel, LocalTunedModel
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 
@@ -96,3 +100,43 @@ def test_left_padded_batch_equals_local_generate(remote: DistributedModelForCaus
 def test_beam_search_equals_local_beam_search(remote: DistributedModelForCausalLM, local: PreTrainedModel) -> None:
     kwargs = dict(max_new_tokens=10, num_beams=3, do_sample=False, num_return_sequences=2)
     assert remote.generate(PROMPT, **kwargs).tolist() == local.generate(PROMPT, **kwargs).tolist()
+
+
+def _gradients(model, tuning: Tuning) -> tuple[float, dict[str, torch.Tensor]]:
+    ids = torch.tensor([LONG])
+    output = model(input_ids=ids, labels=ids, tuning=tuning)
+    output.loss.backward()
+    return float(output.loss.detach()), {name: p.grad for name, p in tuning.named_parameters()}
+
+
+def _assert_same(swarm_side: tuple, local_side: tuple) -> None:
+    assert abs(swarm_side[0] - local_side[0]) < 1e-5
+    for name, grad in swarm_side[1].items():
+        assert local_side[1][name].abs().max() > 1e-4, f"{name}: a zero gradient checks nothing"
+        difference = (grad - local_side[1][name]).abs().max().item()
+        assert difference < 1e-5, f"{name}: gradients differ by {difference:.3g}"
+
+
+def test_soft_prompt_gradients_equal_local_transformers_autograd(
+    remote: DistributedModelForCausalLM, local: PreTrainedModel
+) -> None:
+    """Through the swarm's two nodes, the gradient of the loss with respect to a soft prompt is what transformers'
+    own autograd gives with the prompt as input embeddings."""
+    width = remote.local.embed.weight.shape[1]
+    embeddings = torch.randn(3, width, generator=torch.Generator().manual_seed(0)) * 0.5
+    tuning = Tuning(remote.planner.model_name, SoftPrompt(embeddings))
+    _assert_same(_gradients(remote, tuning), _gradients(HFSoftPromptModel(local), copy.deepcopy(tuning)))
+
+
+def test_adapter_gradients_equal_local_autograd(
+    remote: DistributedModelForCausalLM, family: str, checkpoints: dict[str, Path]
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    lora = LowRankAdapter(remote.architecture.spec, 2, alpha=4, generator=generator)
+    with torch.no_grad():
+        for name, parameter in lora.pairs.items():
+            if name.endswith("_b"):
+                parameter.normal_(0, 0.2, generator=generator)
+    tuning = Tuning(remote.planner.model_name, adapter=lora)
+    reference = LocalTunedModel(checkpoints[family])
+    _assert_same(_gradients(remote, tuning), _gradients(reference, copy.deepcopy(tuning)))

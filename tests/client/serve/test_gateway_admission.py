@@ -27,6 +27,7 @@ class PacedEngine:
     order in which prompts start generating."""
 
     name = "stub"
+    served = ["stub"]
     context_length = 512
 
     def __init__(self) -> None:
@@ -42,7 +43,7 @@ class PacedEngine:
         text = request.prompt if isinstance(request.prompt, str) else "ids"
         ids = list(range(1, len(text) + 1))
         max_new = 16 if request.max_tokens is None else request.max_tokens
-        return GenerationJob([ids], [text], max_new, 1, 1, 0.0, 1.0, None, 0.0, 0.0, [], None)
+        return GenerationJob([ids], [text], max_new, 1, 1, 0.0, 1.0, None, 0.0, 0.0, [], None, model=self.name)
 
     def run(
         self, job: GenerationJob, on_delta: DeltaSink | None = None, cancel: threading.Event | None = None

@@ -17,13 +17,14 @@ from swarm.client.serve.settings import GatewaySettings
 from swarm.errors import ErrorCode, MissingLayersError, RemoteError, SwarmFullError
 
 KEY = {"Authorization": "Bearer k"}
-JOB = GenerationJob([[1]], ["hi"], 2, 1, 1, 0.0, 1.0, None, 0.0, 0.0, [], None)
+JOB = GenerationJob([[1]], ["hi"], 2, 1, 1, 0.0, 1.0, None, 0.0, 0.0, [], None, model="stub")
 
 
 class ScriptedEngine:
     """Answers every request with `outcome`: an exception to raise, or text to stream before finishing."""
 
     name = "stub"
+    served = ["stub"]
     context_length = 64
 
     def __init__(self) -> None:
