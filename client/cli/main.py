@@ -22,8 +22,8 @@ EXAMPLES = """examples:
   swarm-client chat --temperature 0.7
   swarm-client score stories.txt --choices "yes,no"
   swarm-client batch requests.jsonl results.jsonl --concurrency 4
-  swarm-client tune data.jsonl --prompt-tokens 16 --steps 200 --out my-prompt.safetensors
-  swarm-client generate "Once upon a time" --soft-prompt my-prompt.safetensors
+  swarm-client tune docs/examples/named-zoe.jsonl --prompt-tokens 8 --steps 100 --out zoe.safetensors
+  swarm-client generate "Once upon a time, there was a brave boy named" --soft-prompt zoe.safetensors
   swarm-client serve --port 8000 --api-key secret
   swarm-client status --json
 """
@@ -57,12 +57,11 @@ rerun the same command after an interruption: lines already in OUT are kept, the
 """
 
 
-TUNE_EXAMPLES = """examples:
-  printf '%s\\n' '{"prompt": "Q: What is the cave like?\\nA:", "completion": " dark"}' > data.jsonl
-  swarm-client tune data.jsonl --prompt-tokens 16 --steps 200 --out my-prompt.safetensors
-  swarm-client generate "Q: What is the cave like?\\nA:" --soft-prompt my-prompt.safetensors
-  swarm-client tune data.jsonl --lora 8 --steps 100 --out my-adapter.safetensors
-  swarm-client serve --tuned my-prompt=my-prompt.safetensors     # model "tiny-stories:my-prompt"
+TUNE_EXAMPLES = """examples (docs/examples/named-zoe.jsonl: story openings whose hero is always named Zoe):
+  swarm-client tune docs/examples/named-zoe.jsonl --prompt-tokens 8 --steps 100 --out zoe.safetensors
+  swarm-client generate "Once upon a time, there was a brave boy named" --greedy --soft-prompt zoe.safetensors
+  swarm-client tune docs/examples/named-zoe.jsonl --lora 4 --steps 60 --out zoe-lora.safetensors
+  swarm-client serve --tuned zoe=zoe.safetensors     # also serves model "tiny-stories:zoe"
 rerun the same tune command after an interruption: it resumes from the last save
 """
 
@@ -214,7 +213,11 @@ def _add_tune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=float, help="the adapter's scale numerator (default: its rank)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default 100)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
-    parser.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW's learning rate (default 0.01)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help="AdamW's learning rate (default 0.1 for a soft prompt alone, 0.003 with --lora)",
+    )
     parser.add_argument("--max-tokens", type=int, default=256, help="longest example in tokens (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="initialization and example order (default 0)")
     parser.add_argument("--save-every", type=int, default=10, help="save (and so resume from) every N steps")

@@ -5,20 +5,26 @@ sessions with and without an adapter on one node, peers that refuse training lef
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.core.tuner import Example, TuneConfig, Tuner
 from swarm.client.core.tuning import LowRankAdapter, SoftPrompt, Tuning
 from swarm.client.local_swarm import LocalSwarm, Process
+from tests.swarm_sim.test_cli import swarm_client
+from tests.swarm_sim.test_gateway import API_KEY, local_text, start_gateway
 from tests.tuning_reference import HFSoftPromptModel, LocalTunedModel, merge_adapter
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
@@ -264,3 +270,108 @@ def test_a_node_killed_mid_run_changes_no_loss_and_refusers_are_left_out(
     assert max(abs(a - b) for a, b in zip(curve, local_curve, strict=True)) < 1e-4
     assert backwards(spares["refuses"]) == 0
     assert backwards(spares["trains"]) == 50
+
+
+# --- the command line and the gateway ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tune") / "data.jsonl"
+    pairs = [("Q: Where is the cave?\nA:", " far away"), ("Q: Who is Leo?\nA:", " a boy"), ("Q: Hi\nA:", " hello")]
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return path
+
+
+def tune(tiny_llama: Path, swarm: LocalSwarm, data: Path, out: Path, steps: int) -> subprocess.CompletedProcess[str]:
+    args = ["tune", str(data), "--out", str(out), "--prompt-tokens", "4", "--steps", str(steps), "--save-every", "3"]
+    args += [
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "0.05",
+        "--model",
+        str(tiny_llama),
+        "--registry",
+        swarm.registry_url,
+    ]
+    result = swarm_client(*args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tuned_file(tiny_llama: Path, swarm: LocalSwarm, data_file: Path) -> Path:
+    out = data_file.parent / "straight.safetensors"
+    result = tune(tiny_llama, swarm, data_file, out, 6)
+    assert "training a soft prompt of 4 tokens on 3 examples through the swarm" in result.stderr
+    assert "loss " in result.stderr and f"saved {out}" in result.stderr
+    return out
+
+
+def test_tune_stopped_and_run_again_resumes_exactly(
+    tiny_llama: Path, swarm: LocalSwarm, data_file: Path, tuned_file: Path
+) -> None:
+    out = data_file.parent / "resumed.safetensors"
+    tune(tiny_llama, swarm, data_file, out, 3)
+    halfway = load_file(str(out))["soft_prompt"]
+    again = tune(tiny_llama, swarm, data_file, out, 6)
+    assert f"resuming {out} at step 3 of 6" in again.stderr
+    resumed, straight = load_file(str(out)), load_file(str(tuned_file))
+    assert resumed.keys() == straight.keys() == {"soft_prompt"}
+    torch.testing.assert_close(resumed["soft_prompt"], straight["soft_prompt"], atol=1e-6, rtol=0)
+    assert (resumed["soft_prompt"] - halfway).abs().max() > 1e-3, "the resumed steps must have trained"
+
+
+def local_soft_prompt_text(model: PreTrainedModel, tokenizer, tuned: Path, prompt: str, new: int) -> str:
+    embeddings = load_file(str(tuned))["soft_prompt"]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    embeds = torch.cat([embeddings, model.get_input_embeddings()(ids)[0]])[None]
+    with torch.no_grad():
+        out = model.generate(inputs_embeds=embeds, max_new_tokens=new, do_sample=False, pad_token_id=0)[0].tolist()
+    return tokenizer.decode(out[: out.index(2)] if 2 in out else out, skip_special_tokens=True)
+
+
+def test_generate_and_score_with_a_tuned_soft_prompt_equal_local(
+    tiny_llama: Path, swarm: LocalSwarm, tuned_file: Path, local_llama: PreTrainedModel
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt = "Q: Where is the cave?\nA:"
+    common = ["--model", str(tiny_llama), "--registry", swarm.registry_url, "--soft-prompt", str(tuned_file)]
+    result = swarm_client("generate", prompt, "--greedy", "--max-new-tokens", "8", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == local_soft_prompt_text(local_llama, tokenizer, tuned_file, prompt, 8).strip()
+
+    texts = tuned_file.parent / "texts.txt"
+    texts.write_text("The cat sat on the mat\n")
+    scored = swarm_client("score", str(texts), *common)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    ids = tokenizer("The cat sat on the mat", return_tensors="pt").input_ids
+    tuning = Tuning("tiny-llama", SoftPrompt(load_file(str(tuned_file))["soft_prompt"]))
+    with torch.no_grad():
+        logits = HFSoftPromptModel(local_llama)(input_ids=ids, tuning=tuning).logits[0]
+    expected = torch.log_softmax(logits.float(), -1)[:-1].gather(1, ids[0, 1:, None]).sum().item()
+    assert abs(json.loads(scored.stdout)["logprob"] - expected) < 1e-3
+
+    wrong = swarm_client("generate", prompt, *common[:-2], "--adapter", str(tuned_file))
+    assert wrong.returncode == 2 and "holds no adapter" in wrong.stderr
+
+
+def test_the_gateway_serves_a_tuning_as_a_model_of_its_own(
+    tiny_llama: Path, swarm: LocalSwarm, tuned_file: Path, local_llama: PreTrainedModel
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    gateway = start_gateway(swarm, tiny_llama, "--tuned", f"quiz={tuned_file}")
+    try:
+        api = openai.OpenAI(base_url=f"{gateway.address}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        assert [model.id for model in api.models.list()] == ["tiny-llama", "tiny-llama:quiz"]
+        prompt = "Q: Who is Leo?\nA:"
+        tuned = api.completions.create(model="tiny-llama:quiz", prompt=prompt, max_tokens=8, temperature=0)
+        assert tuned.model == "tiny-llama:quiz"
+        assert tuned.choices[0].text == local_soft_prompt_text(local_llama, tokenizer, tuned_file, prompt, 8)
+        plain = api.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0)
+        assert plain.choices[0].text == local_text(local_llama, tokenizer, tokenizer(prompt).input_ids, 8)
+        with pytest.raises(openai.NotFoundError, match="tiny-llama:quiz"):
+            api.completions.create(model="tiny-llama:other", prompt=prompt, max_tokens=2)
+    finally:
+        gateway.kill()
