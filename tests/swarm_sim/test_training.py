@@ -357,20 +357,33 @@ def test_generate_and_score_with_a_tuned_soft_prompt_equal_local(
     assert wrong.returncode == 2 and "holds no adapter" in wrong.stderr
 
 
-def test_the_gateway_serves_a_tuning_as_a_model_of_its_own(
+def test_the_gateway_serves_tunings_as_models_of_their_own(
     tiny_llama: Path, swarm: LocalSwarm, tuned_file: Path, local_llama: PreTrainedModel
 ) -> None:
+    """A soft prompt from `tune` and an adapter saved from Python, each served under its own name next to the base
+    model, each answering what local transformers answers with it."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    gateway = start_gateway(swarm, tiny_llama, "--tuned", f"quiz={tuned_file}")
+    client = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=swarm.registry_url)
+    lora = adapter(client, seed=13)
+    client.close()
+    lora_file = tuned_file.parent / "lora.safetensors"
+    lora.save(lora_file)
+    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), lora)
+    gateway = start_gateway(swarm, tiny_llama, "--tuned", f"quiz={tuned_file}", "--tuned", f"lora={lora_file}")
     try:
         api = openai.OpenAI(base_url=f"{gateway.address}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        assert [model.id for model in api.models.list()] == ["tiny-llama", "tiny-llama:quiz"]
+        assert [model.id for model in api.models.list()] == ["tiny-llama", "tiny-llama:quiz", "tiny-llama:lora"]
         prompt = "Q: Who is Leo?\nA:"
-        tuned = api.completions.create(model="tiny-llama:quiz", prompt=prompt, max_tokens=8, temperature=0)
-        assert tuned.model == "tiny-llama:quiz"
-        assert tuned.choices[0].text == local_soft_prompt_text(local_llama, tokenizer, tuned_file, prompt, 8)
-        plain = api.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0)
-        assert plain.choices[0].text == local_text(local_llama, tokenizer, tokenizer(prompt).input_ids, 8)
+        ids = tokenizer(prompt).input_ids
+        expected = {
+            "tiny-llama:quiz": local_soft_prompt_text(local_llama, tokenizer, tuned_file, prompt, 8),
+            "tiny-llama:lora": local_text(merged, tokenizer, ids, 8),
+            "tiny-llama": local_text(local_llama, tokenizer, ids, 8),
+        }
+        assert len(set(expected.values())) == 3, "each tuning must change the text for this test to mean anything"
+        for model, text in expected.items():
+            reply = api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+            assert reply.model == model and reply.choices[0].text == text
         with pytest.raises(openai.NotFoundError, match="tiny-llama:quiz"):
             api.completions.create(model="tiny-llama:other", prompt=prompt, max_tokens=2)
     finally:
