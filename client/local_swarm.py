@@ -3,6 +3,10 @@
 The demo, the tests and the benchmarks all start swarms through this module. Each node binds 127.0.0.1
 only and gets one torch thread, unless `threads=None` starts it as a user would (torch's own choice);
 closing the swarm stops every child, also after an error.
+
+With `wan` (a profile name from `swarm.client.wan`, `mixed`, or a `WanProfile`), every registry and node is
+reached only through a delaying proxy of its own: a node listens on an internal port and announces the proxy's
+address, so clients, nodes and the registry all talk across the simulated WAN.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from swarm.client.wan import WanProfile, WanProxy, resolve_profile
 
 READY_TIMEOUT = 120.0
 
@@ -62,6 +68,7 @@ class Process:
     log_path: Path
     args: list[str] = field(default_factory=list)
     address: str = ""
+    """The URL others use: behind a WAN proxy, the proxy's."""
     stopped_on_purpose: bool = False
 
     def log(self) -> str:
@@ -94,11 +101,22 @@ class LocalSwarm:
     scheme: str = "ws"
     tls_ca: str | None = None
     registry_port: int = field(default_factory=free_port)
+    """The registry's own port; with `wan`, clients and nodes reach it through `registry_url`, its proxy."""
     processes: list[Process] = field(default_factory=list)
+    wan: str | WanProfile | None = None
+    """Put each registry and node behind a `WanProxy` with this profile (`mixed`: one drawn per process)."""
+    wan_seed: int = 0
+    """Seeds the proxies' jitter and loss, and which profile `mixed` gives each process."""
+    proxies: dict[str, WanProxy] = field(default_factory=dict)
+    """The proxy in front of each process, by process name; its `bytes_up`/`bytes_down` count the traffic."""
+    _registry_public_port: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._registry_public_port = free_port() if self.wan is not None else self.registry_port
 
     @property
     def registry_url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.registry_port}"
+        return f"{self.scheme}://127.0.0.1:{self._registry_public_port}"
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         log_path = self.workdir / f"{name}.log"
@@ -116,12 +134,18 @@ class LocalSwarm:
         self.processes.append(process)
         return process
 
-    def start_registry(self, *extra: str, port: int | None = None) -> Process:
-        """The swarm's registry, or with `port` an additional one (several registries side by side)."""
+    def start_registry(self, *extra: str, port: int | None = None, wan: str | WanProfile | None = None) -> Process:
+        """The swarm's registry, or with `port` an additional one (several registries side by side). `wan`
+        overrides the swarm's WAN profile for this registry (`registry_url` then names its proxy)."""
         port = port or self.registry_port
+        ours = port == self.registry_port
+        name = "registry" if ours else f"registry-{port}"
+        proxy = self._proxy(name, port, wan, self._registry_public_port if ours and self.wan is not None else 0)
+        if ours and proxy is not None:
+            self._registry_public_port = proxy.port
         args = [sys.executable, "-m", "swarm.registry.main", "--port", str(port), *extra]
-        process = self.spawn("registry" if port == self.registry_port else f"registry-{port}", args)
-        process.address = f"{self.scheme}://127.0.0.1:{port}"
+        process = self.spawn(name, args)
+        process.address = proxy.address(self.scheme) if proxy else f"{self.scheme}://127.0.0.1:{port}"
         wait_for_port(port, process)
         return process
 
@@ -133,10 +157,16 @@ class LocalSwarm:
         name: str | None = None,
         program: list[str] | None = None,
         env: dict[str, str] | None = None,
+        wan: str | WanProfile | None = None,
     ) -> Process:
         """A node on a free port (so its address is known before it announces). `program` replaces
-        `python -m swarm.node.main` (a test double that takes the same flags); `env` adds to its environment."""
+        `python -m swarm.node.main` (a test double that takes the same flags); `env` adds to its environment;
+        `wan` overrides the swarm's WAN profile for this node (behind a proxy, it announces the proxy's address)."""
         port = free_port()
+        name = name or f"node-{layers}-{len(self.processes)}"
+        proxy = self._proxy(name, port, wan)
+        address = proxy.address(self.scheme) if proxy else f"{self.scheme}://127.0.0.1:{port}"
+        public = ["--public-address", address] if proxy else []
         args = [
             *(program or [sys.executable, "-m", "swarm.node.main"]),
             "--model",
@@ -151,18 +181,34 @@ class LocalSwarm:
             str(self.announce_interval),
             "--port",
             str(port),
+            *public,
             *extra,
         ]
         child = child_env(self.threads, **(env or {}))
-        process = self.spawn(name or f"node-{layers}-{len(self.processes)}", args, child)
-        process.address = f"{self.scheme}://127.0.0.1:{port}"
+        process = self.spawn(name, args, child)
+        process.address = address
         return process
 
+    def _proxy(self, name: str, port: int, wan: str | WanProfile | None, public_port: int = 0) -> WanProxy | None:
+        """A started proxy in front of `port` for the process `name`, when a WAN applies to it."""
+        wan = wan if wan is not None else self.wan
+        if wan is None:
+            return None
+        if name in self.proxies:
+            raise ValueError(f"a process named {name!r} already has a WAN proxy; give this one another name")
+        profile = resolve_profile(wan, name, self.wan_seed)
+        seed = random.Random(f"{self.wan_seed}:{name}").randrange(2**32)
+        proxy = WanProxy(port, profile, port=public_port, seed=seed, name=name).start()
+        self.proxies[name] = proxy
+        return proxy
+
     def restart(self, process: Process) -> Process:
-        """Start a stopped process again with the same arguments (a node comes back)."""
+        """Start a stopped process again with the same arguments (a node comes back), behind the same proxy."""
         process.kill()
         again = self.spawn(process.name + "-again", process.args)
         again.address = process.address
+        if process.name in self.proxies:
+            self.proxies[again.name] = self.proxies[process.name]
         return again
 
     def wait_ready(self, model: str | None = None, timeout: float = READY_TIMEOUT) -> None:
@@ -205,7 +251,8 @@ class LocalSwarm:
         return "\n".join(f"--- {p.name} (alive={p.alive()}) ---\n{p.log()[-3000:]}" for p in self.processes)
 
     def close(self) -> None:
-        """SIGTERM every child (nodes first, so they can leave the registry), then SIGKILL stragglers."""
+        """SIGTERM every child (nodes first, so they can leave the registry), then SIGKILL stragglers; then
+        close the WAN proxies, which the children needed to say goodbye."""
         for process in reversed(self.processes):
             if process.alive():
                 process.popen.send_signal(signal.SIGTERM)
@@ -215,6 +262,8 @@ class LocalSwarm:
                 process.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 process.kill()
+        for proxy in self.proxies.values():
+            proxy.close()
 
     def __enter__(self) -> LocalSwarm:
         return self
