@@ -1,0 +1,86 @@
+"""Across a simulated home internet (60 ms round trips, 50 Mbit/s, 0.5 % loss) the output stays exact, also when
+a node is killed mid-generation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm, Process
+from swarm.client.wan import PROFILES
+from tests.processors import AtStep
+
+pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
+
+PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7, 99, 14, 300, 8]])
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def home_swarm(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
+    """tiny-llama as 0-3 plus two nodes for 4-7, each behind a `home` link of its own, as is the registry."""
+    with LocalSwarm(tmp_path_factory.mktemp("wan"), wan="home") as swarm:
+        swarm.start_registry()
+        swarm.start_node(tiny_llama, "0-3")
+        spares = [swarm.start_node(tiny_llama, "4-7") for _ in range(2)]
+        swarm.wait_ready("tiny-llama")
+        for spare in spares:
+            swarm.wait_online(spare)
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def expected(local_llama: PreTrainedModel) -> list[list[int]]:
+    return local_llama.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+
+
+def generate(model: DistributedModelForCausalLM, *processors: LogitsProcessor) -> list[list[int]]:
+    return model.generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=LogitsProcessorList(processors)
+    ).tolist()
+
+
+def test_greedy_generation_across_home_links_equals_local_transformers(
+    tiny_llama: Path, home_swarm: LocalSwarm, expected: list[list[int]]
+) -> None:
+    assert home_swarm.registry_url == home_swarm.proxies["registry"].address()
+    sent_before = {name: proxy.bytes_up for name, proxy in home_swarm.proxies.items()}
+    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=home_swarm.registry_url)
+    chain: list[str] = []
+    try:
+        output = generate(model, AtStep(2, lambda: chain.extend(model.current_chain())))
+    finally:
+        model.close()
+    assert output == expected
+    behind_proxies = {process.name: process.address for process in home_swarm.processes}
+    assert len(chain) == 2 and set(chain) <= set(behind_proxies.values())  # the nodes announced their proxies
+    assert all(proxy.profile == PROFILES["home"] for proxy in home_swarm.proxies.values())
+    for name, address in behind_proxies.items():
+        if address in chain or name == "registry":
+            assert home_swarm.proxies[name].bytes_up > sent_before[name]  # the traffic crossed the WAN
+
+
+def test_kill_9_of_a_redundant_node_mid_generation_under_home_links_changes_nothing(
+    tiny_llama: Path, home_swarm: LocalSwarm, expected: list[list[int]]
+) -> None:
+    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=home_swarm.registry_url)
+    spares = [process for process in home_swarm.processes if process.name.startswith("node-4-7")]
+    killed: list[Process] = []
+
+    def kill_the_one_in_use() -> None:
+        [in_use] = [node for node in spares if node.address in model.current_chain()]
+        in_use.kill()
+        killed.append(in_use)
+
+    try:
+        output = generate(model, AtStep(random.Random(7).randrange(4, NEW_TOKENS - 4), kill_the_one_in_use))
+    finally:
+        model.close()
+    assert killed and not killed[0].alive()
+    assert output == expected
