@@ -27,6 +27,12 @@ class NodeMetrics:
             "swarm_node_batched_steps", "Steps computed inside a batch of several sessions", registry=self.registry
         )
         self.errors = Counter("swarm_node_errors", "Error frames sent, by code", ["code"], registry=self.registry)
+        self.relays = Counter(
+            "swarm_node_relays",
+            "Step outputs forwarded to the next node of a client's chain, by outcome (sent or failed)",
+            ["outcome"],
+            registry=self.registry,
+        )
         Gauge("swarm_node_sessions", "Open sessions", registry=self.registry).set_function(lambda: len(sessions))
         used = Gauge("swarm_node_cache_tokens_used", "KV cache tokens reserved by sessions", registry=self.registry)
         used.set_function(lambda: sessions.tokens_reserved)

@@ -29,6 +29,7 @@ from swarm.node.admission import StepRate, client_address, client_keys
 from swarm.node.forwards import ForwardService
 from swarm.node.kv_cache import capacity_for
 from swarm.node.metrics import NodeMetrics
+from swarm.node.relay import RelayLinks
 from swarm.node.sessions import ClientShare, SessionTable
 from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
@@ -49,11 +50,12 @@ from swarm.protocol import (
     SessionClosed,
     SessionOpened,
     Step,
+    StepResult,
     Welcome,
     decode_message,
 )
 from swarm.tensors import DTYPE_NAMES
-from swarm.transport import error_frame, limit_frames, receive_hello, send
+from swarm.transport import Credentials, error_frame, limit_frames, receive_hello, send
 
 log = logging.getLogger("swarm.node")
 
@@ -94,6 +96,13 @@ class NodeServer:
         self.step_rate = StepRate(settings.max_steps_per_second_per_client)
         self.metrics = NodeMetrics(self.sessions, lambda: self.state)
         self.scheduler = StepScheduler(self._ready_span, self.metrics, settings.batch_steps, settings.prefill_chunk)
+        self.relays = RelayLinks(
+            settings.registry,
+            Credentials(settings.token, settings.tls_ca),
+            lambda: (identity.model_name, identity.model_id),
+        )
+        self._connections: dict[int, ServerConnection] = {}
+        """Open client connections by owner id: where a relayed step's answer goes."""
         self.steps = StepService(
             self.sessions,
             self._ready_span,
@@ -103,6 +112,8 @@ class NodeServer:
             identity.dtype,
             settings.max_length,
             self.metrics,
+            self.relays,
+            self._deliver,
         )
         self.forwards = ForwardService(
             self._ready_span,
@@ -173,6 +184,7 @@ class NodeServer:
                 return
             limit_frames(connection, 2 * self.settings.max_message_bytes)  # beyond twice the limit: closed
             await send(connection, Welcome(version=version, node=self.peer_info(), limits=self.limits()))
+            self._connections[owner] = connection
             async for frame in connection:
                 task = asyncio.create_task(self._answer_frame(connection, frame, owner, address))
                 answering.add(task)
@@ -182,6 +194,7 @@ class NodeServer:
         except websockets.ConnectionClosed:
             pass
         finally:
+            self._connections.pop(owner, None)
             for task in answering:
                 task.cancel()
             for session_id in self.sessions.close_owned_by(owner):
@@ -193,11 +206,23 @@ class NodeServer:
         self, connection: ServerConnection, frame: bytes | str, owner: int, address: str | None
     ) -> None:
         try:
-            await send(connection, await self._answer(frame, owner, address))
+            answer = await self._answer(frame, owner, address)
+            if answer is not None:
+                await send(connection, answer)
         except websockets.ConnectionClosed:
             pass
 
-    async def _answer(self, frame: bytes | str, owner: int, address: str | None) -> Message:
+    async def _deliver(self, owner: int, result: StepResult) -> None:
+        """A relayed step's answer, to the connection that owns its session (gone: the session went with it)."""
+        connection = self._connections.get(owner)
+        if connection is None:
+            return
+        try:
+            await send(connection, result)
+        except websockets.ConnectionClosed:
+            pass
+
+    async def _answer(self, frame: bytes | str, owner: int, address: str | None) -> Message | None:
         try:
             message = decode_message(frame, self.settings.max_message_bytes)
             if isinstance(message, (Step, Forward, Backward)):
@@ -268,6 +293,7 @@ class NodeServer:
                 span.cache.allocate,
                 address,
                 adapter,
+                message.relay_key,
             )
             return SessionOpened(session_id=message.session_id)
         if isinstance(message, CloseSession):

@@ -118,6 +118,7 @@ async def serve(settings: NodeSettings) -> None:
     await drain(node, announcer)
     expiry.cancel()
     await announcer.stop(leave=True)
+    await node.relays.close()
     server.close()
     await server.wait_closed()
 

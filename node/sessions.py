@@ -12,6 +12,7 @@ them from others when the node is full.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,6 +57,8 @@ class Session:
     """A step of it was accepted; until then it expires after `--first-step-timeout` and may be reclaimed."""
     adapter: LayerAdapters | None = None
     """The low-rank adapter every step of it runs with (`OpenSession.adapter`), or None."""
+    relay_key: str | None = None
+    """With it, the previous peer of the client's chain may send the session's steps (`Step.relay_key`)."""
 
     def of_client(self, owner: int, address: str | None) -> bool:
         """Whether the session counts against the client that is connection `owner` from `address`."""
@@ -103,6 +106,7 @@ class SessionTable:
         allocate: Callable[[int, int], SessionCache],
         address: str | None = None,
         adapter: LayerAdapters | None = None,
+        relay_key: str | None = None,
     ) -> Session:
         """`row_capacity(max_length)`: tokens a cache row for it holds; `allocate(batch, max_length)`: its rows.
         `owner` is the connection, `address` the client address it counts under (None: the connection alone)."""
@@ -122,6 +126,7 @@ class SessionTable:
         session = Session(session_id, owner, span[0], span[1], max_length, batch_size, cache, needed, now, now)
         session.address = address
         session.adapter = adapter
+        session.relay_key = relay_key
         self._sessions[session_id] = session
         return session
 
@@ -187,6 +192,13 @@ class SessionTable:
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r} on this connection")
+        return session
+
+    def get_relayed(self, session_id: str, relay_key: str) -> Session:
+        """A session stepped by another peer on its owner's behalf: it must have been opened with `relay_key`."""
+        session = self._sessions.get(session_id)
+        if session is None or session.relay_key is None or not hmac.compare_digest(session.relay_key, relay_key):
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r} open for relayed steps here")
         return session
 
     def close(self, session_id: str) -> bool:

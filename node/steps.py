@@ -21,19 +21,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from swarm.errors import ErrorCode, ProtocolError
+from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RemoteError
 from swarm.models.adapters import RowAdapter
 from swarm.node.chunking import ChunkedStep, SessionCheckpoint
 from swarm.node.kv_cache import RoundEntry
 from swarm.node.metrics import NodeMetrics
+from swarm.node.relay import RelayLinks
 from swarm.node.sessions import Session, SessionTable
 from swarm.node.span import LoadedSpan
-from swarm.node.validation import StepInputs, decode_step, position_limit, session_rows
+from swarm.node.validation import StepInputs, cut_back, decode_step, position_limit, session_rows
 from swarm.protocol import Error, Step, StepResult, WireTensor
 
 log = logging.getLogger("swarm.node")
@@ -46,7 +47,11 @@ Outcome = torch.Tensor | Exception
 
 class StepService:
     """Answers step frames for one node: the sessions it holds, its span (None while it is not taking work), and
-    what to do with a session whose step failed (`end_session`: the server ends it and counts the error)."""
+    what to do with a session whose step failed (`end_session`: the server ends it and counts the error).
+
+    A relayed step (node-to-node forwarding, `swarm.node.relay`) comes from the previous node of a client's chain
+    with the session's `relay_key`; its answer goes to the session's owner (`deliver`), and a step with a `relay`
+    goes on to the next node (`relays`) before its answer goes out."""
 
     def __init__(
         self,
@@ -58,6 +63,8 @@ class StepService:
         dtype: torch.dtype,
         max_length: int,
         metrics: NodeMetrics,
+        relays: RelayLinks | None = None,
+        deliver: Callable[[int, StepResult], Awaitable[None]] | None = None,
     ) -> None:
         self.sessions = sessions
         self.span = span
@@ -67,10 +74,61 @@ class StepService:
         self.dtype = dtype
         self.max_length = max_length
         self.metrics = metrics
+        self.relays = relays
+        self.deliver = deliver
 
-    async def answer(self, message: Step, owner: int) -> StepResult:
-        """Every session's rows of the step, each run or failed on its own. Nothing awaits before the rows are
-        scheduled, so the steps of a connection are scheduled in the order their frames arrived."""
+    async def answer(self, message: Step, owner: int) -> StepResult | None:
+        """Every session's rows of the step, each run or failed on its own; None when the answer went to the
+        session's owner (a relayed step). Nothing awaits before the rows are scheduled, so the steps of a
+        connection are scheduled in the order their frames arrived."""
+        on_behalf = message.relay_key is not None
+        if on_behalf:
+            try:
+                owner = self.sessions.get_relayed(message.session_ids[0], message.relay_key).owner  # type: ignore[arg-type]
+            except ProtocolError as exc:  # refused to the peer that sent it: the owner is not told of probes
+                return self._reply(message, owner, [exc])
+        result = await self._compute(message, owner)
+        if message.relay is not None:
+            result = await self._forward(message, result)
+        if on_behalf and self.deliver is not None:
+            await self.deliver(owner, result)
+            return None
+        return result
+
+    async def _forward(self, message: Step, result: StepResult) -> StepResult:
+        """Send the step's output on to the next node of its relay; the result says if that failed."""
+        if result.errors is not None or not message.relay:
+            return result  # the step failed here: the client goes on from here itself
+        hop, rest = message.relay[0], message.relay[1:]
+        onward = Step.trusted(
+            type="step",
+            step_id=hop.step_id,
+            session_ids=[hop.session_id],
+            rows=message.rows,
+            hidden=result.hidden,
+            position_ids=message.position_ids,
+            attention_mask=message.attention_mask,
+            hypo_ids=message.hypo_ids,
+            lengths=[hop.length] if hop.length is not None else None,
+            relay=rest or None,
+            relay_key=hop.relay_key,
+        )
+        try:
+            if self.relays is None:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "this node does not forward steps")
+            await self.relays.forward(hop.address, onward)
+        except (ProtocolError, PeerUnreachableError, RemoteError) as exc:
+            code = exc.code if isinstance(exc, (ProtocolError, RemoteError)) else ErrorCode.BUSY
+            log.info("could not forward a step to %s: %s", hop.address, exc)
+            self.metrics.relays.labels("failed").inc()
+            failed = Error(code=code, message=f"forwarding to {hop.address} failed: {exc}"[:4096], step_id=hop.step_id)
+            return StepResult.trusted(
+                type="step_result", step_id=result.step_id, hidden=result.hidden, relay_error=failed
+            )
+        self.metrics.relays.labels("sent").inc()
+        return result
+
+    async def _compute(self, message: Step, owner: int) -> StepResult:
         outcomes: list[Outcome]
         try:
             span = self.span()  # refuses the whole frame unless the node takes work
@@ -79,16 +137,19 @@ class StepService:
             outcomes = [exc] * len(message.session_ids)
         else:
             waiting, first = [], 0
-            for session_id, count in zip(message.session_ids, message.rows, strict=True):
-                waiting.append(self._schedule(session_id, owner, inputs, slice(first, first + count)))
+            lengths = message.lengths or [None] * len(message.session_ids)
+            for session_id, count, length in zip(message.session_ids, message.rows, lengths, strict=True):
+                waiting.append(self._schedule(session_id, owner, inputs, slice(first, first + count), length))
                 first += count
             outcomes = [await _outcome(waiting[0])] if len(waiting) == 1 else await _outcomes(waiting)
         return self._reply(message, owner, outcomes)
 
-    def _schedule(self, session_id: str, owner: int, inputs: StepInputs, rows: slice) -> asyncio.Future[torch.Tensor]:
+    def _schedule(
+        self, session_id: str, owner: int, inputs: StepInputs, rows: slice, cut_to: int | None
+    ) -> asyncio.Future[torch.Tensor]:
         try:
             session = self.sessions.get(session_id, owner)
-            own = session_rows(session, inputs, rows)
+            own = session_rows(session, inputs, rows, cut_to)
         except ProtocolError as exc:
             failed: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
@@ -195,6 +256,7 @@ class StepScheduler:
             for step in steps:
                 self._finish(step, exc)
             return
+        steps = [step for step in steps if self._rolled_back(step)]
         began = time.perf_counter()
         alone: list[PendingStep] = []
         batches: dict[tuple[int, int], list[PendingStep]] = {}
@@ -240,6 +302,18 @@ class StepScheduler:
             self._finish(step, exc)
             return
         self._finish(step, output)
+
+    def _rolled_back(self, step: PendingStep) -> bool:
+        """A step that starts by rolling its session back does so when its turn comes (after the session's
+        earlier steps); False when that fails (the step fails with it)."""
+        if step.inputs.cut_to is None:
+            return True
+        try:
+            step.inputs = cut_back(step.session, step.inputs)
+        except ProtocolError as exc:
+            self._finish(step, exc)
+            return False
+        return True
 
     def _finish(self, step: PendingStep, outcome: Outcome) -> None:
         self._leave_line(step)

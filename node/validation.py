@@ -35,6 +35,8 @@ class StepInputs:
     attention_mask: torch.Tensor | None
     """None: every new token is real (a frame without a mask, or with one of only ones)."""
     hypo_ids: torch.Tensor | None
+    cut_to: int | None = None
+    """The session first keeps only this many cached tokens (`Step.lengths`: rejected speculative tokens)."""
 
 
 def _bad(message: str) -> ProtocolError:
@@ -198,21 +200,46 @@ def decode_adapter(
     return LayerAdapters(wire.alpha / wire.rank, pairs)
 
 
-def session_rows(session: Session, inputs: StepInputs, rows: slice) -> StepInputs:
+def session_rows(session: Session, inputs: StepInputs, rows: slice, cut_to: int | None = None) -> StepInputs:
     """One session's rows of a decoded step, checked against that session: its batch, its room left, and
-    positions that do not go back behind its last step's (after the step's beam reorder)."""
+    positions that do not go back behind its last step's (after the step's beam reorder). A step that first
+    rolls the session back (`cut_to`) is checked against the session as it will be then (`cut_back`)."""
     own = StepInputs(
         inputs.hidden[rows],
         inputs.position_ids[rows],
         inputs.attention_mask[rows] if inputs.attention_mask is not None else None,
         inputs.hypo_ids[rows] if inputs.hypo_ids is not None else None,
+        cut_to,
     )
+    if cut_to is not None:
+        if own.hypo_ids is not None:
+            raise _bad("a step cannot both roll its session back (lengths) and reorder it (hypo_ids)")
+        return own
     _check_fits(session, own.hidden.shape[0], own.hidden.shape[1])
     previous = session.last_positions
     if previous is not None and own.hypo_ids is not None:
         previous = previous[own.hypo_ids]
     _check_positions(own.position_ids.numpy(), session.max_length, previous)
     return own
+
+
+def cut_back(session: Session, inputs: StepInputs) -> StepInputs:
+    """Roll `session` back to `inputs.cut_to` tokens (speculative tokens its client rejected) and check the step
+    against it as `session_rows` does; returns the step without the roll-back. Each row's last position moves
+    back by as many tokens (they were all real: speculation drafts after the prompt)."""
+    length = inputs.cut_to
+    assert length is not None
+    if length > session.length:
+        raise _bad(f"lengths asks to keep {length} tokens, the session holds {session.length}")
+    removed = session.length - length
+    if removed:
+        session.cache.truncate(length)  # type: ignore[attr-defined]
+        session.length = length
+        if session.last_positions is not None:
+            session.last_positions = session.last_positions - removed
+    _check_fits(session, inputs.hidden.shape[0], inputs.hidden.shape[1])
+    _check_positions(inputs.position_ids.numpy(), session.max_length, session.last_positions)
+    return StepInputs(inputs.hidden, inputs.position_ids, inputs.attention_mask, None)
 
 
 def _check_fits(session: Session, batch: int, tokens: int) -> None:

@@ -30,7 +30,9 @@ if TYPE_CHECKING:  # tensors are converted in `swarm.tensors`: a process that ne
 PROTOCOL_VERSION = 5
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
 understand a frame. Version 5 adds training: `backward`, low-rank adapters for a session or a pass
-(`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`. Version 4 added what a span is
+(`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`; `Step.lengths`, which rolls a session back
+(speculative decoding); and node-to-node forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`,
+`StepResult.relay_error`). Version 4 added what a span is
 (`PeerInfo.model_id`, `weights`, `quantization`), route queries by model identity, and `report` of a peer
 caught lying. Version 3 has one step message for one or many sessions, matched to its reply by `step_id`;
 versions 1 and 2 had `step`, `step_many` and `step_group`."""
@@ -273,9 +275,15 @@ class WireAdapter(_Strict):
         return self
 
 
+RelayKey = Annotated[str, Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")]
+"""A secret (hex) with which other peers may step a session on its owner's behalf (`Step.relay`)."""
+MAX_RELAY_HOPS = 64
+
+
 class OpenSession(_Strict):
     """Reserve a KV cache for layers [start, end) of this node for `batch_size` x `max_length` tokens; with an
-    `adapter` (pairs for layers inside [start, end) only), every step of the session runs with it."""
+    `adapter` (pairs for layers inside [start, end) only), every step of the session runs with it. With a
+    `relay_key`, the previous peer of the client's chain may send the session's steps (`Step.relay`)."""
 
     type: Literal["open_session"] = "open_session"
     session_id: Id
@@ -284,8 +292,9 @@ class OpenSession(_Strict):
     max_length: Annotated[int, Field(ge=1, le=2**24)]
     batch_size: Annotated[int, Field(ge=1, le=2**16)]
     adapter: WireAdapter | None = None
+    relay_key: RelayKey | None = None
 
-    omitted_when_default = frozenset({"adapter"})
+    omitted_when_default = frozenset({"adapter", "relay_key"})
 
 
 class SessionOpened(_Strict):
@@ -296,14 +305,30 @@ class SessionOpened(_Strict):
 MAX_SESSIONS_PER_STEP = 1024
 
 
+class RelayHop(_Strict):
+    """A later link of a client's chain, for node-to-node forwarding: the node at `address` serves the session
+    `session_id` (opened with `relay_key`) and answers its step, numbered `step_id` on the client's connection to
+    it, to the client. `length`: as `Step.lengths`."""
+
+    address: Annotated[str, Field(min_length=1, max_length=512, pattern=PRINTABLE)]
+    session_id: Id
+    relay_key: RelayKey
+    step_id: Count
+    length: Count | None = None
+
+    omitted_when_default = frozenset({"length"})
+
+
 class Step(_Strict):
     """New positions of one or more sessions opened on this connection, their rows stacked: session i owns the
     `rows[i]` rows after those of the sessions before it in hidden [R, T, H], position_ids [R, T] and
     attention_mask [R, T] (all T new tokens each, R the sum of `rows`).
 
     `hypo_ids` [R], when given, reorders each session's cache rows before the step (beam search): a session's
-    entries index its own rows. `step_id` is unique among the steps in flight on the connection; the reply
-    carries it, so a client may send the next step before this one's reply arrives."""
+    entries index its own rows. `lengths`, when given, has one entry per session: the number of tokens its cache
+    keeps before the step (at most what it holds): the rest, speculative tokens the client rejected, are
+    forgotten. `step_id` is unique among the steps in flight on the connection; the reply carries it, so a client
+    may send the next step before this one's reply arrives."""
 
     type: Literal["step"] = "step"
     step_id: Count
@@ -313,13 +338,24 @@ class Step(_Strict):
     position_ids: WireTensor
     attention_mask: WireTensor | None = None
     hypo_ids: WireTensor | None = None
+    lengths: Annotated[list[Count], Field(max_length=MAX_SESSIONS_PER_STEP)] | None = None
+    relay: Annotated[list[RelayHop], Field(min_length=1, max_length=MAX_RELAY_HOPS)] | None = None
+    """The rest of the chain (node-to-node forwarding): this node sends its output, as the next hop's step, to
+    the first of them, which does the same with the rest. Only for a step of one session."""
+    relay_key: RelayKey | None = None
+    """Set by a peer forwarding the step: the session's key (`OpenSession.relay_key`) in place of its owner's
+    connection. The node then answers to the session's owner, not to the peer."""
 
-    omitted_when_default = frozenset({"attention_mask", "hypo_ids"})
+    omitted_when_default = frozenset({"attention_mask", "hypo_ids", "lengths", "relay", "relay_key"})
 
     @model_validator(mode="after")
     def _one_entry_per_session(self) -> Step:
         if len(self.session_ids) != len(self.rows):
             raise ValueError("session_ids and rows must have one entry per session")
+        if self.lengths is not None and len(self.lengths) != len(self.session_ids):
+            raise ValueError("lengths must have one entry per session")
+        if (self.relay is not None or self.relay_key is not None) and len(self.session_ids) != 1:
+            raise ValueError("a relayed step carries one session")
         if len(set(self.session_ids)) != len(self.session_ids):
             raise ValueError("a session may appear only once per step (its next step needs this one's result)")
         return self
@@ -328,14 +364,16 @@ class Step(_Strict):
 class StepResult(_Strict):
     """The answer to a `Step`: hidden [R, T, H] in the request's codec, rows in the request's order. `errors`,
     when given, has one entry per session: None, or the error that ended that session's step (its rows are then
-    zeros); it is left out when every session's step succeeded."""
+    zeros); it is left out when every session's step succeeded. `relay_error`: the step's output could not be
+    forwarded to the next hop of its `relay` (the client goes on from there itself)."""
 
     type: Literal["step_result"] = "step_result"
     step_id: Count
     hidden: WireTensor
     errors: list[Error | None] | None = None
+    relay_error: Error | None = None
 
-    omitted_when_default = frozenset({"errors"})
+    omitted_when_default = frozenset({"errors", "relay_error"})
 
 
 class CloseSession(_Strict):

@@ -28,8 +28,14 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> int:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        speculation = {"prompt_lookup_num_tokens": args.speculate} if args.speculate else {}
         model.generate(
-            **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling_kwargs(args)
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            pad_token_id=pad,
+            **sampling_kwargs(args),
+            **speculation,
         )
     finally:
         model.close()

@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   swarm-client generate "Once upon a time" --max-new-tokens 40
   swarm-client generate "Once upon a time" --model ./models/tiny-llama --registry ws://127.0.0.1:7000 --greedy
   swarm-client generate "The dragon" --temperature 0.8 --top-p 0.95 --seed 1
+  swarm-client generate "Leo saw the cave. Leo" --greedy --speculate 8
   swarm-client chat --temperature 0.7
   swarm-client score stories.txt --choices "yes,no"
   swarm-client batch requests.jsonl results.jsonl --concurrency 4
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model.add_argument(
+        "--no-forwarding",
+        dest="forwarding",
+        action="store_const",
+        const=False,
+        help="send every step through this client between two nodes, instead of node to node along the chain "
+        "(forwarding: about one one-way trip per node instead of a round trip; on by default)",
+    )
+    model.add_argument(
         "--soft-prompt",
         metavar="FILE",
         help="run with the soft prompt learned by `swarm-client tune` (a .safetensors file it wrote)",
@@ -144,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     generate.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
     generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    generate.add_argument(
+        "--speculate",
+        type=int,
+        metavar="N",
+        help="draft up to N tokens a step from the text so far (prompt lookup) and let the swarm check them in one "
+        "step: fewer round trips on repetitive text, the same output (greedy) or distribution (sampling)",
+    )
 
     _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
     _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))

@@ -75,6 +75,7 @@ def open_model(settings: ClientSettings) -> tuple[DistributedModelForCausalLM, P
         tls_ca=settings.tls_ca,
         compression=settings.compression,
         verify_rate=settings.verify_rate,
+        forwarding=settings.forwarding,
     )
     apply_tuning_files(distributed, settings.soft_prompt, settings.adapter)
     return distributed, tokenizer

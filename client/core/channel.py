@@ -58,6 +58,8 @@ class PeerChannel:
     _requests: dict[str, asyncio.Future[BaseModel]] = field(default_factory=dict)
     _reader: asyncio.Task[None] | None = None
     _step_ids: itertools.count[int] = field(default_factory=itertools.count)
+    _abandoned: set[int] = field(default_factory=set)
+    """Steps whose answers nobody waits for any more (a relayed step given up): dropped when they come."""
     steps_sent: int = 0
     frames_sent: int = 0
     broken: bool = False
@@ -84,6 +86,48 @@ class PeerChannel:
             self._break(PeerUnreachableError(f"{self.address} answered a step of {sum(message.rows)} rows wrongly"))
             raise PeerUnreachableError(f"{self.address} answered a step wrongly")
         return result
+
+    def expect(self, step_id: int) -> asyncio.Future[StepResult]:
+        """Wait for the answer to a step another peer sends here on this client's behalf (node-to-node
+        forwarding): registered before the step leaves the client, so the answer cannot come first."""
+        reply: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._steps[step_id] = reply
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        return reply
+
+    async def wait(self, step_id: int, reply: asyncio.Future[StepResult]) -> StepResult:
+        """The answer `expect` registered, within the channel's timeout; a refusal raises `RemoteError`."""
+        if self.broken:
+            self._steps.pop(step_id, None)
+            raise PeerUnreachableError(f"the connection to {self.address} is gone")
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await reply
+        except TimeoutError:
+            self._break(PeerUnreachableError(f"{self.address} did not answer within {self.timeout} s"))
+            raise PeerUnreachableError(f"{self.address} did not answer within {self.timeout} s") from None
+        finally:
+            self._steps.pop(step_id, None)
+
+    def abandon(self, step_id: int) -> None:
+        """Stop waiting for a step's answer; if it still comes, it is dropped."""
+        reply = self._steps.pop(step_id, None)
+        if reply is not None and not reply.done():
+            reply.cancel()
+        self._abandoned.add(step_id)
+
+    async def send(self, message: Step) -> None:
+        """Send a step whose answers were registered with `expect` (they may come on other channels)."""
+        if self.broken:
+            raise PeerUnreachableError(f"the connection to {self.address} is gone")
+        self.frames_sent += 1
+        self.steps_sent += len(message.session_ids)
+        try:
+            await self.connection.send(encode_message(message))
+        except (websockets.ConnectionClosed, OSError) as exc:
+            self._break(PeerUnreachableError(f"connection to {self.address} lost: {exc}"))
+            raise PeerUnreachableError(f"connection to {self.address} lost: {exc}") from exc
 
     async def request(self, message: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
         """`open_session` or `close_session`, answered by the session's id."""
@@ -137,6 +181,10 @@ class PeerChannel:
         else:
             waiting = None
         if waiting is None:
+            step_id = getattr(message, "step_id", None)
+            if step_id in self._abandoned:
+                self._abandoned.discard(step_id)
+                return
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{self.address} sent {message.type!r} that answers nothing")  # type: ignore[attr-defined]
         if waiting.done():
             return

@@ -20,9 +20,11 @@ from swarm.protocol import (
     Codec,
     OpenSession,
     PeerInfo,
+    RelayHop,
     SessionClosed,
     SessionOpened,
     Step,
+    StepResult,
     WireTensor,
 )
 from swarm.routing import Link
@@ -139,14 +141,19 @@ class LinkSession:
         session_id: str,
         codec: Codec = "raw",
         adapter: LowRankAdapter | None = None,
+        relay_key: str | None = None,
     ) -> None:
         self.link = link
         self.adapter = adapter
+        self.relay_key = relay_key
+        """Lets the previous peer of the chain send this session's steps (node-to-node forwarding)."""
         """The adapter the session runs with (its pairs for this link's layers went with `open_session`)."""
         self.channel = channel
         self.session_id = session_id
         self.codec = codec
         self.history: list[LinkInputs] = []
+        self.keep: int | None = None
+        """Tokens the peer's session is to keep before the next step (`cut`: rejected speculative tokens)."""
         self.reordered = False
         """Some step reordered the rows (beam search's `hypo_ids`): the history is not one sequence per row."""
 
@@ -163,6 +170,7 @@ class LinkSession:
         channel = await channels.get(link.peer.address)
         check_peer(channel.node, link.peer, link.peer.address)
         session_id = secrets.token_hex(8)
+        relay_key = secrets.token_hex(16)
         message = OpenSession(
             session_id=session_id,
             start=link.start,
@@ -170,26 +178,74 @@ class LinkSession:
             max_length=max_length,
             batch_size=batch_size,
             adapter=adapter.wire(link.start, link.end) if adapter is not None else None,
+            relay_key=relay_key,
         )
         await channel.request(message, SessionOpened, timeout=STEP_TIMEOUT)
-        return cls(link, channel, session_id, codec, adapter)
+        return cls(link, channel, session_id, codec, adapter, relay_key)
+
+    @property
+    def length(self) -> int:
+        """Tokens the peer's session holds (once a pending `cut` is sent)."""
+        return sum(past.hidden.shape[1] for past in self.history)
+
+    def cut(self, tokens: int) -> None:
+        """Forget the last `tokens` tokens sent (rejected speculative tokens): from the history at once, from the
+        peer's session with the next step (`Step.lengths`). A replacement after a failover replays the history
+        as it is then, so it never holds them."""
+        while tokens > 0 and self.history:
+            last = self.history[-1]
+            width = last.hidden.shape[1]
+            if width <= tokens:
+                self.history.pop()
+                tokens -= width
+                continue
+            keep = width - tokens
+            self.history[-1] = LinkInputs(
+                last.hidden[:, :keep].clone(),
+                last.position_ids[:, :keep].clone(),
+                last.attention_mask[:, :keep].clone(),
+                last.hypo_ids,
+            )
+            tokens = 0
+        self.keep = self.length
 
     async def step(self, inputs: LinkInputs) -> torch.Tensor:
+        reply = await self.channel.step(self.step_message(inputs, self.channel.next_step_id()))
+        return self.accept(reply, inputs)
+
+    def step_message(self, inputs: LinkInputs, step_id: int, relay: list[RelayHop] | None = None) -> Step:
+        """This link's step for `inputs` (with `relay`: to go on through the rest of the chain)."""
         wire = inputs.encoded()
-        message = Step.trusted(
+        return Step.trusted(
             type="step",
-            step_id=self.channel.next_step_id(),
+            step_id=step_id,
             session_ids=[self.session_id],
             rows=[inputs.hidden.shape[0]],
             hidden=wire_hidden(inputs.hidden, self.link.peer.dtype, self.codec),
             position_ids=wire.position_ids,
             attention_mask=wire.attention_mask,
             hypo_ids=wire.hypo_ids,
+            lengths=[self.keep] if self.keep is not None else None,
+            relay=relay,
         )
-        reply = await self.channel.step(message)
+
+    def relay_hop(self, step_id: int) -> RelayHop:
+        """This link as a later hop of a forwarded step, answering as `step_id` on this client's channel."""
+        assert self.relay_key is not None
+        return RelayHop.trusted(
+            address=self.channel.address,
+            session_id=self.session_id,
+            relay_key=self.relay_key,
+            step_id=step_id,
+            length=self.keep,
+        )
+
+    def accept(self, reply: StepResult, inputs: LinkInputs) -> torch.Tensor:
+        """The link's output from its answer to `inputs`, recorded as its history."""
         if reply.errors is not None and reply.errors[0] is not None:
             raise RemoteError(reply.errors[0].code, reply.errors[0].message, self.channel.address)
         output = checked_output(reply.hidden.to_torch(), inputs.hidden, self.channel.address)
+        self.keep = None
         self.record(inputs)
         return output
 

@@ -105,6 +105,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         failover_wait: float = DEFAULT_FAILOVER_WAIT,
         compression: str | None = None,
         verify_rate: float | None = None,
+        forwarding: bool | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the local modules of checkpoint `model` and route its layers through `registry`.
 
@@ -113,8 +114,9 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         `failover_wait` is how long to wait for a lost span to be served again; `compression="int8-block"`
         sends hidden states as 8-bit blocks (~1/4 of float32's bytes, slightly inexact) to peers that
         advertise it; `verify_rate` is the fraction of steps other peers compute again to catch a lying peer
-        (default `SWARM_CLIENT_VERIFY_RATE` or 0.03; 0 turns verification off). Peers serving weights other
-        than this checkpoint's are never used."""
+        (default `SWARM_CLIENT_VERIFY_RATE` or 0.03; 0 turns verification off); `forwarding` (default on,
+        `SWARM_CLIENT_FORWARDING`) sends a session's steps node to node along its chain instead of through the
+        client between every two nodes. Peers serving weights other than this checkpoint's are never used."""
         settings = ClientSettings.from_flags(
             {
                 "registry": registry,
@@ -122,6 +124,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
                 "tls_ca": tls_ca,
                 "compression": compression,
                 "verify_rate": verify_rate,
+                "forwarding": forwarding,
             }
         )
         codec = parse_compression(settings.compression)
@@ -136,6 +139,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
             failover_wait,
             codec,
             verify_rate=settings.verify_rate,
+            forwarding=settings.forwarding,
             digests=CheckpointDigests(model, architecture),
         )
         instance = cls(config, architecture, local, planner)
@@ -265,6 +269,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
                 hidden = self._inference(
                     input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, tuning
                 )
+            with torch.no_grad():  # logits callers may change in place (assisted generation does)
                 logits = self.head(_kept(hidden, logits_to_keep))
         loss = None
         if labels is not None:

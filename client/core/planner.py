@@ -49,6 +49,9 @@ class ChainPlanner:
     verify_rate: float = 0.0
     """Fraction of link steps computed again by other peers (`swarm.client.core.verify`); 0 checks none, not even a
     new peer's first step."""
+    forwarding: bool = True
+    """Steps of a session go node to node along its chain (`swarm.client.core.forwarding`); off: through the
+    client between every two links."""
     digests: CheckpointDigests | None = None
     """The client's own checkpoint, to refuse peers serving other weights; None trusts what peers announce."""
     proven: set[str] = field(default_factory=set)

@@ -34,6 +34,26 @@ class RemoteSessionCache(RemoteCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    @property
+    def is_croppable(self) -> bool:
+        """Speculative decoding (`generate(prompt_lookup_num_tokens=...)`, `assistant_model=`) rolls back the
+        tokens it rejects: `crop`."""
+        return True
+
+    def activate_past_recording(self) -> None:
+        """Assisted generation asks caches to keep what they might roll back; the peers' sessions keep it all."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (a positive value: keep that many, the older convention), on
+        every peer of the session with its next step."""
+        keep = tokens_to_remove if tokens_to_remove > 0 else self.seen_tokens + tokens_to_remove
+        removed = self.seen_tokens - max(keep, 0)
+        if removed <= 0:
+            return
+        if self.session is not None:
+            self.session.cut(removed)
+        self.seen_tokens -= removed
+
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_length or -1
 

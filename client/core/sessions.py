@@ -6,6 +6,7 @@ import torch
 
 from swarm.client.core.channel import ChannelPool
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, SpanBuilder, worth_failing_over
+from swarm.client.core.forwarding import forwarded_step
 from swarm.client.core.links import LinkInputs, LinkSession
 from swarm.client.core.planner import ChainPlanner
 from swarm.client.core.tuning import LowRankAdapter
@@ -61,11 +62,23 @@ class ChainSession:
         inputs = LinkInputs(
             hidden, position_ids.long(), attention_mask.bool(), hypo_ids.long() if hypo_ids is not None else None
         )
-        index = 0
+        if self.planner.forwarding and len(self.links) > 1:
+            return await forwarded_step(self, inputs)
+        return await self.step_from(0, inputs)
+
+    async def step_from(self, index: int, inputs: LinkInputs, failure: Exception | None = None) -> torch.Tensor:
+        """The step from link `index` on, the client in the middle of every link (`failure`: how it already
+        failed at link `index`)."""
         while index < len(self.links):
-            inputs = inputs.following(await self.step_link(index, inputs))
+            inputs = inputs.following(await self.step_link(index, inputs, failure))
+            failure = None
             index += 1
         return inputs.hidden
+
+    def cut(self, tokens: int) -> None:
+        """Forget the last `tokens` tokens on every link (speculative tokens the client rejected)."""
+        for link in self.links:
+            link.cut(tokens)
 
     async def step_link(self, index: int, inputs: LinkInputs, failure: Exception | None = None) -> torch.Tensor:
         """Link `index`'s output for `inputs`, failing over as often as it takes. `failure`: how this very step

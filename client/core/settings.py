@@ -25,6 +25,7 @@ class ClientSettings(SwarmSettings):
     model_name: str | None = None
     compression: str = "none"
     verify_rate: float = Field(0.03, ge=0, le=1)
+    forwarding: bool = Field(True, description="steps go node to node along the chain (off: through the client)")
     soft_prompt: str | None = Field(None, description="tuning file whose soft prompt every request runs with")
     adapter: str | None = Field(None, description="tuning file whose low-rank adapter every request runs with")
     log_level: str = shared("SWARM_LOG_LEVEL", "WARNING")

@@ -108,6 +108,8 @@ class GenerateCall:
 
     expected: Cache | None = None
     owned: list[Cache] = field(default_factory=list)
+    assisted: bool = False
+    """It drafts with an assistant model (`assistant_model=`), whose drafts the session must have room for."""
 
 
 class RemoteCacheGenerationMixin(GenerationMixin):
@@ -141,7 +143,7 @@ class RemoteCacheGenerationMixin(GenerationMixin):
         if cache is not None:
             kwargs[generation_cache_name()] = cache
         stack = self._call_stack()
-        stack.append(GenerateCall())
+        stack.append(GenerateCall(assisted=kwargs.get("assistant_model") is not None))
         try:
             return super().generate(*args, **kwargs)
         finally:
@@ -155,7 +157,8 @@ class RemoteCacheGenerationMixin(GenerationMixin):
         cache = model_kwargs.get(name)
         _check_remote(cache)
         if cache is None and use_cache:
-            cache = model_kwargs[name] = self.new_generation_cache(generation_config.max_length)
+            room = generation_config.max_length + speculative_room(generation_config, call)
+            cache = model_kwargs[name] = self.new_generation_cache(room)
             if call is not None:
                 call.owned.append(cache)
                 call.expected = cache
@@ -179,6 +182,15 @@ class RemoteCacheGenerationMixin(GenerationMixin):
                 f"generate() ran a forward without its swarm session (expected the cache as "
                 f"`{generation_cache_name()}`): every step would be stateless"
             )
+
+
+def speculative_room(generation_config: Any, call: GenerateCall | None) -> int:
+    """Tokens beyond `max_length` a session may briefly hold: speculative decoding sends its drafts before it
+    knows how many it keeps, and near the end they may run past `max_length` before being rolled back."""
+    drafts = [getattr(generation_config, "prompt_lookup_num_tokens", None)]
+    if call is not None and call.assisted:
+        drafts.append(getattr(generation_config, "num_assistant_tokens", None))
+    return max([0, *(int(d) + 1 for d in drafts if d)])
 
 
 def _check_remote(cache: object) -> None:

@@ -116,7 +116,9 @@ def test_concurrent_jobs_of_different_lengths_each_get_their_local_greedy_tokens
     channels = model.channels.channels
     frames = sum(channel.frames_sent for channel in channels) - frames_before
     steps = sum(channel.steps_sent for channel in channels) - steps_before
-    assert steps >= 2 * sum(NEW_TOKENS), "every token crosses both nodes"
+    # every token crosses both nodes; a job's prompt goes on from the first node to the second by itself
+    # (node-to-node forwarding), so the client sends it once
+    assert steps >= 2 * sum(NEW_TOKENS) - len(PROMPTS), "every token crosses both nodes"
     # a tick's decode steps take one frame per peer (the two 4-7 nodes may each serve some of the jobs), and
     # each job's prompt takes one frame per hop
     assert frames <= sum(group_frames) + 2 * len(PROMPTS) < steps, "a tick's steps should travel together"

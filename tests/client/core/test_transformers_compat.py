@@ -51,11 +51,19 @@ def test_either_spelling_of_the_cache_argument_is_taken() -> None:
         take_cache({"cache": cache, "past_key_values": RemoteSessionCache()})
 
 
-def test_a_remote_cache_answers_generate_as_a_full_attention_cache_that_cannot_be_cut() -> None:
+def test_a_remote_cache_answers_generate_as_a_full_attention_cache_that_rolls_back_rejected_drafts() -> None:
+    """Speculative decoding crops what it rejects: by a negative count (5.20 on) or to a length (older code)."""
     cache = RemoteSessionCache(max_length=32)
-    assert cache.is_linear == [False] and not cache.is_croppable and not cache.is_compileable
+    assert cache.is_linear == [False] and cache.is_croppable and not cache.is_compileable
+    cache.seen_tokens = 10
+    cache.crop(-3)
+    assert cache.get_seq_length() == 7
+    cache.crop(5)
+    assert cache.get_seq_length() == 5
+    cache.crop(0)  # nothing to remove
+    assert cache.get_seq_length() == 5
     with pytest.raises(NotImplementedError):
-        cache.crop(1)
+        cache.batch_select_indices(torch.tensor([0]))
 
 
 def test_a_renamed_cache_argument_fails_instead_of_running_stateless(

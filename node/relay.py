@@ -1,0 +1,110 @@
+"""Node-to-node forwarding: a node sends its output for a relayed step straight to the next node of the client's
+chain, so a token waits about one one-way trip per hop instead of a round trip through the client per hop.
+
+The next node is reached over a connection of this node's own (with the swarm's token and TLS trust, like any
+client), kept open and shared by every relayed step. A node only forwards to an address the registries list for
+its own model (a view refreshed at most every `VIEW_SECONDS`, and again when an address is not in it): a client
+cannot make a node send traffic to arbitrary hosts. What the next node answers goes to the client directly (to
+the connection that owns the session there), not back here; frames this node gets on its relay connections are
+only refusals of frames that could not be read at all, and are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RegistryUnavailableError
+from swarm.protocol import Step, decode_message, encode_message
+from swarm.registry.client import fetch_peers
+from swarm.transport import Credentials, open_connection
+
+log = logging.getLogger("swarm.node")
+
+VIEW_SECONDS = 5.0
+CONNECT_TIMEOUT = 3.0
+
+
+class RelayLinks:
+    """This node's connections to the next nodes of clients' chains; `model()` names the model it serves (its
+    name and `model_id`), whose peers it forwards to."""
+
+    def __init__(
+        self, registries: list[str], credentials: Credentials, model: Callable[[], tuple[str, str | None]]
+    ) -> None:
+        self.registries = registries
+        self.credentials = credentials
+        self.model = model
+        self._listed: set[str] = set()
+        self._listed_at = -float("inf")
+        self._connections: dict[str, ClientConnection] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self._readers: set[asyncio.Task[None]] = set()
+
+    async def forward(self, address: str, step: Step) -> None:
+        """Send `step` to the node at `address`; `ProtocolError` (the address is not a listed peer) or
+        `PeerUnreachableError` (it cannot be reached) when it cannot be sent."""
+        await self._check_listed(address)
+        connection = await self._connection(address)
+        try:
+            await connection.send(encode_message(step))
+        except (websockets.ConnectionClosed, OSError) as exc:
+            self._connections.pop(address, None)
+            raise PeerUnreachableError(f"forwarding to {address}: {exc}") from exc
+
+    async def _check_listed(self, address: str) -> None:
+        if address in self._listed and time.monotonic() - self._listed_at < VIEW_SECONDS:
+            return
+        if time.monotonic() - self._listed_at >= 1.0:  # a miss refreshes the view, at most once a second
+            name, model_id = self.model()
+            try:
+                peers = await fetch_peers(self.registries, name, self.credentials, model_id)
+            except RegistryUnavailableError as exc:
+                raise PeerUnreachableError(f"cannot check {address} with a registry: {exc}") from exc
+            self._listed = {peer.address for peer in peers}
+            self._listed_at = time.monotonic()
+        if address not in self._listed:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"{address} is not a peer the registries list for {self.model()[0]}"
+            )
+
+    async def _connection(self, address: str) -> ClientConnection:
+        lock = self._opening.setdefault(address, asyncio.Lock())
+        async with lock:
+            connection = self._connections.get(address)
+            if connection is not None and connection.state.name == "OPEN":
+                return connection
+            connection, _ = await open_connection(
+                address, self.credentials, agent="swarm-node", timeout=CONNECT_TIMEOUT
+            )
+            self._connections[address] = connection
+            reader = asyncio.create_task(self._drain(address, connection))
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
+            return connection
+
+    async def _drain(self, address: str, connection: ClientConnection) -> None:
+        try:
+            async for frame in connection:
+                try:
+                    message = decode_message(frame)
+                except ProtocolError as exc:
+                    log.info("relay link to %s sent an unreadable frame: %s", address, exc)
+                    continue
+                log.info("relay link to %s refused a forwarded frame: %r", address, getattr(message, "message", ""))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            if self._connections.get(address) is connection:
+                del self._connections[address]
+
+    async def close(self) -> None:
+        for connection in list(self._connections.values()):
+            await connection.close()
+        for reader in list(self._readers):
+            reader.cancel()
