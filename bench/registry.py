@@ -255,7 +255,7 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
     context = multiprocessing.get_context("fork")
     ready, stop = context.Queue(), context.Event()
     shares = [range(p, run_.peers, run_.peer_processes) for p in range(run_.peer_processes)]
-    workers = [context.Process(target=peer_worker, args=(run_, share, ready, stop)) for share in shares]
+    workers = [context.Process(target=peer_worker, args=(run_, share, ready, stop), daemon=True) for share in shares]
     began = time.monotonic()
     for worker in workers:
         worker.start()
@@ -264,7 +264,10 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
         assert kind == "ready"
     joined_s = time.monotonic() - began
     print(f"{run_.peers} peers announced to {len(registries)} registries in {joined_s:.1f} s", file=sys.stderr)
-    clients = [context.Process(target=client_worker, args=(run_, rank, ready, stop)) for rank in range(run_.clients)]
+    clients = [
+        context.Process(target=client_worker, args=(run_, rank, ready, stop), daemon=True)
+        for rank in range(run_.clients)
+    ]
     for client in clients:
         client.start()
     for _ in clients:
@@ -273,13 +276,17 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
     time.sleep(run_.heartbeat)  # one heartbeat period, the peers' phases spread
     window_start = time.monotonic()
     cpu_start = [cpu_seconds(process.popen.pid) for process in registries]
-    expected, missing, restart_s = expected_counts(run_), [], None
+    expected, missing, restart_s, dashboard_failures = expected_counts(run_), [], None, 0
     while time.monotonic() < window_start + run_.seconds:
         if run_.restart and restart_s is None and time.monotonic() >= window_start + run_.seconds / 3:
             restart_s = restart_and_wait(run_, swarm, registries, expected)
             continue
         for process in registries:
-            counts = live_counts(process.address)
+            try:
+                counts = live_counts(process.address)
+            except OSError:  # the dashboard did not answer: counted, and the row says so
+                dashboard_failures += 1
+                continue
             missing.append(sum(max(0, n - counts.get(model, 0)) for model, n in expected.items()))
         time.sleep(2.0)
     window_end = time.monotonic()
@@ -322,6 +329,7 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
         "registry_peak_rss_mib": max(peak),
         "registry_cpu": max(cpu),
         "wrong_expiries": max(missing, default=0),
+        "dashboard_failures": dashboard_failures,
         "chains_agree": statistics.fmean(agreements) if agreements else None,
         "restart_relearn_s": restart_s,
     }
@@ -422,7 +430,8 @@ def print_table(rows: list[dict[str, object]], args: argparse.Namespace) -> None
             f"{row['reply_bytes_median'] / 1024:.1f}",
             f"{row['registry_rss_mib']:.0f} (peak {row['registry_peak_rss_mib']:.0f})",
             f"{row['registry_cpu']:.0%}",
-            str(row["wrong_expiries"]),
+            str(row["wrong_expiries"])
+            + (f" ({row['dashboard_failures']} unanswered)" if row["dashboard_failures"] else ""),
             f"{row['route_failures']} / {row['route_skipped']}",
         ]
         if args.registries > 1:
