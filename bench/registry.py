@@ -274,7 +274,7 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
         kind, _count = ready.get(timeout=600)
         assert kind == "ready"
     time.sleep(run_.heartbeat)  # one heartbeat period, the peers' phases spread
-    window_start = time.monotonic()
+    window_start, load_before = time.monotonic(), os.getloadavg()[0]
     cpu_start = [cpu_seconds(process.popen.pid) for process in registries]
     expected, missing, restart_s, dashboard_failures = expected_counts(run_), [], None, 0
     while time.monotonic() < window_start + run_.seconds:
@@ -332,6 +332,7 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
         "dashboard_failures": dashboard_failures,
         "chains_agree": statistics.fmean(agreements) if agreements else None,
         "restart_relearn_s": restart_s,
+        "load_average": [load_before, os.getloadavg()[0]],  # other work on the machine skews every figure
     }
 
 
@@ -403,7 +404,8 @@ def main() -> int:
     print_table(rows, args)
     name = "registry" + (f"-{args.label}" if args.label else "")
     out = args.json or Path(__file__).parent / "results" / f"{name}.json"
-    write_json(out, {"benchmark": "registry", "targets": TARGETS, "cpus": os.cpu_count(), "rows": rows})
+    payload = {"benchmark": "registry", "targets": TARGETS, "cpus": os.cpu_count(), "rows": rows}
+    write_json(out, payload | {"load_average_after": os.getloadavg()})
     print(f"wrote {out}")
     return 0
 

@@ -112,10 +112,11 @@ class RegistryState:
         self._check_room(info)
         record = self._peers.get(peer_id)
         if record is not None and record.gone_at is None:  # a heartbeat: the index moves only if the peer changed
-            if record.info != info:
+            if record.info != info:  # else the old copy stays: the new one dies young, the collector never sees it
                 self._unlist(record.info)
                 self._list(info)
-            record.info, record.last_seen, record.expires_at = info, now, now + ttl
+                record.info = info
+            record.last_seen, record.expires_at = now, now + ttl
         else:
             record = self._peers[peer_id] = PeerRecord(info, now + ttl, now)
             self._list(info)
