@@ -35,6 +35,8 @@ BUSY_COOLDOWN_SECONDS = 3.0
 """A peer that answered `busy` (full, draining) is left out of new chains this long; it is not banned: it did
 nothing wrong, and a ban that grows would keep an honest node away long after it has room again."""
 DEFAULT_FAILOVER_WAIT = 60.0
+MAX_REQUERIES = 16
+"""Route queries one plan makes again after refusing peers of the answer: each leaves out what the last refused."""
 
 
 @dataclass
@@ -115,6 +117,7 @@ class ChainPlanner:
         now = time.monotonic()
         banned = self.banned(now) | avoid
         needs = RouteNeeds(cache_tokens=cache_tokens_needed, exclude=banned)
+        refused_before = len(self._unusable)
         peers = await self.usable_peers(max_age, needs)
 
         def route(excluded: frozenset[str], among: list[PeerInfo]) -> list[Link] | None:
@@ -129,7 +132,12 @@ class ChainPlanner:
             )
 
         chain = route(banned, peers)
-        if chain is None and max_age > 0:  # an older answer may lack spares for what is avoided now
+        for _ in range(MAX_REQUERIES):
+            # an older answer may lack spares for what is avoided now, and peers this client just refused (other
+            # weights, addresses it may not reach) may have taken the places of usable ones: ask again without them
+            if chain is not None or (max_age <= 0 and len(self._unusable) == refused_before):
+                break
+            max_age, refused_before = 0.0, len(self._unusable)
             peers = await self.usable_peers(0.0, needs)
             chain = route(banned, peers)
         if chain is None and await self._through_cooling(route, banned, now, cache_tokens_needed):

@@ -7,8 +7,9 @@ from pydantic_settings import SettingsConfigDict
 
 from swarm.settings import SwarmSettings, shared
 
-MAX_PEERS = 2048
-"""Peers a registry keeps, live or gone (gone ones make room for new ones first)."""
+MAX_PEERS = 16384
+"""Peers a registry keeps, live or gone (gone ones make room for new ones first): a swarm of 10,000 nodes and its
+recent departures (bench/registry.py measures a registry at that size)."""
 MAX_MODELS = 64
 """Models (name and number of layers) the live peers may serve at once."""
 REPORTS_TO_EXCLUDE = 3

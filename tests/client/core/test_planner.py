@@ -119,3 +119,19 @@ def test_a_swarm_whose_only_peers_just_answered_busy_is_full_not_missing(monkeyp
     with pytest.raises(SwarmFullError):
         asyncio.run(planner.plan())
     assert [route.exclude for route in asked] == [{"a"}, frozenset()]  # asked again, with the busy peer
+
+
+def test_peers_the_client_refuses_do_not_hide_the_usable_ones_behind_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    crowd = [peer(f"other-{index}", 0, 8, num_layers=16) for index in range(3)]  # fast, first, unusable here
+    asked: list[RouteNeeds] = []
+
+    async def fetch(
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+    ) -> list[PeerInfo]:
+        asked.append(route)
+        return [info for info in [*crowd, peer("good", 0, 8)] if info.peer_id not in route.exclude][:2]
+
+    monkeypatch.setattr(chain, "fetch_peers", fetch)
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
+    assert [link.peer.peer_id for link in asyncio.run(planner.plan())] == ["good"]
+    assert len(asked) == 3  # each answer's refused peers left out of the next query
