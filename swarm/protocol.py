@@ -31,11 +31,11 @@ PROTOCOL_VERSION = 5
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
 understand a frame. Version 5 adds training: `backward`, low-rank adapters for a session or a pass
 (`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`; `Step.lengths`, which rolls a session back
-(speculative decoding); and node-to-node forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`,
-`StepResult.relay_error`). Version 4 added what a span is
-(`PeerInfo.model_id`, `weights`, `quantization`), route queries by model identity, and `report` of a peer
-caught lying. Version 3 has one step message for one or many sessions, matched to its reply by `step_id`;
-versions 1 and 2 had `step`, `step_many` and `step_group`."""
+(speculative decoding); node-to-node forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`,
+`StepResult.relay_error`); and bounded route queries (`Query.per_layer`, `cache_tokens`, `exclude`) with
+`SwarmView.warming`. Version 4 added what a span is (`PeerInfo.model_id`, `weights`, `quantization`), route
+queries by model identity, and `report` of a peer caught lying. Version 3 has one step message for one or many
+sessions, matched to its reply by `step_id`; versions 1 and 2 had `step`, `step_many` and `step_group`."""
 
 SUPPORTED_VERSIONS = (5,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
@@ -219,15 +219,29 @@ class Ack(_Strict):
     type: Literal["ack"] = "ack"
 
 
+MAX_PER_LAYER = 16
+"""Peers per layer a bounded route query may ask for."""
+MAX_EXCLUDED = 1024
+"""Peer ids a route query may leave out."""
+
+
 class Query(_Strict):
     """Client -> registry: the live peers of one model (or of all models when `model` is None); with `model_id`,
-    only the peers serving that checkpoint (`PeerInfo.model_id`)."""
+    only the peers serving that checkpoint (`PeerInfo.model_id`).
+
+    A route query sets `per_layer`: then only online peers come back, for each layer the `per_layer` best by the
+    planner's cost per layer of their whole span (`swarm.routing.span_rank`), those with `cache_tokens` free
+    first, leaving out `exclude` (peers the client will not use: banned, other weights). The reply's size does not
+    grow with the swarm's."""
 
     type: Literal["query"] = "query"
     model: Name | None = None
     model_id: Digest | None = None
+    per_layer: Annotated[int, Field(ge=1, le=MAX_PER_LAYER)] | None = None
+    cache_tokens: Count = 0
+    exclude: Annotated[list[Name], Field(max_length=MAX_EXCLUDED)] = []
 
-    omitted_when_default = frozenset({"model_id"})
+    omitted_when_default = frozenset({"model_id", "per_layer", "cache_tokens", "exclude"})
 
 
 class Report(_Strict):
@@ -240,8 +254,14 @@ class Report(_Strict):
 
 
 class SwarmView(_Strict):
+    """The answer to `query`. `warming`: the registry started less than a heartbeat period ago, so it may not have
+    heard from every peer yet; a client that knows other registries asks them first."""
+
     type: Literal["swarm_view"] = "swarm_view"
     peers: list[PeerInfo]
+    warming: bool = False
+
+    omitted_when_default = frozenset({"warming"})
 
 
 AdapterTarget = Literal["qkv", "out"]

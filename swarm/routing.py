@@ -50,7 +50,11 @@ def coverage(peers: Iterable[PeerInfo], num_layers: int) -> list[int]:
 
 def missing_ranges(peers: Iterable[PeerInfo], num_layers: int) -> list[tuple[int, int]]:
     """Maximal runs [a, b) of layers no online peer serves."""
-    counts = coverage(peers, num_layers)
+    return gaps(coverage(peers, num_layers))
+
+
+def gaps(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of layers whose count (of online peers) is zero."""
     ranges: list[tuple[int, int]] = []
     for layer, count in enumerate(counts):
         if count:
@@ -60,6 +64,18 @@ def missing_ranges(peers: Iterable[PeerInfo], num_layers: int) -> list[tuple[int
         else:
             ranges.append((layer, layer + 1))
     return ranges
+
+
+def layer_seconds(peer: PeerInfo) -> float:
+    """What one layer costs on `peer`, by its announced throughput (capped at what any GPU could claim)."""
+    return 1.0 / min(peer.throughput, MAX_CLAIMED_THROUGHPUT) if peer.throughput > 0 else 0.01
+
+
+def span_rank(peer: PeerInfo) -> float:
+    """The planner's cost per layer of a hop over `peer`'s whole span, as anyone can tell from its announcement
+    (an unmeasured round trip, no penalties): registries keep each layer's peers in this order and answer route
+    queries with the first few, which the client then plans over with its own costs."""
+    return layer_seconds(peer) + DEFAULT_HOP_SECONDS / (peer.end - peer.start)
 
 
 def plan_route(
@@ -95,7 +111,7 @@ def plan_route(
         for peer in usable:
             if not peer.start <= layer < peer.end:
                 continue
-            per_layer = 1.0 / min(peer.throughput, MAX_CLAIMED_THROUGHPUT) if peer.throughput > 0 else 0.01
+            per_layer = layer_seconds(peer)
             hop = rtt.get(peer.peer_id, DEFAULT_HOP_SECONDS)
             if peer.cache_tokens_free < cache_tokens_needed:
                 hop += SHORT_CACHE_PENALTY_SECONDS
@@ -135,15 +151,18 @@ def describe_models(peers: Sequence[PeerInfo]) -> list[dict[str, object]]:
     described = []
     for name, num_layers in sorted({(peer.model, peer.num_layers) for peer in peers}):
         own = [peer for peer in peers if peer.model == name and peer.num_layers == num_layers]
-        missing = missing_ranges(own, num_layers)
-        described.append(
-            {
-                "name": name,
-                "num_layers": num_layers,
-                "coverage": coverage(own, num_layers),
-                "missing": [list(span) for span in missing],
-                "usable": not missing,
-                "peers": len(own),
-            }
-        )
+        described.append(describe_model(name, coverage(own, num_layers), len(own)))
     return described
+
+
+def describe_model(name: str, counts: Sequence[int], peers: int) -> dict[str, object]:
+    """One model's coverage as JSON-ready data: online peers per layer (`counts`), its gaps, and its live peers."""
+    missing = gaps(counts)
+    return {
+        "name": name,
+        "num_layers": len(counts),
+        "coverage": list(counts),
+        "missing": [list(span) for span in missing],
+        "usable": not missing,
+        "peers": peers,
+    }

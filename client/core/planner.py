@@ -6,7 +6,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from swarm.client.core.addresses import AddressPolicy
 from swarm.errors import (
@@ -18,7 +20,7 @@ from swarm.errors import (
 )
 from swarm.identity import CheckpointDigests
 from swarm.protocol import Codec, PeerInfo
-from swarm.registry.client import fetch_peers, report_peer
+from swarm.registry.client import RouteNeeds, fetch_peers, report_peer
 from swarm.routing import Link, missing_ranges, plan_route
 from swarm.transport import Credentials
 
@@ -33,6 +35,8 @@ BUSY_COOLDOWN_SECONDS = 3.0
 """A peer that answered `busy` (full, draining) is left out of new chains this long; it is not banned: it did
 nothing wrong, and a ban that grows would keep an honest node away long after it has room again."""
 DEFAULT_FAILOVER_WAIT = 60.0
+MAX_REQUERIES = 16
+"""Route queries one plan makes again after refusing peers of the answer: each leaves out what the last refused."""
 
 
 @dataclass
@@ -59,8 +63,9 @@ class ChainPlanner:
     _bans: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer_id -> (until, duration)
     _cooling: dict[str, float] = field(default_factory=dict)  # peer_id -> until (answered busy)
     _refused: set[str] = field(default_factory=set)  # peers whose identity was refused (logged once)
-    _fetching: asyncio.Task[list[PeerInfo]] | None = None
-    _view: tuple[float, list[PeerInfo]] = (-math.inf, [])  # the last answer, and when it came
+    _unusable: set[str] = field(default_factory=set)  # peers refused here (address, weights): left out of queries
+    _fetching: tuple[RouteNeeds, asyncio.Task[list[PeerInfo]]] | None = None
+    _view: tuple[RouteNeeds | None, float, list[PeerInfo]] = (None, -math.inf, [])  # the last answer, when it came
     addresses: AddressPolicy = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,13 +117,15 @@ class ChainPlanner:
         naming the gaps, or `SwarmFullError` when the only chains go through peers that just answered `busy`.
         `max_age`: a view of the swarm this many seconds old will do (a registry query saved)."""
         end = self.num_layers if end is None else end
-        peers = await self.usable_peers(max_age)
         now = time.monotonic()
         banned = self.banned(now) | avoid
+        needs = RouteNeeds(cache_tokens=cache_tokens_needed, exclude=banned)
+        refused_before = len(self._unusable)
+        peers = await self.usable_peers(max_age, needs)
 
-        def route(excluded: frozenset[str]) -> list[Link] | None:
+        def route(excluded: frozenset[str], among: list[PeerInfo]) -> list[Link] | None:
             return plan_route(
-                peers,
+                among,
                 self.num_layers,
                 start=start,
                 end=end,
@@ -127,8 +134,16 @@ class ChainPlanner:
                 proven=frozenset(self.proven),
             )
 
-        chain = route(banned)
-        if chain is None and route(banned - self._cooling_now(now)) is not None:
+        chain = route(banned, peers)
+        for _ in range(MAX_REQUERIES):
+            # an older answer may lack spares for what is avoided now, and peers this client just refused (other
+            # weights, addresses it may not reach) may have taken the places of usable ones: ask again without them
+            if chain is not None or (max_age <= 0 and len(self._unusable) == refused_before):
+                break
+            max_age, refused_before = 0.0, len(self._unusable)
+            peers = await self.usable_peers(0.0, needs)
+            chain = route(banned, peers)
+        if chain is None and await self._through_cooling(route, banned, now, cache_tokens_needed):
             raise SwarmFullError(
                 f"the swarm is full for layers {format_layer_range(start, end)} of {self.model_name}: every peer that "
                 f"could serve them answered busy (full or draining) in the last {BUSY_COOLDOWN_SECONDS:g} s. Try again "
@@ -145,21 +160,42 @@ class ChainPlanner:
         log.debug("chain for %s: %s", self.model_name, describe_chain(chain))
         return chain
 
-    async def usable_peers(self, max_age: float = 0.0) -> list[PeerInfo]:
-        """The registries' view of the model, without peers this client must not use: another layer count, an
-        address it may not reach from here, or weights that are not its checkpoint's."""
-        peers = [
-            peer
-            for peer in await self._current_peers(max_age)
-            if peer.num_layers == self.num_layers and self.addresses.allows(peer.address)
-        ]
+    async def _through_cooling(
+        self,
+        route: Callable[[frozenset[str], list[PeerInfo]], list[Link] | None],
+        banned: frozenset[str],
+        now: float,
+        cache_tokens_needed: int,
+    ) -> bool:
+        """Whether a chain exists once the peers that just answered `busy` are counted in again: the registries
+        were asked without them, so they are asked once more, with them."""
+        cooling = self._cooling_now(now)
+        if not cooling & banned:
+            return False
+        needs = RouteNeeds(cache_tokens=cache_tokens_needed, exclude=banned - cooling)
+        return route(banned - cooling, await self.usable_peers(0.0, needs)) is not None
+
+    async def usable_peers(self, max_age: float = 0.0, needs: RouteNeeds | None = None) -> list[PeerInfo]:
+        """The registries' candidates for a chain (`needs`: how many per layer, the cache they must have free, the
+        peers left out), without peers this client must not use: another layer count, an address it may not reach
+        from here, or weights that are not its checkpoint's. Those are left out of its next queries too."""
+        needs = needs or RouteNeeds(exclude=frozenset(self._unusable))
+        needs = RouteNeeds(needs.per_layer, needs.cache_tokens, needs.exclude | self._unusable)
+        peers = []
+        for peer in await self._current_peers(max_age, needs):
+            if peer.num_layers == self.num_layers and self.addresses.allows(peer.address):
+                peers.append(peer)
+            else:
+                self._unusable.add(peer.peer_id)
         if self.digests is None:
             return peers
         kept = []
         for peer in peers:
             if await self._same_weights(peer):
                 kept.append(peer)
-            elif peer.peer_id not in self._refused:
+                continue
+            self._unusable.add(peer.peer_id)
+            if peer.peer_id not in self._refused:
                 self._refused.add(peer.peer_id)
                 log.warning(
                     "peer %s at %s serves other weights than %s under its name (model_id %s, weights %s); not used",
@@ -187,26 +223,28 @@ class ChainPlanner:
                 return True
         return peer.weights == expected
 
-    async def _current_peers(self, max_age: float = 0.0) -> list[PeerInfo]:
-        """The registries' view of the model. Concurrent callers (a burst of new sessions, a gateway's requests
-        arriving together) share one query: asked one by one, each would cost a connection to a registry. With
-        `max_age`, the last view does if it is that recent."""
-        fetched_at, peers = self._view
-        if max_age > 0 and time.monotonic() - fetched_at <= max_age:
+    async def _current_peers(self, max_age: float, needs: RouteNeeds) -> list[PeerInfo]:
+        """The registries' candidates for `needs`. Concurrent callers with the same needs (a burst of new sessions,
+        a gateway's requests arriving together) share one query: asked one by one, each would cost a connection to
+        a registry. With `max_age`, the last answer to the same needs does if it is that recent."""
+        asked, fetched_at, peers = self._view
+        if max_age > 0 and asked is not None and asked.covers(needs) and time.monotonic() - fetched_at <= max_age:
             return peers
-        if self._fetching is None or self._fetching.get_loop() is not asyncio.get_running_loop():
+        fetching = self._fetching
+        if fetching is None or fetching[0] != needs or fetching[1].get_loop() is not asyncio.get_running_loop():
             model_id = self.digests.model_id if self.digests is not None else None
-            self._fetching = asyncio.ensure_future(
-                fetch_peers(self.registries, self.model_name, self.credentials, model_id)
+            task = asyncio.ensure_future(
+                fetch_peers(self.registries, self.model_name, self.credentials, model_id, needs)
             )
-            self._fetching.add_done_callback(self._fetched)
-        return await asyncio.shield(self._fetching)
+            fetching = self._fetching = (needs, task)
+            task.add_done_callback(partial(self._fetched, needs))
+        return await asyncio.shield(fetching[1])
 
-    def _fetched(self, task: asyncio.Task[list[PeerInfo]]) -> None:
-        if self._fetching is task:
+    def _fetched(self, needs: RouteNeeds, task: asyncio.Task[list[PeerInfo]]) -> None:
+        if self._fetching is not None and self._fetching[1] is task:
             self._fetching = None
         if not task.cancelled() and task.exception() is None:  # retrieved: every waiter may have been cancelled
-            self._view = (time.monotonic(), task.result())
+            self._view = (needs, time.monotonic(), task.result())
 
     async def wait_for_chain(
         self, start: int, end: int, cache_tokens_needed: int = 0, avoid: frozenset[str] = frozenset()

@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="clients at distinct addresses that must report a peer as lying before queries leave it out (default 3)",
     )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        metavar="SECONDS",
+        help="after a start, answers say the view may be incomplete this long; clients ask other registries first "
+        "(default 10: two heartbeats of the nodes' default interval)",
+    )
     parser.epilog = EXAMPLES + "\n" + environment_help(parser, RegistrySettings)
     return parser
 

@@ -1,30 +1,27 @@
-"""Prometheus view of the registry, rendered from a copy of its state (`PeerRow`s), so it can run off the event
+"""Prometheus view of the registry, rendered from a copy of its state (`StateView`), so it can run off the event
 loop."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from swarm.registry.state import PeerRow
-from swarm.routing import describe_models
+from swarm.registry.state import StateView
 
 PEER_STATES = ("joining", "online", "draining", "gone")
 
 
 class RegistryCollector(Collector):
-    def __init__(self, rows: Sequence[PeerRow]) -> None:
-        self.rows = rows
+    def __init__(self, view: StateView) -> None:
+        self.view = view
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         peers = GaugeMetricFamily("swarm_registry_peers", "Peers known to the registry, by state", labels=["state"])
-        counts = Counter(row.state for row in self.rows)
         for state in PEER_STATES:
-            peers.add_metric([state], counts.get(state, 0))
+            peers.add_metric([state], self.view.states.get(state, 0))
         yield peers
         layers = GaugeMetricFamily("swarm_model_layers", "Transformer layers of each served model", labels=["model"])
         covered = GaugeMetricFamily(
@@ -34,7 +31,7 @@ class RegistryCollector(Collector):
             "swarm_model_min_replicas", "Online peers on the least-served layer", labels=["model"]
         )
         usable = GaugeMetricFamily("swarm_model_usable", "1 when every layer is served", labels=["model"])
-        for model in describe_models([row.info for row in self.rows if row.state != "gone"]):
+        for model in self.view.models:
             name, coverage = [model["name"]], model["coverage"]
             layers.add_metric(name, model["num_layers"])
             covered.add_metric(name, sum(1 for count in coverage if count))
@@ -43,9 +40,9 @@ class RegistryCollector(Collector):
         yield from (layers, covered, weakest, usable)
 
 
-def render(rows: Sequence[PeerRow]) -> bytes:
+def render(view: StateView) -> bytes:
     """The registry's metrics in Prometheus' text format; a registry of collectors of its own per call, so
     nothing is shared with the thread that renders the previous scrape."""
     registry = CollectorRegistry()
-    registry.register(RegistryCollector(rows))
+    registry.register(RegistryCollector(view))
     return generate_latest(registry)

@@ -8,6 +8,7 @@ all behind the swarm's token when it has one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -25,7 +26,7 @@ from swarm.http import PROMETHEUS_CONTENT_TYPE, CachedBody, Route, http_router
 from swarm.protocol import Ack, Announce, Leave, Query, Report, SwarmView, Welcome, decode_message
 from swarm.registry.metrics import render
 from swarm.registry.settings import RegistrySettings
-from swarm.registry.state import PeerRow, RegistryState, state_view
+from swarm.registry.state import RegistryState, StateView, state_view
 from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.registry")
@@ -36,6 +37,10 @@ HELLO_TIMEOUT_SECONDS = 5.0
 """A connection that has not said `hello` by then is closed: idle sockets cost the registry, not the caller."""
 PAGE_MAX_AGE_SECONDS = 1.0
 """The state page and metrics are rebuilt at most this often, however often they are asked for."""
+KEEPALIVE_SECONDS = 60.0
+"""Websocket ping interval, and how long a pong may take. Heartbeats already tell the registry which nodes are
+alive (a silent peer expires and frees its id), so pings only close dead sockets; every 20 s (websockets' default)
+they cost a tenth of the registry's CPU at 10,000 connections."""
 
 
 class Registry:
@@ -44,10 +49,13 @@ class Registry:
         token: str | None = None,
         state: RegistryState | None = None,
         hello_timeout: float = HELLO_TIMEOUT_SECONDS,
+        warmup: float = 0.0,
     ) -> None:
         self.token = token
         self.state = state or RegistryState()
         self.hello_timeout = hello_timeout
+        self.warm_at = time.monotonic() + warmup
+        """Until then, answers to queries say `warming`: nodes may not all have announced to this process yet."""
 
     async def handle(self, connection: ServerConnection) -> None:
         try:
@@ -86,7 +94,13 @@ class Registry:
                 log.info("peer %r left", message.peer_id)
             return Ack()
         if isinstance(message, Query):
-            return SwarmView(peers=self.state.live_peers(now, message.model, message.model_id))
+            if message.per_layer is None:
+                peers = self.state.live_peers(now, message.model, message.model_id)
+            else:
+                peers = self.state.route_candidates(
+                    now, message.model, message.model_id, message.per_layer, message.cache_tokens, message.exclude
+                )
+            return SwarmView.trusted(peers=peers, warming=now < self.warm_at)
         if isinstance(message, Report):
             if self.state.report(message.peer_id, reporter):
                 log.warning("peer %r is left out of queries: reported by clients (%r)", message.peer_id, message.reason)
@@ -103,15 +117,15 @@ class Registry:
         page = resources.files("swarm.registry").joinpath("static/dashboard.html").read_bytes()
         routes: dict[str, Route] = {
             "/": lambda: ("text/html; charset=utf-8", page),
-            "/api/v1/state": CachedBody(self._rows, _state_json, PAGE_MAX_AGE_SECONDS),
-            "/metrics": CachedBody(self._rows, _metrics_text, PAGE_MAX_AGE_SECONDS),
+            "/api/v1/state": CachedBody(self._view, _state_json, PAGE_MAX_AGE_SECONDS),
+            "/metrics": CachedBody(self._view, _metrics_text, PAGE_MAX_AGE_SECONDS),
             "/healthz": lambda: ("text/plain; charset=utf-8", b"ok\n"),
         }
         routes["/index.html"] = routes["/"]
         return routes
 
-    def _rows(self) -> list[PeerRow]:
-        return self.state.rows(time.monotonic())
+    def _view(self) -> StateView:
+        return self.state.view(time.monotonic())
 
 
 def _host(connection: ServerConnection) -> str:
@@ -120,12 +134,12 @@ def _host(connection: ServerConnection) -> str:
     return str(remote[0]) if remote else ""
 
 
-def _state_json(rows: list[PeerRow]) -> tuple[str, bytes]:
-    return "application/json", json.dumps(state_view(rows, time.monotonic())).encode()
+def _state_json(view: StateView) -> tuple[str, bytes]:
+    return "application/json", json.dumps(state_view(view, time.monotonic())).encode()
 
 
-def _metrics_text(rows: list[PeerRow]) -> tuple[str, bytes]:
-    return PROMETHEUS_CONTENT_TYPE, render(rows)
+def _metrics_text(view: StateView) -> tuple[str, bytes]:
+    return PROMETHEUS_CONTENT_TYPE, render(view)
 
 
 def listen(registry: Registry, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> websockets_serve:
@@ -138,6 +152,8 @@ def listen(registry: Registry, host: str, port: int, ssl_context: ssl.SSLContext
         process_request=http_router(registry.http_routes(), registry.token, token_in_query=("/", "/index.html")),
         max_size=MAX_MESSAGE_BYTES * 2,
         compression=None,
+        ping_interval=KEEPALIVE_SECONDS,
+        ping_timeout=KEEPALIVE_SECONDS,
         ssl=ssl_context,
     )
 
@@ -146,8 +162,9 @@ async def serve(settings: RegistrySettings, ssl_context: ssl.SSLContext | None =
     state = RegistryState(
         max_peers=settings.max_peers, max_models=settings.max_models, reports_to_exclude=settings.reports_to_exclude
     )
-    registry = Registry(settings.token, state)
+    registry = Registry(settings.token, state, warmup=settings.warmup)
     async with listen(registry, settings.host, settings.port, ssl_context) as server:
+        settle_garbage_collector()
         bound = server.sockets[0].getsockname()[1]
         ws, http = ("wss", "https") if ssl_context else ("ws", "http")
         host = settings.host
@@ -157,3 +174,12 @@ async def serve(settings: RegistrySettings, ssl_context: ssl.SSLContext | None =
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
+
+
+def settle_garbage_collector() -> None:
+    """Move what startup built (modules, pydantic's validators: ~37,000 objects) out of the collector's sight: a full
+    collection with 10,000 peers then takes 12 ms instead of 28 (measured). Nothing else is tuned: a heartbeat that
+    changes nothing keeps the peer's old `PeerInfo`, so the steady state creates no long-lived objects and the
+    collector took 0.0% of 40,000 announces' time with its default thresholds."""
+    gc.collect()
+    gc.freeze()

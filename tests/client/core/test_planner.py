@@ -8,15 +8,18 @@ import pytest
 
 from swarm.client.core import planner as chain
 from swarm.client.core.planner import ChainPlanner
-from swarm.errors import RegistryUnavailableError
+from swarm.errors import RegistryUnavailableError, SwarmFullError
 from swarm.protocol import PeerInfo
+from swarm.registry.client import RouteNeeds
 from tests.swarm.test_routing import peer
 
 
 def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monkeypatch: pytest.MonkeyPatch) -> None:
     queries: list[str | None] = []
 
-    async def fetch(registries: list[str], model: str | None, credentials: object, model_id: object) -> list[PeerInfo]:
+    async def fetch(
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+    ) -> list[PeerInfo]:
         queries.append(model)
         await asyncio.sleep(0.05)
         return [peer("a", 0, 4), peer("b", 4, 8)]
@@ -35,7 +38,9 @@ def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monk
 
 
 def test_a_failed_query_fails_every_plan_waiting_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def fetch(registries: list[str], model: str | None, credentials: object, model_id: object) -> list[PeerInfo]:
+    async def fetch(
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+    ) -> list[PeerInfo]:
         await asyncio.sleep(0.01)
         raise RegistryUnavailableError("no registry answered")
 
@@ -76,3 +81,57 @@ def test_a_liar_stays_banned_whatever_fails_next(monkeypatch: pytest.MonkeyPatch
     asyncio.run(scenario())
     assert reports == ["liar"] and "liar" not in planner.proven
     assert planner.ban("liar") > chain.MAX_BAN_SECONDS
+
+
+def fake_registry(monkeypatch: pytest.MonkeyPatch, swarm: list[PeerInfo]) -> list[RouteNeeds]:
+    """A registry that honours a route query's exclusions; returns what it was asked."""
+    asked: list[RouteNeeds] = []
+
+    async def fetch(
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+    ) -> list[PeerInfo]:
+        asked.append(route)
+        return [info for info in swarm if info.peer_id not in route.exclude]
+
+    monkeypatch.setattr(chain, "fetch_peers", fetch)
+    return asked
+
+
+def test_route_queries_leave_out_the_peers_the_client_will_not_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = fake_registry(monkeypatch, [peer("a", 0, 8), peer("b", 0, 8), peer("elsewhere", 0, 8, num_layers=16)])
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
+    planner.ban("a")
+
+    async def scenario() -> list[str]:
+        first = await planner.plan(cache_tokens_needed=512)
+        await planner.plan(avoid=frozenset({"c"}))
+        return [link.peer.peer_id for link in first]
+
+    assert asyncio.run(scenario()) == ["b"]
+    assert asked[0] == RouteNeeds(cache_tokens=512, exclude=frozenset({"a"}))
+    assert asked[1].exclude == {"a", "c", "elsewhere"}  # another layer count: not asked for again
+
+
+def test_a_swarm_whose_only_peers_just_answered_busy_is_full_not_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = fake_registry(monkeypatch, [peer("a", 0, 8)])
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
+    planner.cool_down("a")
+    with pytest.raises(SwarmFullError):
+        asyncio.run(planner.plan())
+    assert [route.exclude for route in asked] == [{"a"}, frozenset()]  # asked again, with the busy peer
+
+
+def test_peers_the_client_refuses_do_not_hide_the_usable_ones_behind_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    crowd = [peer(f"other-{index}", 0, 8, num_layers=16) for index in range(3)]  # fast, first, unusable here
+    asked: list[RouteNeeds] = []
+
+    async def fetch(
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+    ) -> list[PeerInfo]:
+        asked.append(route)
+        return [info for info in [*crowd, peer("good", 0, 8)] if info.peer_id not in route.exclude][:2]
+
+    monkeypatch.setattr(chain, "fetch_peers", fetch)
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
+    assert [link.peer.peer_id for link in asyncio.run(planner.plan())] == ["good"]
+    assert [sorted(route.exclude) for route in asked] == [[], ["other-0", "other-1"]]  # refused: left out next time

@@ -66,7 +66,7 @@ def test_a_full_registry_forgets_its_longest_gone_peer_then_refuses_with_busy() 
     state.mark_gone("b", now=1.0)
     state.mark_gone("a", now=2.0)
     state.announce(peer("d", 0, 8), ttl=30.0, now=3.0)
-    assert sorted(row.info.peer_id for row in state.rows(now=3.0)) == ["a", "c", "d"]
+    assert sorted(row.info.peer_id for row in state.view(now=3.0).rows) == ["a", "c", "d"]
     state.announce(peer("e", 0, 8), ttl=30.0, now=3.0)
     with pytest.raises(ProtocolError) as refused:
         state.announce(peer("f", 0, 8), ttl=30.0, now=3.0)
