@@ -27,6 +27,11 @@ class NodeMetrics:
             "swarm_node_batched_steps", "Steps computed inside a batch of several sessions", registry=self.registry
         )
         self.errors = Counter("swarm_node_errors", "Error frames sent, by code", ["code"], registry=self.registry)
+        self.rolled_back = Counter(
+            "swarm_node_rolled_back_tokens",
+            "Cached tokens forgotten when a step rolled its session back (speculative drafts the client rejected)",
+            registry=self.registry,
+        )
         self.relays = Counter(
             "swarm_node_relays",
             "Step outputs forwarded to the next node of a client's chain, by outcome (sent or failed)",

@@ -308,8 +308,10 @@ class StepScheduler:
         earlier steps); False when that fails (the step fails with it)."""
         if step.inputs.cut_to is None:
             return True
+        length = step.session.length
         try:
             step.inputs = cut_back(step.session, step.inputs)
+            self._metrics.rolled_back.inc(length - step.session.length)
         except ProtocolError as exc:
             self._finish(step, exc)
             return False

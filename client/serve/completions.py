@@ -108,8 +108,11 @@ class CompletionEngine:
         tokenizer: PreTrainedTokenizerBase,
         name: str,
         max_rows: int = DEFAULT_MAX_ROWS,
+        speculate: int = 0,
     ) -> None:
         self.model = model
+        self.speculate = speculate
+        """Drafts a step for greedy single-sequence requests without logprobs (prompt lookup); 0: none."""
         self.tokenizer = tokenizer
         self.name = name
         self.max_rows = max_rows
@@ -297,6 +300,9 @@ class CompletionEngine:
         if job.presence_penalty or job.frequency_penalty:
             processors.append(PresenceFrequencyPenalty(input_ids.shape[1], job.presence_penalty, job.frequency_penalty))
         processors += sampling_processors(job.temperature, job.top_p, seed=job.seed)
+        if self._speculates(job, len(rows)):
+            self._speculative(job, input_ids, mask, assemblers, on_step, cancel)
+            return
         tracker = ChoiceTracker(assemblers, recorder, job.logprobs or 0, on_step, cancel)
         self.decode(
             input_ids,
@@ -306,6 +312,38 @@ class CompletionEngine:
             stopping_criteria=StoppingCriteriaList([tracker]),
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
+            **({"tuning": job.tuning} if job.tuning is not None else {}),
+        )
+
+    def _speculates(self, job: GenerationJob, rows: int) -> bool:
+        """Speculative decoding serves what it keeps exact and cheap: one greedy sequence, no logprobs (drafted
+        tokens come several a step, without a distribution each), no penalties."""
+        greedy = job.temperature == 0 and not (job.presence_penalty or job.frequency_penalty)
+        return bool(self.speculate) and rows == 1 and greedy and job.logprobs is None and not job.echo
+
+    def _speculative(
+        self,
+        job: GenerationJob,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        assemblers: list[TextAssembler],
+        on_step: Callable[[], None],
+        cancel: threading.Event | None,
+    ) -> None:
+        """One sequence through `generate()` with prompt-lookup drafts checked by the swarm in one step each."""
+        tracker = ChoiceTracker(assemblers, None, 0, on_step, cancel, prompt_length=input_ids.shape[1])
+        config = GenerationConfig(
+            max_new_tokens=job.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            prompt_lookup_num_tokens=self.speculate,
+        )
+        self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([tracker]),
             **({"tuning": job.tuning} if job.tuning is not None else {}),
         )
 

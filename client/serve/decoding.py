@@ -172,14 +172,26 @@ class ChoiceTracker(StoppingCriteria):
         alternatives: int = 0,
         on_step: Callable[[], None] | None = None,
         cancel: threading.Event | None = None,
+        prompt_length: int | None = None,
     ) -> None:
         self.assemblers = list(assemblers)
         self.recorder = recorder
         self.alternatives = alternatives
         self.on_step = on_step
         self.cancel = cancel
+        self.seen = prompt_length
+        """With the prompt's length: every token since the last call is fed (speculative decoding adds several
+        a step, without per-token logprobs); without it, the last one."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        if self.seen is not None and input_ids.shape[1] - self.seen != 1:
+            for position in range(self.seen, input_ids.shape[1]):
+                for assembler, token in zip(self.assemblers, input_ids[:, position].tolist(), strict=True):
+                    assembler.add(token)
+            self.seen = input_ids.shape[1]
+            return self._after_step()
+        if self.seen is not None:
+            self.seen = input_ids.shape[1]
         tokens = input_ids[:, -1]
         chosen: list[float | None] = [None] * len(tokens)
         top_ids = top_values = None
@@ -191,6 +203,9 @@ class ChoiceTracker(StoppingCriteria):
         for row, (assembler, token) in enumerate(zip(self.assemblers, tokens.tolist(), strict=True)):
             alternatives = list(zip(top_ids[row], top_values[row], strict=True)) if top_ids and top_values else []
             assembler.add(token, chosen[row], alternatives)
+        return self._after_step()
+
+    def _after_step(self) -> torch.BoolTensor:
         if self.on_step is not None:
             self.on_step()
         if self.cancel is not None and self.cancel.is_set():

@@ -301,7 +301,9 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> int:
 
     gateway = GatewaySettings.from_flags(args)
     model, tokenizer = open_model(settings)
-    engine = CompletionEngine(model, tokenizer, model.planner.model_name, max_rows=gateway.max_batch_rows)
+    engine = CompletionEngine(
+        model, tokenizer, model.planner.model_name, max_rows=gateway.max_batch_rows, speculate=gateway.speculate
+    )
     for label, path in gateway.tunings().items():
         name = engine.add_tuning(label, model.read_tuning(path))
         print(f"serving {path} as model {name!r}", file=sys.stderr)

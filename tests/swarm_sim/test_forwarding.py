@@ -9,9 +9,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm, Process
@@ -26,6 +27,8 @@ from swarm.protocol import (
     encode_message,
 )
 from swarm.transport import Credentials, open_connection, request
+from tests.swarm_sim.test_gateway import API_KEY, local_text, start_gateway
+from tests.swarm_sim.test_training import node_counter
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
 
@@ -157,3 +160,23 @@ def test_a_relayed_step_needs_the_sessions_key(swarm: LocalSwarm) -> None:
     assert refused.type == "step_result" and refused.errors is not None
     assert refused.errors[0] is not None and refused.errors[0].code == "unknown_session"
     assert stepped.errors is None  # positions 0-1 again: the refused step changed nothing
+
+
+def test_the_gateway_speculates_for_greedy_requests_with_the_same_text(
+    tiny_llama: Path, swarm: LocalSwarm, local_llama: PreTrainedModel
+) -> None:
+    chain: list[Process] = swarm.chain  # type: ignore[attr-defined]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    gateway = start_gateway(swarm, tiny_llama, "--speculate", "6")
+    try:
+        api = openai.OpenAI(base_url=f"{gateway.address}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        prompt = tokenizer.decode(PROMPT[0], skip_special_tokens=True)
+        ids = tokenizer(prompt).input_ids
+        before = sum(node_counter(node, "swarm_node_rolled_back_tokens_total") for node in chain)
+        reply = api.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, temperature=0)
+        assert reply.choices[0].text == local_text(local_llama, tokenizer, ids, 24)
+        assert sum(node_counter(node, "swarm_node_rolled_back_tokens_total") for node in chain) > before
+        streamed = api.completions.create(model="tiny-llama", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == reply.choices[0].text
+    finally:
+        gateway.kill()
