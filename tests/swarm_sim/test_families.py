@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.tuning import LowRankAdapter, SoftPrompt, Tuning
 from swarm.client.local_swarm import LocalSwarm
+from swarm.routing import Link
 from tests.checkpoints import build_tiny
 from tests.tuning_reference import HFSoftPromptModel, LocalTunedModel
 
@@ -140,3 +141,32 @@ def test_adapter_gradients_equal_local_autograd(
     tuning = Tuning(remote.planner.model_name, adapter=lora)
     reference = LocalTunedModel(checkpoints[family])
     _assert_same(_gradients(remote, tuning), _gradients(reference, copy.deepcopy(tuning)))
+
+
+def test_gradients_through_three_hops_equal_local_autograd(
+    remote: DistributedModelForCausalLM, family: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three hops (the first node's span in two parts, then the second node): a soft prompt and an adapter trained
+    together get the gradients local autograd gives."""
+    plan = remote.planner.plan
+    planned: list[list[Link]] = []
+
+    async def three_hops(*args: object, **kwargs: object) -> list[Link]:
+        first, *rest = await plan(*args, **kwargs)
+        middle = (first.start + first.end) // 2
+        planned.append([Link(first.peer, first.start, middle), Link(first.peer, middle, first.end), *rest])
+        return planned[-1]
+
+    monkeypatch.setattr(remote.planner, "plan", three_hops)
+    generator = torch.Generator().manual_seed(2)
+    lora = LowRankAdapter(remote.architecture.spec, 2, alpha=4, layers=[0, 1, 3], generator=generator)
+    with torch.no_grad():
+        for name, parameter in lora.pairs.items():
+            if name.endswith("_b"):
+                parameter.normal_(0, 0.2, generator=generator)
+    width = remote.local.embed.weight.shape[1]
+    prompt = SoftPrompt(torch.randn(2, width, generator=generator) * 0.5)
+    tuning = Tuning(remote.planner.model_name, prompt, lora)
+    reference = LocalTunedModel(checkpoints[family])
+    _assert_same(_gradients(remote, tuning), _gradients(reference, copy.deepcopy(tuning)))
+    assert planned and all(len(chain) == 3 for chain in planned)
