@@ -284,10 +284,12 @@ async def _read(reader: asyncio.StreamReader, stream: Stream, queue: asyncio.Que
 
 
 async def _sleep_until(deadline: float) -> None:
-    """Wake at `deadline`, never before: event loop timers count whole milliseconds (uvloop rounds, asyncio's
-    selector rounds up), so sleep those and yield through the rest."""
+    """Wake at `deadline`, never before, and at most about a millisecond after: event loop timers count whole
+    milliseconds (uvloop rounds), so a wake-up that came early sleeps another millisecond. Never spinning: the
+    proxies share the GIL with the process they run in (a benchmark's client), and a thread spinning through the
+    last fraction of a millisecond holds every other thread off for up to the interpreter's switch interval."""
     while (left := deadline - time.monotonic()) > 0:
-        await asyncio.sleep(math.floor(left * 1000) / 1000)
+        await asyncio.sleep(max(left, 0.001))
 
 
 def _no_delay(writer: asyncio.StreamWriter) -> None:

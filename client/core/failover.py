@@ -13,6 +13,7 @@ that fail are left out one by one, so fake peers announced in numbers cost one s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -30,6 +31,8 @@ from swarm.errors import (
     SwarmFullError,
     format_layer_range,
 )
+from swarm.protocol import PeerInfo
+from swarm.routing import Link
 
 log = logging.getLogger("swarm.client")
 
@@ -122,22 +125,17 @@ class SpanBuilder:
             opened: list[LinkSession] = []
             culprit = chain[0].peer
             try:
-                for link in chain:
-                    culprit = link.peer
-                    codec = self.planner.codec_for(link.peer)
-                    opened.append(
-                        await LinkSession.open(
-                            link, self.max_length, self.batch_size, self.channels, codec, self.adapter
-                        )
-                    )
+                opened, culprit = await self._open_links(chain)
                 for past in history:
                     hidden = past.hidden
                     for session in opened:
                         culprit = session.link.peer
                         hidden = await session.step(past.following(hidden))
-            except LINK_FAILURES as exc:
+            except (*LINK_FAILURES, _OpenFailed) as failed:
+                exc = failed.error if isinstance(failed, _OpenFailed) else failed
+                culprit = failed.peer if isinstance(failed, _OpenFailed) else culprit
                 if not worth_failing_over(exc):
-                    raise
+                    raise exc from None
                 set_aside(self.planner, culprit.peer_id, exc)
                 if is_busy(exc):
                     busy.add(culprit.peer_id)
@@ -150,3 +148,39 @@ class SpanBuilder:
                 log.info("layers [%d, %d) now served by %s", start, end, describe_chain(chain))
             return opened
         raise SwarmError(f"could not open a session for layers [{start}, {end}): every candidate peer failed")
+
+    async def _open_links(self, chain: list[Link]) -> tuple[list[LinkSession], PeerInfo]:
+        """A session on every link of `chain`, opened all at once (over a WAN, one after the other would cost a
+        round trip per link before the first token). If any fails, those that opened are closed and the first
+        failure is raised; also returns the last link's peer (the one to blame for what follows)."""
+        outcomes = await asyncio.gather(
+            *(
+                LinkSession.open(
+                    link,
+                    self.max_length,
+                    self.batch_size,
+                    self.channels,
+                    self.planner.codec_for(link.peer),
+                    self.adapter,
+                )
+                for link in chain
+            ),
+            return_exceptions=True,
+        )
+        opened = [outcome for outcome in outcomes if isinstance(outcome, LinkSession)]
+        for link, outcome in zip(chain, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                await asyncio.gather(*(session.close() for session in opened), return_exceptions=True)
+                if isinstance(outcome, LINK_FAILURES):
+                    raise _OpenFailed(link.peer, outcome)
+                raise outcome
+        return opened, chain[-1].peer
+
+
+class _OpenFailed(Exception):
+    """Opening a link's session failed with `error` (one of `LINK_FAILURES`) at `peer`."""
+
+    def __init__(self, peer: PeerInfo, error: Exception) -> None:
+        super().__init__(str(error))
+        self.peer = peer
+        self.error = error

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from swarm.client.core.channel import ChannelPool
@@ -123,6 +125,6 @@ class ChainSession:
         return verdict.output
 
     async def close(self) -> None:
-        for link in self.links:
-            await link.close()
-        self.links = []
+        """Close every link's session at once (each waits for its peer's answer: over a WAN, a round trip)."""
+        links, self.links = self.links, []
+        await asyncio.gather(*(link.close() for link in links))

@@ -1,0 +1,188 @@
+"""Time per token over a simulated WAN: client in the middle of every hop, node-to-node forwarding, and forwarding
+with speculative decoding, on the same swarm of 4 nodes.
+
+Every registry and node sits behind a delaying proxy (`swarm.client.wan`: `lan` 1 ms, `metro` 20 ms at 1 Gbit/s,
+`home` 60 ms at 50 Mbit/s with 0.5 % loss). The model is the embedded demo model (a story model: names repeat,
+so prompt-lookup drafts hit), greedy, from a story opening. The three modes alternate, repeated `--repeats`
+times, and every figure is a median; each mode's output must be the client-in-the-middle output, token for token.
+Time per token is decoding's (from the first new token to the last, per token), beside the whole call's seconds
+(which adds opening the sessions, the prompt and closing).
+Bytes per token per link come from the proxies' counters: what each node received (up) and sent (down).
+
+With the client in the middle, a token waits 2 one-way trips per node; forwarded, 1 per node plus 1 back, so on
+links of equal delay the floor of forwarded / in-the-middle is (n + 1) / 2n: 0.625 at 4 nodes.
+
+    python bench/wan.py                       # home profile
+    python bench/wan.py --profiles lan,metro,home --tokens 48
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
+
+import argparse
+import tempfile
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from bench.common import THREADS_HELP, median, use_threads, write_json
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.local_swarm import LocalSwarm
+from swarm.default_model import default_model_path
+
+PROMPT = (
+    "Once upon a time, there was a kind boy named Leo. Leo had a red ball. Leo liked to play with his red ball "
+    "in the park. One day, Leo"
+)
+MODES = {
+    "client in the middle": dict(forwarding=False, speculate=0),
+    "forwarding": dict(forwarding=True, speculate=0),
+    "forwarding + speculation": dict(forwarding=True, speculate=8),
+    "forwarding + perfect drafts": dict(forwarding=True, speculate=0, drafter=True),
+}
+"""`perfect drafts`: a local copy of the model itself drafts (`assistant_model`), so every draft is right: the most
+speculation can give, where the text is as predictable as a draft model makes it. Prompt lookup, the mode before
+it, drafts from the text so far and gains only where the model repeats it."""
+
+
+class DecodeClock(StoppingCriteria):
+    """When each decoding step ended and how long the sequence was then (a speculative step adds several
+    tokens): decode time per token, without the session's opening, the prompt and the closing."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        self.marks.append((time.perf_counter(), input_ids.shape[1]))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def seconds_per_token(self) -> float:
+        (first, first_length), (last, last_length) = self.marks[0], self.marks[-1]
+        return (last - first) / max(last_length - first_length, 1)
+
+
+def run_mode(
+    model: DistributedModelForCausalLM,
+    ids: torch.Tensor,
+    tokens: int,
+    forwarding: bool,
+    speculate: int,
+    drafter: PreTrainedModel | None = None,
+):
+    """Decode seconds per token, the whole call's seconds, and the new tokens."""
+    model.planner.forwarding = forwarding
+    extra: dict[str, object] = {"prompt_lookup_num_tokens": speculate} if speculate else {}
+    if drafter is not None:
+        extra = {"assistant_model": drafter, "num_assistant_tokens": 8, "num_assistant_tokens_schedule": "constant"}
+    clock = DecodeClock()
+    began = time.perf_counter()
+    output = model.generate(  # (transformers warns that min_new_tokens meets the drafter's generation config)
+        ids,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([clock]),
+        **extra,
+    )
+    return clock.seconds_per_token(), time.perf_counter() - began, output[0, ids.shape[1] :].tolist()
+
+
+def measure(profile: str, tokens: int, repeats: int, threads: int | None) -> dict[str, object]:
+    checkpoint = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    drafter = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir), threads=threads, wan=profile) as swarm:
+        swarm.start_registry()
+        nodes = [swarm.start_node(checkpoint, layers) for layers in ("0-1", "2-3", "4-5", "6-7")]
+        swarm.wait_ready(checkpoint.name, timeout=120)
+        model = DistributedModelForCausalLM.from_pretrained(checkpoint, registry=swarm.registry_url, verify_rate=0)
+        try:
+            run_mode(model, ids, 4, forwarding=True, speculate=0)  # warm-up: connections, sessions, caches
+            seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+            whole: dict[str, list[float]] = {mode: [] for mode in MODES}
+            traffic: dict[str, list[tuple[int, int]]] = {mode: [] for mode in MODES}
+            outputs: dict[str, list[int]] = {}
+            for _ in range(repeats):
+                for mode, options in MODES.items():
+                    before = [(swarm.proxies[n.name].bytes_up, swarm.proxies[n.name].bytes_down) for n in nodes]
+                    options = {**options, "drafter": drafter if options.get("drafter") else None}
+                    per_token, elapsed, new = run_mode(model, ids, tokens, **options)  # type: ignore[arg-type]
+                    after = [(swarm.proxies[n.name].bytes_up, swarm.proxies[n.name].bytes_down) for n in nodes]
+                    seconds[mode].append(per_token)
+                    whole[mode].append(elapsed)
+                    traffic[mode] = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+                    outputs.setdefault(mode, new)
+                    if new != outputs["client in the middle"] and mode != "client in the middle":
+                        raise AssertionError(f"{mode} changed the output: {new} != {outputs['client in the middle']}")
+        finally:
+            model.close()
+    baseline = median(seconds["client in the middle"])
+    return {
+        "profile": profile,
+        "tokens": tokens,
+        "modes": {
+            mode: {
+                "ms_per_token": median(values) * 1000,
+                "tokens_per_second": 1 / median(values),
+                "over_client_in_the_middle": median(values) / baseline,
+                "whole_call_seconds": median(whole[mode]),
+                "bytes_per_token_per_link": [
+                    {"node": node.name, "up": up / tokens, "down": down / tokens}
+                    for node, (up, down) in zip(nodes, traffic[mode], strict=True)
+                ],
+            }
+            for mode, values in seconds.items()
+        },
+        "identical_output": True,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profiles", default="home", help="comma-separated: lan, metro, home, mixed (default home)")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default="default", help=THREADS_HELP)
+    parser.add_argument("--json", type=Path, help="where to write results (default bench/results/wan.json)")
+    args = parser.parse_args()
+    threads = use_threads(args.threads)
+    results = [measure(profile, args.tokens, args.repeats, threads) for profile in args.profiles.split(",")]
+    table = Table(title=f"4 nodes, {args.tokens} new tokens, greedy (medians of {args.repeats}); output identical")
+    columns = ("profile", "mode", "ms / token", "tokens / s", "vs in the middle", "whole call s", "B / token / link")
+    for column in columns:
+        table.add_column(column)
+    for result in results:
+        for mode, figures in result["modes"].items():  # type: ignore[union-attr]
+            links = figures["bytes_per_token_per_link"]
+            up = median([link["up"] for link in links])
+            down = median([link["down"] for link in links])
+            table.add_row(
+                str(result["profile"]),
+                mode,
+                f"{figures['ms_per_token']:.1f}",
+                f"{figures['tokens_per_second']:.2f}",
+                f"{figures['over_client_in_the_middle']:.2f}",
+                f"{figures['whole_call_seconds']:.2f}",
+                f"{up:.0f} in, {down:.0f} out",
+            )
+    Console(width=160).print(table)
+    write_json(args.json or Path(__file__).parent / "results" / "wan.json", {"results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
