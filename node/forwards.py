@@ -22,7 +22,7 @@ from swarm.node.metrics import NodeMetrics
 from swarm.node.sessions import Session
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler
-from swarm.node.validation import StepInputs, check_layer_range, decode_adapter, decode_forward, position_limit
+from swarm.node.validation import PassLimits, StepInputs
 from swarm.protocol import Forward, ForwardResult, WireTensor
 
 
@@ -30,35 +30,18 @@ class ForwardService:
     """Answers `forward` frames for one node: `span` as `StepService` gets it, rounds from `scheduler`."""
 
     def __init__(
-        self,
-        span: Callable[[], LoadedSpan],
-        scheduler: StepScheduler,
-        hidden_size: int,
-        max_batch: int,
-        max_length: int,
-        max_tokens: int,
-        max_adapter_bytes: int,
-        metrics: NodeMetrics,
+        self, span: Callable[[], LoadedSpan], scheduler: StepScheduler, limits: PassLimits, metrics: NodeMetrics
     ) -> None:
         self.span = span
         self.scheduler = scheduler
-        self.hidden_size = hidden_size
-        self.max_batch = max_batch
-        self.max_length = max_length
-        self.max_tokens = max_tokens
-        self.max_adapter_bytes = max_adapter_bytes
+        self.limits = limits
         self.metrics = metrics
         self._computing = asyncio.Lock()
         self._connections: dict[int, asyncio.Lock] = {}
 
     async def answer(self, message: Forward, owner: int) -> ForwardResult:
         span = self.span()
-        check_layer_range(message.start, message.end, (span.start, span.end))
-        limit = position_limit(span.architecture.spec, self.max_length)
-        inputs = decode_forward(message, self.hidden_size, self.max_batch, limit, self.max_tokens)
-        adapter = decode_adapter(
-            message.adapter, span.architecture.spec, message.start, message.end, self.max_adapter_bytes
-        )
+        inputs, adapter = self.limits.decode(message, span.architecture.spec, (span.start, span.end))
         async with self._turn(owner), self._computing:
             hidden = await self._compute(inputs, message.start, message.end, owner, adapter)
         self.metrics.steps.labels("forward").inc()  # its compute time is in the rounds it ran in

@@ -13,6 +13,7 @@ ids, refusals that quote them) are logged with %r, so they cannot forge log line
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from swarm.node.settings import NodeSettings
 from swarm.node.span import LoadedSpan
 from swarm.node.steps import StepScheduler, StepService
 from swarm.node.training import BackwardService
-from swarm.node.validation import check_layer_range, decode_adapter
+from swarm.node.validation import PassLimits, check_layer_range, decode_adapter
 from swarm.protocol import (
     CODECS,
     Backward,
@@ -115,24 +116,18 @@ class NodeServer:
             self.relays,
             self._deliver,
         )
-        self.forwards = ForwardService(
-            self._ready_span,
-            self.scheduler,
+        limits = PassLimits(
             identity.hidden_size,
             settings.max_batch_size,
             settings.max_length,
             settings.max_forward_tokens,
             settings.max_adapter_bytes,
-            self.metrics,
         )
+        self.forwards = ForwardService(self._ready_span, self.scheduler, limits, self.metrics)
         self.backwards = BackwardService(
             self._ready_span,
             settings.training,
-            identity.hidden_size,
-            settings.max_batch_size,
-            settings.max_length,
-            settings.max_training_tokens,
-            settings.max_adapter_bytes,
+            dataclasses.replace(limits, max_tokens=settings.max_training_tokens),
             self.metrics,
         )
 

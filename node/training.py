@@ -24,33 +24,19 @@ import torch
 from swarm.errors import ErrorCode, ProtocolError
 from swarm.node.metrics import NodeMetrics
 from swarm.node.span import LoadedSpan
-from swarm.node.validation import check_layer_range, decode_adapter, decode_forward, decode_grad_output, position_limit
+from swarm.node.validation import PassLimits, decode_grad_output
 from swarm.protocol import AdapterPair, Backward, BackwardResult, WireTensor
 from swarm.tensors import WIRE_DTYPES
 
 
 class BackwardService:
     """Answers `backward` frames for one node: `span` as `StepService` gets it; `enabled` is off under
-    `--no-training`; a backward carries at most `max_tokens` (batch x length)."""
+    `--no-training`; `limits` bound what one backward carries (`--max-training-tokens`)."""
 
-    def __init__(
-        self,
-        span: Callable[[], LoadedSpan],
-        enabled: bool,
-        hidden_size: int,
-        max_batch: int,
-        max_length: int,
-        max_tokens: int,
-        max_adapter_bytes: int,
-        metrics: NodeMetrics,
-    ) -> None:
+    def __init__(self, span: Callable[[], LoadedSpan], enabled: bool, limits: PassLimits, metrics: NodeMetrics) -> None:
         self.span = span
         self.enabled = enabled
-        self.hidden_size = hidden_size
-        self.max_batch = max_batch
-        self.max_length = max_length
-        self.max_tokens = max_tokens
-        self.max_adapter_bytes = max_adapter_bytes
+        self.limits = limits
         self.metrics = metrics
         self._computing = asyncio.Lock()
 
@@ -60,13 +46,8 @@ class BackwardService:
                 ErrorCode.NOT_OFFERED, "this node serves inference only (started with --no-training); no backward"
             )
         span = self.span()
-        check_layer_range(message.start, message.end, (span.start, span.end))
-        limit = position_limit(span.architecture.spec, self.max_length)
-        inputs = decode_forward(message, self.hidden_size, self.max_batch, limit, self.max_tokens)
+        inputs, adapter = self.limits.decode(message, span.architecture.spec, (span.start, span.end))
         grad_output = decode_grad_output(message.grad_output, inputs.hidden)
-        adapter = decode_adapter(
-            message.adapter, span.architecture.spec, message.start, message.end, self.max_adapter_bytes
-        )
         async with self._computing:
             began = time.perf_counter()
             grad_hidden, adapter_grads = await asyncio.to_thread(

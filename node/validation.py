@@ -162,6 +162,27 @@ def decode_forward(
     return StepInputs(hidden, positions, decode_mask(message.attention_mask, tokens), None)
 
 
+@dataclass(frozen=True)
+class PassLimits:
+    """What one stateless pass (`forward`, `backward`) may carry on this node."""
+
+    hidden_size: int
+    max_batch: int
+    max_length: int
+    max_tokens: int
+    max_adapter_bytes: int
+
+    def decode(
+        self, message: Forward | Backward, spec: ModelSpec, served: tuple[int, int]
+    ) -> tuple[StepInputs, LayerAdapters | None]:
+        """The pass's checked tensors and adapter: layers inside `served`, sizes within these limits."""
+        check_layer_range(message.start, message.end, served)
+        limit = position_limit(spec, self.max_length)
+        inputs = decode_forward(message, self.hidden_size, self.max_batch, limit, self.max_tokens)
+        adapter = decode_adapter(message.adapter, spec, message.start, message.end, self.max_adapter_bytes)
+        return inputs, adapter
+
+
 def decode_grad_output(wire: WireTensor, hidden: torch.Tensor) -> torch.Tensor:
     """A backward's gradient of the span's output: the shape of the hidden states it goes with, finite."""
     if tuple(wire.shape) != tuple(hidden.shape):
