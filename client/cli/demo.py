@@ -8,6 +8,7 @@ stops everything again, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def _port_is_free(port: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     from swarm.default_model import default_model_path
     from swarm.models import ModelArchitecture
 
@@ -87,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             say("stopping the swarm ...")
     say("done")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """`kill` stops the demo as Ctrl-C does, and so the swarm it started: the swarm's processes run in sessions
+    of their own, which a signal to the demo does not reach."""
+    raise KeyboardInterrupt
 
 
 def _generate(model: Path, registry: str, args: argparse.Namespace) -> None:

@@ -80,7 +80,10 @@ def test_the_demo_tells_the_story_local_generate_tells_and_cleans_up() -> None:
     assert not port_open(port)
 
 
-def test_ctrl_c_stops_a_kept_demo_and_its_swarm() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_stops_a_kept_demo_and_its_swarm(stop: signal.Signals) -> None:
+    """`swarm-demo --keep &` then `kill %1` (SIGTERM) stops the registry and nodes too, as Ctrl-C does: they run in
+    sessions of their own, so nothing but the demo itself can stop them."""
     port = free_port()
     demo = subprocess.Popen(
         [sys.executable, "-m", "swarm.client.cli.demo", "--port", str(port), "--max-new-tokens", "5", "--keep"],
@@ -96,7 +99,7 @@ def test_ctrl_c_stops_a_kept_demo_and_its_swarm() -> None:
             seen += demo.stderr.readline()
         assert "Ctrl-C" in seen, seen
         assert port_open(port)
-        demo.send_signal(signal.SIGINT)
+        demo.send_signal(stop)
         assert demo.wait(timeout=60) == 0
     finally:
         demo.kill()
