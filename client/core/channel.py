@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -209,11 +211,19 @@ class PeerChannel:
 
 
 class ChannelPool:
-    """This client's channels, one per peer address, opened on first use and replaced once they drop."""
+    """This client's channels, one per peer address, opened on first use and replaced once they drop.
+    `on_round_trip(peer_id, seconds)` hears each new channel's measured round trip: connecting and the hello
+    exchange take two (the TCP handshake, then `hello` and `welcome`)."""
 
-    def __init__(self, credentials: Credentials, timeout: float) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        timeout: float,
+        on_round_trip: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.credentials = credentials
         self.timeout = timeout
+        self.on_round_trip = on_round_trip
         self._channels: dict[str, PeerChannel] = {}
         self._opening: dict[str, asyncio.Future[PeerChannel]] = {}
 
@@ -230,10 +240,13 @@ class ChannelPool:
             return await asyncio.shield(self._opening[address])
         opening = asyncio.get_running_loop().create_future()
         self._opening[address] = opening
+        began = time.monotonic()
         try:
             connection, welcome = await open_connection(
                 address, self.credentials, agent="swarm-client", timeout=HANDSHAKE_TIMEOUT
             )
+            if self.on_round_trip is not None and welcome.node is not None:
+                self.on_round_trip(welcome.node.peer_id, (time.monotonic() - began) / 2)
         except BaseException as exc:
             opening.set_exception(exc)
             opening.exception()  # retrieved here, so nobody else waiting is required

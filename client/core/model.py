@@ -85,7 +85,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         self.local = local
         self.planner = planner
         self.runner = EventLoopThread()
-        self.channels = ChannelPool(planner.credentials, STEP_TIMEOUT)
+        self.channels = ChannelPool(planner.credentials, STEP_TIMEOUT, planner.observe_round_trip)
         self.verifier = Verifier(planner)
         """Checks sampled steps on other peers; `verifier.checks` and `verifier.caught` count what it did."""
         self.generate_calls = threading.local()

@@ -53,6 +53,9 @@ class ChainPlanner:
     verify_rate: float = 0.0
     """Fraction of link steps computed again by other peers (`swarm.client.core.verify`); 0 checks none, not even a
     new peer's first step."""
+    round_trips: dict[str, float] = field(default_factory=dict)
+    """Measured round trip to each peer, in seconds (`observe_round_trip`): a hop's cost in route planning, so
+    chains prefer near peers."""
     forwarding: bool = True
     """Steps of a session go node to node along its chain (`swarm.client.core.forwarding`); off: through the
     client between every two links."""
@@ -70,6 +73,11 @@ class ChainPlanner:
 
     def __post_init__(self) -> None:
         self.addresses = AddressPolicy.for_registries(self.registries)
+
+    def observe_round_trip(self, peer_id: str, seconds: float) -> None:
+        """A round trip to `peer_id` just measured: kept as a moving average (a quarter of each new one)."""
+        previous = self.round_trips.get(peer_id)
+        self.round_trips[peer_id] = seconds if previous is None else 0.75 * previous + 0.25 * seconds
 
     def codec_for(self, peer: PeerInfo) -> Codec:
         return self.compression if self.compression in peer.codecs else "raw"
@@ -130,6 +138,7 @@ class ChainPlanner:
                 start=start,
                 end=end,
                 banned=excluded,
+                rtt=self.round_trips,
                 cache_tokens_needed=cache_tokens_needed,
                 proven=frozenset(self.proven),
             )

@@ -84,3 +84,32 @@ def test_kill_9_of_a_redundant_node_mid_generation_under_home_links_changes_noth
         model.close()
     assert killed and not killed[0].alive()
     assert output == expected
+
+
+def test_chains_move_to_a_nearer_peer_once_round_trips_are_measured(
+    tiny_llama: Path, home_swarm: LocalSwarm, expected: list[list[int]]
+) -> None:
+    """A peer over a `home` link serves every layer; then a peer over a `lan` link joins. The client measures each
+    round trip as it connects, route costs use them, so its next chains go to the near peer, which it did not
+    know, rather than the far one that served it well."""
+    far = home_swarm.start_node(tiny_llama, "0-7", "--model-name", "near-or-far", wan="home")
+    home_swarm.wait_online(far)
+    model = DistributedModelForCausalLM.from_pretrained(
+        tiny_llama, registry=home_swarm.registry_url, model_name="near-or-far"
+    )
+    chains: list[list[str]] = []
+
+    def generate_noting_the_chain() -> None:
+        assert generate(model, AtStep(1, lambda: chains.append(model.current_chain()))) == expected
+
+    try:
+        generate_noting_the_chain()
+        near = home_swarm.start_node(tiny_llama, "0-7", "--model-name", "near-or-far", wan="lan")
+        home_swarm.wait_online(near)
+        generate_noting_the_chain()
+        generate_noting_the_chain()
+        round_trips = sorted(model.planner.round_trips.values())
+    finally:
+        model.close()
+    assert chains == [[far.address], [near.address], [near.address]]
+    assert len(round_trips) == 2 and round_trips[1] >= PROFILES["home"].rtt > 5 * round_trips[0]
