@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     from swarm.default_model import default_model_path
+    from swarm.runtime import quiet_optional_backends
+
+    quiet_optional_backends()
     from swarm.models import ModelArchitecture
 
     model = default_model_path()

@@ -77,6 +77,7 @@ def test_the_demo_tells_the_story_local_generate_tells_and_cleans_up() -> None:
     assert result.stdout.strip() == story.strip()
     assert len(result.stdout.split()) >= 30
     assert f"http://127.0.0.1:{port}/" in result.stderr and "stopping the swarm" in result.stderr
+    assert "Failed to load" not in result.stderr and "register_constant" not in result.stderr  # torchao's noise
     assert not port_open(port)
 
 
