@@ -5,8 +5,10 @@ Nothing to rebuild on failure, so a failed peer is banned and the whole pass is 
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 import torch
+from pydantic import BaseModel
 
 from swarm.client.core.channel import HANDSHAKE_TIMEOUT
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, set_aside, worth_failing_over
@@ -19,6 +21,8 @@ from swarm.routing import Link
 from swarm.transport import Credentials, open_connection, request
 
 log = logging.getLogger("swarm.client")
+
+ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 
 async def forward_through(
@@ -82,18 +86,24 @@ async def forward_link(
     adapter: WireAdapter | None = None,
 ) -> torch.Tensor:
     """`hidden` through one link, on a connection of its own."""
+    message = Forward.trusted(
+        type="forward",
+        start=link.start,
+        end=link.end,
+        hidden=wire_hidden(hidden, link.peer.dtype, codec),
+        position_ids=positions,
+        attention_mask=mask,
+        adapter=adapter,
+    )
+    reply = await ask_link(link, credentials, message, ForwardResult)
+    return checked_output(reply.hidden.to_torch(), hidden, link.peer.address)
+
+
+async def ask_link(link: Link, credentials: Credentials, message: BaseModel, expect: type[ReplyT]) -> ReplyT:
+    """One stateless request (`forward`, `backward`) to a link's peer, on a connection of its own, after checking
+    that the node answering there is the peer the registry listed."""
     address = link.peer.address
     connection, welcome = await open_connection(address, credentials, agent="swarm-client", timeout=HANDSHAKE_TIMEOUT)
     async with connection:
         check_peer(welcome.node, link.peer, address)
-        message = Forward.trusted(
-            type="forward",
-            start=link.start,
-            end=link.end,
-            hidden=wire_hidden(hidden, link.peer.dtype, codec),
-            position_ids=positions,
-            attention_mask=mask,
-            adapter=adapter,
-        )
-        reply = await request(connection, message, ForwardResult, timeout=STEP_TIMEOUT, peer=address)
-    return checked_output(reply.hidden.to_torch(), hidden, address)
+        return await request(connection, message, expect, timeout=STEP_TIMEOUT, peer=address)

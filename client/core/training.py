@@ -17,17 +17,15 @@ from typing import Any
 
 import torch
 
-from swarm.client.core.channel import HANDSHAKE_TIMEOUT
 from swarm.client.core.failover import LINK_FAILURES, MAX_FAILOVERS_PER_STEP, set_aside, worth_failing_over
-from swarm.client.core.forward import forward_link
-from swarm.client.core.links import STEP_TIMEOUT, check_peer, checked_output, wire_hidden
+from swarm.client.core.forward import ChainFailure, ask_link, forward_link
+from swarm.client.core.links import checked_output, wire_hidden
 from swarm.client.core.loop import EventLoopThread
 from swarm.client.core.planner import ChainPlanner
 from swarm.client.core.tuning import LowRankAdapter
 from swarm.errors import ErrorCode, ProtocolError, SwarmError
 from swarm.protocol import Backward, BackwardResult, WireTensor
 from swarm.routing import Link
-from swarm.transport import open_connection, request
 
 log = logging.getLogger("swarm.client")
 
@@ -60,7 +58,7 @@ class Hop:
                 for link in chain:
                     hidden = await self._forward_link(link, hidden)
                 return hidden
-            except _LinkFailed as failed:
+            except ChainFailure as failed:
                 chain = await self._replan(failed)
         raise SwarmError(f"gave up on layers [{self.start}, {self.end}) after {MAX_FAILOVERS_PER_STEP} failed peers")
 
@@ -70,7 +68,7 @@ class Hop:
         for _ in range(MAX_FAILOVERS_PER_STEP):
             try:
                 return await self._backward_chain(chain, hidden, grad_output)
-            except _LinkFailed as failed:
+            except ChainFailure as failed:
                 chain = await self._replan(failed)
         raise SwarmError(f"gave up on layers [{self.start}, {self.end}) after {MAX_FAILOVERS_PER_STEP} failed peers")
 
@@ -88,7 +86,7 @@ class Hop:
             grads.update(link_grads)
         return grad_output, grads
 
-    async def _replan(self, failed: _LinkFailed) -> list[Link]:
+    async def _replan(self, failed: ChainFailure) -> list[Link]:
         if not worth_failing_over(failed.error):
             raise failed.error
         set_aside(self.planner, failed.link.peer.peer_id, failed.error)
@@ -113,41 +111,29 @@ class Hop:
                 adapter=wire,
             )
         except LINK_FAILURES as exc:
-            raise _LinkFailed(link, exc) from exc
+            raise ChainFailure(link, exc) from exc
 
     async def _backward_link(
         self, link: Link, hidden: torch.Tensor, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, AdapterGrads]:
         address = link.peer.address
         wire = self.adapter.wire(link.start, link.end) if self.adapter is not None else None
+        message = Backward(
+            start=link.start,
+            end=link.end,
+            hidden=wire_hidden(hidden, link.peer.dtype),
+            position_ids=WireTensor.from_torch(self.positions),
+            attention_mask=WireTensor.from_torch(self.mask),
+            grad_output=wire_hidden(grad_output, link.peer.dtype),
+            adapter=wire,
+        )
         try:
-            connection, welcome = await open_connection(
-                address, self.planner.credentials, agent="swarm-client", timeout=HANDSHAKE_TIMEOUT
-            )
-            async with connection:
-                check_peer(welcome.node, link.peer, address)
-                message = Backward(
-                    start=link.start,
-                    end=link.end,
-                    hidden=wire_hidden(hidden, link.peer.dtype),
-                    position_ids=WireTensor.from_torch(self.positions),
-                    attention_mask=WireTensor.from_torch(self.mask),
-                    grad_output=wire_hidden(grad_output, link.peer.dtype),
-                    adapter=wire,
-                )
-                reply = await request(connection, message, BackwardResult, timeout=STEP_TIMEOUT, peer=address)
+            reply = await ask_link(link, self.planner.credentials, message, BackwardResult)
             grad_hidden = checked_output(reply.grad_hidden.to_torch(), hidden, address)
             grads = _adapter_grads(reply, wire, address)
         except LINK_FAILURES as exc:
-            raise _LinkFailed(link, exc) from exc
+            raise ChainFailure(link, exc) from exc
         return grad_hidden.to(hidden.dtype), grads
-
-
-class _LinkFailed(Exception):
-    def __init__(self, link: Link, error: Exception) -> None:
-        super().__init__(f"{link.peer.address}: {error}")
-        self.link = link
-        self.error = error
 
 
 def _adapter_grads(reply: BackwardResult, sent: Any, address: str) -> AdapterGrads:
