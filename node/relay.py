@@ -19,7 +19,7 @@ from collections.abc import Callable
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RegistryUnavailableError
+from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RegistryUnavailableError, SwarmError
 from swarm.protocol import Step, decode_message, encode_message
 from swarm.registry.client import fetch_peers
 from swarm.transport import Credentials, open_connection
@@ -56,6 +56,20 @@ class RelayLinks:
         except (websockets.ConnectionClosed, OSError) as exc:
             self._connections.pop(address, None)
             raise PeerUnreachableError(f"forwarding to {address}: {exc}") from exc
+
+    async def round_trip(self, address: str, timeout: float = CONNECT_TIMEOUT) -> float:
+        """Seconds a websocket ping to the node at `address` takes to come back, over the connection relayed
+        steps use (opened if need be; the caller names a peer it just found listed); `PeerUnreachableError` when
+        there is no answer within `timeout`."""
+        try:
+            connection = await self._connection(address)
+            began = time.monotonic()
+            async with asyncio.timeout(timeout):
+                await (await connection.ping())
+        except (websockets.ConnectionClosed, OSError, TimeoutError, SwarmError) as exc:
+            self._connections.pop(address, None)
+            raise PeerUnreachableError(f"no ping answer from {address}: {exc!r}") from exc
+        return time.monotonic() - began
 
     async def _check_listed(self, address: str) -> None:
         if address in self._listed and time.monotonic() - self._listed_at < VIEW_SECONDS:

@@ -29,6 +29,7 @@ from swarm.identity import span_digest
 from swarm.node.admission import StepRate, client_address, client_keys
 from swarm.node.forwards import ForwardService
 from swarm.node.kv_cache import capacity_for
+from swarm.node.latency import NeighbourLatencies
 from swarm.node.metrics import NodeMetrics
 from swarm.node.relay import RelayLinks
 from swarm.node.sessions import ClientShare, SessionTable
@@ -102,6 +103,13 @@ class NodeServer:
             Credentials(settings.token, settings.tls_ca),
             lambda: (identity.model_name, identity.model_id),
         )
+        self.latencies = NeighbourLatencies(
+            settings.registry,
+            Credentials(settings.token, settings.tls_ca),
+            self.relays,
+            self.peer_info,
+            settings.probe_interval,
+        )
         self._connections: dict[int, ServerConnection] = {}
         """Open client connections by owner id: where a relayed step's answer goes."""
         self.steps = StepService(
@@ -157,6 +165,7 @@ class NodeServer:
             weights=ident.weights,
             quantization=self.settings.quantize,
             training=self.settings.training,
+            latencies_ms=self.latencies.announced(),
         )
 
     def limits(self) -> NodeLimits:

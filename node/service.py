@@ -114,7 +114,9 @@ async def serve(settings: NodeSettings) -> None:
         ",".join(settings.registry),
     )
     expiry = asyncio.create_task(_expire_sessions(node))
+    probing = asyncio.create_task(node.latencies.run())
     await stop.wait()
+    probing.cancel()
     await drain(node, announcer)
     expiry.cancel()
     await announcer.stop(leave=True)

@@ -50,6 +50,9 @@ class NodeSettings(SwarmSettings):
     max_session_seconds: float = Field(24 * 3600.0, gt=0, description="a session is ended after this long")
     drain_timeout: float = Field(15.0, ge=0, description="on SIGTERM, how long to wait for clients to move")
     announce_interval: float = Field(5.0, gt=0)
+    probe_interval: float = Field(
+        30.0, gt=0, description="how often to list the peers that may follow this node and measure new ones"
+    )
     token: str | None = shared("SWARM_TOKEN", repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -27,9 +27,10 @@ from swarm.errors import ErrorCode, ProtocolError
 if TYPE_CHECKING:  # tensors are converted in `swarm.tensors`: a process that never touches one never loads torch
     import torch
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
-understand a frame. Version 5 adds training: `backward`, low-rank adapters for a session or a pass
+understand a frame. Version 6 adds `PeerInfo.latencies_ms`, the round trips a node measured to the peers that may
+follow it in a chain. Version 5 added training: `backward`, low-rank adapters for a session or a pass
 (`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`; `Step.lengths`, which rolls a session back
 (speculative decoding); node-to-node forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`,
 `StepResult.relay_error`); and bounded route queries (`Query.per_layer`, `cache_tokens`, `exclude`) with
@@ -37,7 +38,7 @@ understand a frame. Version 5 adds training: `backward`, low-rank adapters for a
 queries by model identity, and `report` of a peer caught lying. Version 3 has one step message for one or many
 sessions, matched to its reply by `step_id`; versions 1 and 2 had `step`, `step_many` and `step_group`."""
 
-SUPPORTED_VERSIONS = (5,)
+SUPPORTED_VERSIONS = (6,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
 with `unsupported_version`, and a client then tries the next older one it speaks."""
 
@@ -137,6 +138,11 @@ def _check_length(field: str, value: bytes, expected: int, tensor: WireTensor) -
         )
 
 
+MAX_LATENCIES = 16
+"""Most peers a node announces round trips to (`PeerInfo.latencies_ms`)."""
+Milliseconds = Annotated[float, Field(ge=0, le=600_000, allow_inf_nan=False)]
+
+
 class PeerInfo(_Strict):
     """What a node tells registries about itself; the unit of the swarm's soft state."""
 
@@ -165,8 +171,11 @@ class PeerInfo(_Strict):
     """How the node stores the span's weights beyond `dtype` (e.g. `int8`), or None."""
     training: bool = True
     """Whether the node answers `backward` (an operator may refuse training: `--no-training`)."""
+    latencies_ms: Annotated[dict[Name, Milliseconds], Field(max_length=MAX_LATENCIES)] = {}
+    """Round trips in milliseconds this node measured to peers that may come after it in a chain, by `peer_id`:
+    what a forwarded step waits between the two (`swarm.routing.plan_route`)."""
 
-    omitted_when_default = frozenset({"codecs", "model_id", "weights", "quantization", "training"})
+    omitted_when_default = frozenset({"codecs", "model_id", "weights", "quantization", "training", "latencies_ms"})
 
     @model_validator(mode="after")
     def _span_is_valid(self) -> PeerInfo:

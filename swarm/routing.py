@@ -7,6 +7,7 @@ tests need no network.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,50 +89,101 @@ def plan_route(
     banned: frozenset[str] = frozenset(),
     cache_tokens_needed: int = 0,
     proven: frozenset[str] | None = None,
+    forwarding: bool = False,
 ) -> list[Link] | None:
-    """The chain over layers [start, end) with the least estimated time, or None if there is none.
+    """The chain over layers [start, end) with the least estimated time per token, or None if there is none.
 
-    Each hop costs the peer's round trip plus its per-layer compute time for the layers it runs
-    (plus a penalty when its free cache is short, and, when `proven` is given, when the peer is not in it);
-    a hop may use any contiguous part of a peer's span, so overlapping peers combine freely. Dijkstra over
-    layer boundaries.
+    Each hop costs its peer's compute time for the layers it runs (plus a penalty when its free cache is short,
+    and, when `proven` is given, when the peer is not in it); a hop may use any contiguous part of a peer's span,
+    so overlapping peers combine freely. Between hops the hidden states travel: through the client, a round trip
+    to each peer (`rtt`, measured by the client). With `forwarding` the client's one-way trips to the first peer
+    and from the last count, and between two hops the one-way trip the first peer measured to the second
+    (`PeerInfo.latencies_ms`); a junction nobody measured is assumed to go through the client (the triangle
+    inequality's bound), so without measurements both ways of stepping cost the same and only measured near
+    pairs make a difference.
+
+    Dijkstra over where the hidden states are at each layer boundary: at the client, or on a peer after it ran
+    the layer before the boundary (forwarded, each junction is priced pair by pair: a measured trip slower than
+    the way through the client counts as measured, since a forwarded step takes it).
     """
     end = num_layers if end is None else end
+    if start == end:
+        return []
     rtt = rtt or {}
     usable = [peer for peer in serving(peers) if peer.peer_id not in banned and peer.num_layers == num_layers]
-    best: dict[int, float] = {start: 0.0}
-    came_from: dict[int, Link] = {}
-    queue: list[tuple[float, int]] = [(0.0, start)]
+    trip = [rtt.get(peer.peer_id, DEFAULT_HOP_SECONDS) / (2 if forwarding else 1) for peer in usable]
+    back = [one_way if forwarding else 0.0 for one_way in trip]
+    entry = [0.0] * len(usable)  # what taking a peer into a chain costs beyond the trip to it
+    for position, peer in enumerate(usable):
+        if peer.cache_tokens_free < cache_tokens_needed:
+            entry[position] += SHORT_CACHE_PENALTY_SECONDS
+        if proven is not None and peer.peer_id not in proven:
+            entry[position] += UNPROVEN_PENALTY_SECONDS
+    per_layer = [layer_seconds(peer) for peer in usable]
+    covering: dict[int, list[int]] = {layer: [] for layer in range(start, end)}
+    for position, peer in enumerate(usable):
+        for layer in range(max(peer.start, start), min(peer.end, end)):
+            covering[layer].append(position)
+
+    AT_CLIENT = -1
+    best: dict[tuple[int, int], float] = {(start, AT_CLIENT): 0.0}
+    came_from: dict[tuple[int, int], tuple[int, int]] = {}
+    queue: list[tuple[float, int, int]] = [(0.0, start, AT_CLIENT)]
+
+    def reach(state: tuple[int, int], cost: float, previous: tuple[int, int]) -> None:
+        if cost < best.get(state, float("inf")):
+            best[state] = cost
+            came_from[state] = previous
+            heapq.heappush(queue, (cost, *state))
+
     while queue:
-        cost, layer = heapq.heappop(queue)
-        if layer == end:
+        cost, layer, holder = heapq.heappop(queue)
+        state = (layer, holder)
+        if state == (end, AT_CLIENT):
             break
-        if cost > best.get(layer, float("inf")):
+        if cost > best.get(state, float("inf")):
             continue
-        for peer in usable:
-            if not peer.start <= layer < peer.end:
-                continue
-            per_layer = layer_seconds(peer)
-            hop = rtt.get(peer.peer_id, DEFAULT_HOP_SECONDS)
-            if peer.cache_tokens_free < cache_tokens_needed:
-                hop += SHORT_CACHE_PENALTY_SECONDS
-            if proven is not None and peer.peer_id not in proven:
-                hop += UNPROVEN_PENALTY_SECONDS
-            for stop in range(layer + 1, min(peer.end, end) + 1):
-                total = cost + hop + per_layer * (stop - layer)
-                if total < best.get(stop, float("inf")):
-                    best[stop] = total
-                    came_from[stop] = Link(peer, layer, stop)
-                    heapq.heappush(queue, (total, stop))
-    if end not in came_from and start != end:
+        if holder == AT_CLIENT:
+            for position in covering.get(layer, ()):
+                reach((layer + 1, position), cost + trip[position] + entry[position] + per_layer[position], state)
+            continue
+        if layer == end or not forwarding:  # forwarded, the hidden states go back to the client only at the end
+            reach((layer, AT_CLIENT), cost + back[holder], state)
+        if layer == end:
+            continue
+        if layer < usable[holder].end:
+            reach((layer + 1, holder), cost + per_layer[holder], state)
+        if forwarding:
+            measured = usable[holder].latencies_ms
+            for position in covering[layer]:
+                if position == holder:
+                    continue
+                milliseconds = measured.get(usable[position].peer_id)
+                junction = back[holder] + trip[position] if milliseconds is None else milliseconds / 2000
+                reach((layer + 1, position), cost + junction + entry[position] + per_layer[position], state)
+    if (end, AT_CLIENT) not in came_from:
         return None
+    return _links_along(came_from, (end, AT_CLIENT), usable)
+
+
+def _links_along(
+    came_from: Mapping[tuple[int, int], tuple[int, int]], goal: tuple[int, int], usable: Sequence[PeerInfo]
+) -> list[Link]:
+    """The chain of a path of (boundary, holder) states: each state on a peer after a different holder starts a
+    hop (from the client, or forwarded), and the same holder one boundary on extends it."""
+    states = [goal]
+    while states[-1] in came_from:
+        states.append(came_from[states[-1]])
+    states.reverse()
     chain: list[Link] = []
-    layer = end
-    while layer != start:
-        link = came_from[layer]
-        chain.append(link)
-        layer = link.start
-    return chain[::-1]
+    for previous, (layer, holder) in itertools.pairwise(states):
+        if holder < 0:
+            continue
+        if previous[1] == holder and previous[0] == layer - 1:
+            chain[-1] = Link(usable[holder], chain[-1].start, layer)
+        else:
+            chain.append(Link(usable[holder], layer - 1, layer))
+    return chain
 
 
 def least_covered_span(peers: Iterable[PeerInfo], num_layers: int, length: int) -> tuple[int, int]:

@@ -35,7 +35,7 @@ async def forward_through(
     """The last layer's hidden states for `hidden`, through a chain planned for this pass alone (each peer running
     `adapter`'s pairs for its layers, if there is one)."""
     for _ in range(MAX_FAILOVERS_PER_STEP):
-        chain = await planner.plan()
+        chain = await planner.plan(forwarded=False)
         try:
             return await forward_chain(planner, chain, hidden, position_ids, attention_mask, adapter)
         except ChainFailure as failure:

@@ -120,10 +120,14 @@ class ChainPlanner:
         cache_tokens_needed: int = 0,
         avoid: frozenset[str] = frozenset(),
         max_age: float = 0.0,
+        forwarded: bool | None = None,
     ) -> list[Link]:
         """The best chain over layers [start, end) now (without the peers in `avoid`), or `MissingLayersError`
         naming the gaps, or `SwarmFullError` when the only chains go through peers that just answered `busy`.
-        `max_age`: a view of the swarm this many seconds old will do (a registry query saved)."""
+        `max_age`: a view of the swarm this many seconds old will do (a registry query saved). `forwarded`: whether
+        the chain's steps will go node to node (default: `forwarding`), which prices junctions by the round trips
+        peers measured to each other."""
+        forwarded = self.forwarding if forwarded is None else forwarded
         end = self.num_layers if end is None else end
         now = time.monotonic()
         banned = self.banned(now) | avoid
@@ -141,6 +145,7 @@ class ChainPlanner:
                 rtt=self.round_trips,
                 cache_tokens_needed=cache_tokens_needed,
                 proven=frozenset(self.proven),
+                forwarding=forwarded,
             )
 
         chain = route(banned, peers)

@@ -198,7 +198,7 @@ def remote_layers(
     """`hidden` through every remote layer, differentiably (a chain of training peers, one `RemoteHop` a link)."""
 
     async def plan() -> list[Link]:
-        return await planner.plan(avoid=await training_refusers(planner))
+        return await planner.plan(avoid=await training_refusers(planner), forwarded=False)
 
     chain = runner.run(plan())
     positions, mask = positions.long().contiguous(), mask.bool().contiguous()

@@ -14,6 +14,7 @@ def peer(
     state: str = "online",
     free: int = 1000,
     num_layers: int = 8,
+    latencies_ms: dict[str, float] | None = None,
 ) -> PeerInfo:
     return PeerInfo(
         peer_id=peer_id,
@@ -27,6 +28,7 @@ def peer(
         throughput=throughput,
         cache_tokens_free=free,
         cache_tokens_total=1000,
+        latencies_ms=latencies_ms or {},
     )
 
 
@@ -92,3 +94,48 @@ def test_peers_this_client_has_not_seen_answer_pay_a_penalty() -> None:
     assert [link.peer.peer_id for link in plan_route([stranger, proven], 8, proven=frozenset({"proven"}))] == ["proven"]
     halves = [peer("a", 0, 4), peer("b", 4, 8)]
     assert len(plan_route([stranger, *halves], 8, proven=frozenset({"a", "b"}))) == 2  # two known hops win
+
+
+def test_a_forwarded_chain_goes_to_the_next_peer_its_first_peer_measured_near() -> None:
+    """The client is as far from both second-half peers, so only the first peer's measurements tell them apart."""
+    first = peer("a", 0, 4, latencies_ms={"far": 80.0, "near": 2.0})
+    peers = [first, peer("far", 4, 8), peer("near", 4, 8)]
+    rtt = {"a": 0.030, "far": 0.030, "near": 0.030}
+    assert spans(plan_route(peers, 8, rtt=rtt, forwarding=True)) == [("a", 0, 4), ("near", 4, 8)]
+    first_listed_far = [first, peer("near", 4, 8), peer("far", 4, 8)]
+    assert spans(plan_route(first_listed_far, 8, rtt=rtt, forwarding=True)) == [("a", 0, 4), ("near", 4, 8)]
+
+
+def test_an_unmeasured_junction_costs_the_way_through_the_client() -> None:
+    """Forwarding to a peer nobody measured is assumed as slow as going through the client (the triangle
+    inequality's bound), so a peer the client measured near beats one the first peer measured middling only
+    when going through the client would really be faster."""
+    rtt = {"a": 0.010, "x": 0.004, "y": 0.100}
+    first = peer("a", 0, 4, latencies_ms={"y": 30.0})
+    peers = [first, peer("x", 4, 8), peer("y", 4, 8)]
+    # via x: 5 ms + 2 ms (unmeasured: back to the client and out) + 2 ms = 9 ms; via y: 5 + 15 + 50 ms back
+    assert spans(plan_route(peers, 8, rtt=rtt, forwarding=True)) == [("a", 0, 4), ("x", 4, 8)]
+    # the client's own round trips alone order the same chains as before when nothing was measured
+    assert spans(plan_route([peer("a", 0, 4), *peers[1:]], 8, rtt=rtt)) == [("a", 0, 4), ("x", 4, 8)]
+
+
+def test_without_forwarding_measured_junctions_change_nothing() -> None:
+    first = peer("a", 0, 4, latencies_ms={"far": 500.0})
+    peers = [first, peer("far", 4, 8), peer("near", 4, 8)]
+    rtt = {"a": 0.030, "far": 0.020, "near": 0.025}
+    assert spans(plan_route(peers, 8, rtt=rtt)) == [("a", 0, 4), ("far", 4, 8)]
+    assert spans(plan_route(peers, 8, rtt=rtt, forwarding=True)) == [("a", 0, 4), ("near", 4, 8)]
+
+
+def test_a_forwarded_chain_may_leave_a_span_early_for_a_faster_measured_peer() -> None:
+    """Hops use any part of a span: the first peer runs 3 of its 6 layers and forwards to a twice-as-fast peer
+    it measured near (16 ms per token), rather than running all 6 and going to the far one (218 ms)."""
+    peers = [peer("a", 0, 6, latencies_ms={"b": 1.0}), peer("b", 3, 8, throughput=2000.0), peer("c", 6, 8)]
+    rtt = {"a": 0.010, "b": 0.010, "c": 0.200}
+    assert spans(plan_route(peers, 8, rtt=rtt, forwarding=True)) == [("a", 0, 3), ("b", 3, 8)]
+
+
+def test_a_chain_over_a_sub_range_and_an_empty_range() -> None:
+    peers = [peer("a", 0, 4, latencies_ms={"b": 1.0}), peer("b", 2, 8)]
+    assert spans(plan_route(peers, 8, start=2, end=6, forwarding=True)) == [("b", 2, 6)]
+    assert plan_route(peers, 8, start=3, end=3) == []

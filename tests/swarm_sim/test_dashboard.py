@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -51,6 +52,9 @@ def test_the_dashboard_shows_coverage_and_a_gap_appears_live_when_a_node_dies(ti
             peers_text = page.locator("#peers").inner_text()
             assert f"{digest.model_id[:8]} / {digest.span(0, 4)[:8]}" in peers_text
             assert f"{digest.model_id[:8]} / {digest.span(4, 8)[:8]}" in peers_text
+            # the first half's row shows the round trip it measured to the second half, a peer that may follow it
+            next_hop = re.compile(re.escape(second_half.address) + r" \d+\.\d ms")
+            page.locator("#peers td", has_text=next_hop).wait_for(timeout=20_000)
             page.screenshot(path=str(tmp_path / "dashboard-covered.png"))
 
             second_half.kill()

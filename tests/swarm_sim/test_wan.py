@@ -3,7 +3,9 @@ a node is killed mid-generation."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm, Process
 from swarm.client.wan import PROFILES
+from swarm.registry.client import fetch_peers
+from swarm.transport import Credentials
 from tests.processors import AtStep
 
 pytestmark = pytest.mark.oracle  # also run against the lowest transformers allowed (.ci/run)
@@ -113,3 +117,26 @@ def test_chains_move_to_a_nearer_peer_once_round_trips_are_measured(
         model.close()
     assert chains == [[far.address], [near.address], [near.address]]
     assert len(round_trips) == 2 and round_trips[1] >= PROFILES["home"].rtt > 5 * round_trips[0]
+
+
+def test_nodes_announce_their_measured_round_trips_to_the_peers_that_may_follow_them(home_swarm: LocalSwarm) -> None:
+    """A forwarded step waits on the trip between two nodes, which no client can measure: the 0-3 node pings the
+    4-7 nodes (each behind its own `home` link) and announces the round trips for clients to plan with."""
+    first = next(process for process in home_swarm.processes if process.name.startswith("node-0-3"))
+    following = [p for p in home_swarm.processes if p.name.startswith("node-4-7") and p.alive()]
+    deadline = time.monotonic() + 45
+    while True:
+        by_address = {
+            peer.address: peer
+            for peer in asyncio.run(fetch_peers([home_swarm.registry_url], "tiny-llama", Credentials()))
+        }
+        announced = by_address[first.address].latencies_ms
+        wanted = {by_address[p.address].peer_id for p in following if p.address in by_address}
+        if (len(wanted) == len(following) and wanted <= set(announced)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(wanted) == len(following) >= 1 and wanted <= set(announced), announced
+    home = PROFILES["home"]
+    for peer_id in wanted:
+        assert home.rtt_ms * 0.95 <= announced[peer_id] < home.rtt_ms + 200, announced
+    assert all(by_address[p.address].latencies_ms == {} for p in following)  # nobody can follow the last layer

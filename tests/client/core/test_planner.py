@@ -135,3 +135,23 @@ def test_peers_the_client_refuses_do_not_hide_the_usable_ones_behind_them(monkey
     planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8)
     assert [link.peer.peer_id for link in asyncio.run(planner.plan())] == ["good"]
     assert [sorted(route.exclude) for route in asked] == [[], ["other-0", "other-1"]]  # refused: left out next time
+
+
+def test_forwarded_chains_use_the_round_trips_peers_measured_to_each_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client is as near to both second-half peers; only the first peer's announcement tells them apart, and
+    only for chains whose steps go node to node (sessions, by default; training and stateless passes go through
+    the client)."""
+
+    async def fetch(*_args: object) -> list[PeerInfo]:
+        return [peer("a", 0, 4, latencies_ms={"far": 90.0, "near": 3.0}), peer("far", 4, 8), peer("near", 4, 8)]
+
+    monkeypatch.setattr(chain, "fetch_peers", fetch)
+    planner = ChainPlanner(["ws://127.0.0.1:7000"], "m", 8, round_trips={"a": 0.02, "far": 0.01, "near": 0.011})
+
+    async def chains() -> list[list[str]]:
+        plans = [await planner.plan(), await planner.plan(forwarded=False)]
+        return [[link.peer.peer_id for link in plan] for plan in plans]
+
+    assert asyncio.run(chains()) == [["a", "near"], ["a", "far"]]
+    planner.forwarding = False
+    assert [link.peer.peer_id for link in asyncio.run(planner.plan())] == ["a", "far"]
