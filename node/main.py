@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", help="private key (PEM) of --tls-cert")
     add("--tls-ca", help="CA certificate to trust for wss:// registries (env SWARM_TLS_CA)")
     add("--announce-interval", type=float, help="seconds between heartbeats (default 5)")
+    add(
+        "--probe-interval",
+        type=float,
+        help="seconds between listings of the peers that may follow this node, whose round trips it measures and "
+        "announces (default 30)",
+    )
     add("--session-idle-timeout", type=float, help="seconds before an idle session is freed (default 300)")
     add("--max-session-seconds", type=float, help="longest a session may stay open (default 86400)")
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
