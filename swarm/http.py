@@ -37,14 +37,27 @@ def response(status: HTTPStatus, content_type: str, body: bytes, extra: tuple[tu
     return Response(status.value, status.phrase, headers, body)
 
 
+HttpPages = Callable[[Request], Awaitable[Response | None]]
+"""A plain HTTP request's answer, or None for a websocket upgrade (to let it through)."""
+
+
 def http_router(
     routes: dict[str, Route], token: str | None = None, token_in_query: Collection[str] = ()
 ) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
-    """A websockets `process_request` hook: websocket upgrades pass (their first frame carries the token), GETs of
-    known paths are answered. With `token`, a request without it gets 401; the paths in `token_in_query` also
-    accept it as `?token=`."""
+    """`http_pages` as a websockets `process_request` hook."""
+    pages = http_pages(routes, token, token_in_query)
 
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        return await pages(request)
+
+    return process_request
+
+
+def http_pages(routes: dict[str, Route], token: str | None = None, token_in_query: Collection[str] = ()) -> HttpPages:
+    """Websocket upgrades pass (their first frame carries the token), GETs of known paths are answered. With
+    `token`, a request without it gets 401; the paths in `token_in_query` also accept it as `?token=`."""
+
+    async def answer(request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         url = urlsplit(request.path)
@@ -62,7 +75,7 @@ def http_router(
         content_type, payload = await body if inspect.isawaitable(body) else body
         return response(HTTPStatus.OK, content_type, payload)
 
-    return process_request
+    return answer
 
 
 def _authorized(request: Request, query: str, token: str) -> bool:

@@ -14,33 +14,23 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Hashable
 from importlib import resources
-from uuid import UUID
-
-import websockets
-from websockets.asyncio.server import ServerConnection
-from websockets.asyncio.server import serve as websockets_serve
 
 from swarm.errors import ErrorCode, ProtocolError
-from swarm.http import PROMETHEUS_CONTENT_TYPE, CachedBody, Route, http_router
-from swarm.protocol import Ack, Announce, Leave, Query, Report, SwarmView, Welcome, decode_message
+from swarm.http import PROMETHEUS_CONTENT_TYPE, CachedBody, HttpPages, Route, http_pages
+from swarm.protocol import Ack, Announce, Leave, Query, Report, SwarmView
+from swarm.registry.connections import RegistryConnection, listen
 from swarm.registry.metrics import render
 from swarm.registry.settings import RegistrySettings
 from swarm.registry.state import RegistryState, StateView, state_view
-from swarm.transport import check_hello, error_frame, send
 
 log = logging.getLogger("swarm.registry")
 
-MAX_MESSAGE_BYTES = 1 * 2**20
-MAX_HELLO_BYTES = 64 * 2**10
 HELLO_TIMEOUT_SECONDS = 5.0
 """A connection that has not said `hello` by then is closed: idle sockets cost the registry, not the caller."""
 PAGE_MAX_AGE_SECONDS = 1.0
 """The state page and metrics are rebuilt at most this often, however often they are asked for."""
-KEEPALIVE_SECONDS = 60.0
-"""Websocket ping interval, and how long a pong may take. Heartbeats already tell the registry which nodes are
-alive (a silent peer expires and frees its id), so pings only close dead sockets; every 20 s (websockets' default)
-they cost a tenth of the registry's CPU at 10,000 connections."""
 
 
 class Registry:
@@ -56,31 +46,12 @@ class Registry:
         self.hello_timeout = hello_timeout
         self.warm_at = time.monotonic() + warmup
         """Until then, answers to queries say `warming`: nodes may not all have announced to this process yet."""
+        self.connections: set[RegistryConnection] = set()
+        """Open connections (`swarm.registry.connections`), closed when the server stops."""
+        self.pages: set[asyncio.Task[None]] = set()
+        """HTTP pages being answered."""
 
-    async def handle(self, connection: ServerConnection) -> None:
-        try:
-            try:
-                async with asyncio.timeout(self.hello_timeout):
-                    first = await connection.recv()
-                version = check_hello(decode_message(first, MAX_HELLO_BYTES), self.token)
-            except TimeoutError:
-                return  # returning closes the connection
-            except ProtocolError as exc:
-                await send(connection, error_frame(exc))
-                return
-            await send(connection, Welcome(version=version))
-            async for frame in connection:
-                try:
-                    reply = self._answer(decode_message(frame, MAX_MESSAGE_BYTES), connection.id, _host(connection))
-                except ProtocolError as exc:
-                    reply = error_frame(exc)
-                await send(connection, reply)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.state.disconnect(connection.id, time.monotonic())  # the node's link dropped: it is most likely gone
-
-    def _answer(self, message: object, owner: UUID, reporter: str = "") -> Ack | SwarmView:
+    def answer(self, message: object, owner: Hashable, reporter: str = "") -> Ack | SwarmView:
         """Names peers sent are logged with %r: quoted and escaped, they cannot forge a log line."""
         now = time.monotonic()
         if isinstance(message, Announce):
@@ -111,6 +82,11 @@ class Registry:
             ErrorCode.BAD_REQUEST, f"a registry does not accept {getattr(message, 'type', '?')!r} messages"
         )
 
+    def http_pages(self) -> HttpPages:
+        """Answers to plain HTTP requests on the websocket port, behind the token in a private swarm; the dashboard
+        page also takes it as `?token=`, for a browser."""
+        return http_pages(self.http_routes(), self.token, token_in_query=("/", "/index.html"))
+
     def http_routes(self) -> dict[str, Route]:
         """Plain HTTP on the websocket port: the dashboard, its JSON, metrics and a liveness probe. The JSON and
         the metrics are built from a copy of the state, in a thread, at most once a second."""
@@ -128,34 +104,12 @@ class Registry:
         return self.state.view(time.monotonic())
 
 
-def _host(connection: ServerConnection) -> str:
-    """Who a report comes from: the client's address, so one machine counts as one reporter."""
-    remote = connection.remote_address
-    return str(remote[0]) if remote else ""
-
-
 def _state_json(view: StateView) -> tuple[str, bytes]:
     return "application/json", json.dumps(state_view(view, time.monotonic())).encode()
 
 
 def _metrics_text(view: StateView) -> tuple[str, bytes]:
     return PROMETHEUS_CONTENT_TYPE, render(view)
-
-
-def listen(registry: Registry, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> websockets_serve:
-    """The registry's server (use with `async with`): websockets and, on the same port, its HTTP pages; in a
-    private swarm the dashboard page also takes the token as `?token=`, for a browser."""
-    return websockets_serve(
-        registry.handle,
-        host,
-        port,
-        process_request=http_router(registry.http_routes(), registry.token, token_in_query=("/", "/index.html")),
-        max_size=MAX_MESSAGE_BYTES * 2,
-        compression=None,
-        ping_interval=KEEPALIVE_SECONDS,
-        ping_timeout=KEEPALIVE_SECONDS,
-        ssl=ssl_context,
-    )
 
 
 async def serve(settings: RegistrySettings, ssl_context: ssl.SSLContext | None = None) -> None:

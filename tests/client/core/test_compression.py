@@ -6,6 +6,7 @@ model); nodes answer in the codec they were asked in, and refuse forged compress
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from swarm.protocol import (
     decode_message,
     encode_message,
 )
-from swarm.registry.server import Registry
+from swarm.registry.server import Registry, listen
 from tests.swarm.test_protocol import peer
 
 HIDDEN = 64
@@ -66,13 +67,16 @@ def swarm(tiny_llama: Path) -> Iterator[InProcessSwarm]:
         node.state, node.throughput = "online", 1000.0
         nodes.append(node)
 
+    registry_server = contextlib.AsyncExitStack()
+
     async def serve() -> tuple[list[websockets.Server], str]:
-        servers = [await websockets.serve(registry.handle, "127.0.0.1", 0, compression=None)]
+        listening = await registry_server.enter_async_context(listen(registry, "127.0.0.1", 0))
+        servers = []
         for node in nodes:
             servers.append(await websockets.serve(node.handle, "127.0.0.1", 0, compression=None, max_size=2**27))
             node.identity.address = f"ws://127.0.0.1:{servers[-1].sockets[0].getsockname()[1]}"
             registry.state.announce(node.peer_info(), 3600.0, time.monotonic())
-        return servers, f"ws://127.0.0.1:{servers[0].sockets[0].getsockname()[1]}"
+        return servers, f"ws://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
 
     servers, registry_url = loop.run(serve())
     try:
@@ -80,6 +84,7 @@ def swarm(tiny_llama: Path) -> Iterator[InProcessSwarm]:
     finally:
 
         async def stop() -> None:
+            await registry_server.aclose()
             for server in servers:
                 server.close()
                 await server.wait_closed()

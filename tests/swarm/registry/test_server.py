@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -207,3 +208,31 @@ def test_a_private_registry_shows_its_pages_only_with_the_token() -> None:
     assert without == [401] * 5
     assert with_token == [200] * 5
     assert in_query == [200, 200, 401, 401, 401], "only the page a browser opens takes the token in its address"
+
+
+def test_a_message_sent_in_fragments_is_answered_like_a_whole_one() -> None:
+    async def scenario() -> tuple[int, str]:
+        async with running(Registry()) as url, websockets.connect(url) as connection:
+            hello = encode_message(Hello(version=PROTOCOL_VERSION))
+            await connection.send([hello[:3], hello[3:]])  # an iterable goes out as fragments
+            welcome = decode_message(await connection.recv())
+            query = encode_message(Query())
+            await connection.send([query[:1], query[1:2], query[2:]])
+            return welcome.version, decode_message(await connection.recv()).type
+
+    assert asyncio.run(scenario()) == (PROTOCOL_VERSION, "swarm_view")
+
+
+def test_stopping_the_registry_closes_its_connections_as_going_away_and_the_kernel_watches_idle_ones() -> None:
+    async def scenario() -> tuple[int | None, int]:
+        registry = Registry()
+        async with contextlib.AsyncExitStack() as stack:
+            url = await stack.enter_async_context(running(registry))
+            connection, _ = await open_connection(url, timeout=5)
+            [held] = registry.connections
+            keepalive = held.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        await asyncio.wait_for(connection.wait_closed(), timeout=5)
+        return connection.close_code, keepalive
+
+    code, keepalive = asyncio.run(scenario())
+    assert code == 1001 and keepalive == 1
