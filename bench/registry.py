@@ -8,7 +8,9 @@ then make the client's own route query, `ChainPlanner.plan` (the registry query 
 times a second in all, open loop, spread over the registries. Measured after every peer has announced and one
 heartbeat period has passed:
 
-- route query p50 / p99: `ChainPlanner.plan` end to end on loopback (connect, hello, query, decode, plan);
+- route query p50 / p99: `ChainPlanner.plan` end to end on loopback (query, decode, plan; each client process
+  keeps its connections to the registries open between queries, as a client's planner does, and opens one
+  more when its queries overlap);
 - heartbeat ack p99: announce sent -> ack received, every peer;
 - reply size: the median `swarm_view` frame a route query got;
 - registry RSS (and its peak) and CPU, from /proc;
@@ -49,7 +51,7 @@ from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_po
 from swarm.errors import SwarmError
 from swarm.protocol import Ack, Announce, PeerInfo
 from swarm.runtime import run
-from swarm.transport import open_connection, request
+from swarm.transport import Credentials, open_connection, request
 
 TARGETS = {"route_p99_ms": 5.0, "heartbeat_p99_ms": 20.0, "rss_mib": 150.0, "wrong_expiries": 0}
 """What issue 20 asks of a registry at 10,000 peers heartbeating every 5 s and 50 route queries a second."""
@@ -161,6 +163,7 @@ def client_worker(run_: Run, rank: int, results: multiprocessing.Queue, stop: mu
     """Route queries at `qps / clients` a second, open loop, each as a client makes it (`ChainPlanner.plan`)."""
     import swarm.transport
     from swarm.client.core.planner import ChainPlanner
+    from swarm.registry.client import RegistryPool
 
     samples = Samples()
     decode = swarm.transport.decode_message
@@ -174,9 +177,12 @@ def client_worker(run_: Run, rank: int, results: multiprocessing.Queue, stop: mu
     swarm.transport.decode_message = measured_decode  # only to count reply bytes; nothing else changes
     models = [f"bench-model-{m}" for m in range(run_.models)]
 
+    pool = RegistryPool(Credentials())
+
     def planner(registries: list[str], model: str) -> ChainPlanner:
-        """A planner of its own per query: one planner shares a query among concurrent callers."""
-        return ChainPlanner(registries=registries, model_name=model, num_layers=run_.num_layers)
+        """A planner of its own per query (one planner shares a query among concurrent callers), over the
+        process's connections to the registries, as one client's planner keeps them between its queries."""
+        return ChainPlanner(registries=registries, model_name=model, num_layers=run_.num_layers, registry_pool=pool)
 
     async def one(first: int, model: str) -> None:
         """A client that knows every registry and asks registry `first` first."""

@@ -6,8 +6,8 @@ tests need no network.
 
 from __future__ import annotations
 
-import heapq
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -102,9 +102,11 @@ def plan_route(
     inequality's bound), so without measurements both ways of stepping cost the same and only measured near
     pairs make a difference.
 
-    Dijkstra over where the hidden states are at each layer boundary: at the client, or on a peer after it ran
-    the layer before the boundary (forwarded, each junction is priced pair by pair: a measured trip slower than
-    the way through the client counts as measured, since a forwarded step takes it).
+    Layer boundaries only grow along a chain, so this is dynamic programming over them, boundary by boundary: the
+    cheapest way to have the hidden states on each peer after it ran the layer before the boundary. Junctions are
+    priced pair by pair (a measured trip slower than the way through the client counts as measured, since a
+    forwarded step takes it); the unmeasured ones all leave through the client, so for each peer the cheapest
+    holder to come from is the first of the boundary's holders, sorted once, that has not measured it.
     """
     end = num_layers if end is None else end
     if start == end:
@@ -112,7 +114,7 @@ def plan_route(
     rtt = rtt or {}
     usable = [peer for peer in serving(peers) if peer.peer_id not in banned and peer.num_layers == num_layers]
     trip = [rtt.get(peer.peer_id, DEFAULT_HOP_SECONDS) / (2 if forwarding else 1) for peer in usable]
-    back = [one_way if forwarding else 0.0 for one_way in trip]
+    back = {AT_CLIENT: 0.0} | {position: one_way if forwarding else 0.0 for position, one_way in enumerate(trip)}
     entry = [0.0] * len(usable)  # what taking a peer into a chain costs beyond the trip to it
     for position, peer in enumerate(usable):
         if peer.cache_tokens_free < cache_tokens_needed:
@@ -124,65 +126,68 @@ def plan_route(
     for position, peer in enumerate(usable):
         for layer in range(max(peer.start, start), min(peer.end, end)):
             covering[layer].append(position)
+    measured_from: list[list[tuple[int, float]]] = [[] for _ in usable]  # holder -> (next peer, one-way seconds)
+    measured_into: list[set[int]] = [set() for _ in usable]  # peer -> holders that measured their trip to it
+    if forwarding:
+        index = {peer.peer_id: position for position, peer in enumerate(usable)}
+        for holder, peer in enumerate(usable):
+            for peer_id, milliseconds in peer.latencies_ms.items():
+                position = index.get(peer_id)
+                if position is not None and position != holder:
+                    measured_from[holder].append((position, milliseconds / 2000))
+                    measured_into[position].add(holder)
 
-    AT_CLIENT = -1
-    best: dict[tuple[int, int], float] = {(start, AT_CLIENT): 0.0}
-    came_from: dict[tuple[int, int], tuple[int, int]] = {}
-    queue: list[tuple[float, int, int]] = [(0.0, start, AT_CLIENT)]
+    at_boundary: dict[int, float] = {AT_CLIENT: 0.0}  # holder -> least cost of having the states there
+    came_from: dict[tuple[int, int], int] = {}  # (boundary, holder) -> the holder one boundary before
+    for layer in range(start, end):
+        leaving = sorted((cost + back[holder], holder) for holder, cost in at_boundary.items())  # cheapest first
+        arrived: dict[int, tuple[float, int]] = {}  # peer -> (cost, the holder before it)
+        for position in covering[layer]:
+            if position in at_boundary:
+                _arrive(arrived, position, at_boundary[position] + per_layer[position], position)
+            for cost, holder in leaving:
+                if holder != position and holder not in measured_into[position]:
+                    _arrive(arrived, position, cost + trip[position] + entry[position] + per_layer[position], holder)
+                    break
+        for holder, cost in at_boundary.items():
+            for position, one_way in measured_from[holder] if holder != AT_CLIENT else ():
+                if usable[position].start <= layer < usable[position].end:
+                    _arrive(arrived, position, cost + one_way + entry[position] + per_layer[position], holder)
+        for position, (_, holder) in arrived.items():
+            came_from[(layer + 1, position)] = holder
+        if not arrived:
+            return None
+        at_boundary = {position: cost for position, (cost, _) in arrived.items()}
+    _, last = min((cost + back[holder], holder) for holder, cost in at_boundary.items())
+    return _links_along(came_from, start, end, last, usable)
 
-    def reach(state: tuple[int, int], cost: float, previous: tuple[int, int]) -> None:
-        if cost < best.get(state, float("inf")):
-            best[state] = cost
-            came_from[state] = previous
-            heapq.heappush(queue, (cost, *state))
 
-    while queue:
-        cost, layer, holder = heapq.heappop(queue)
-        state = (layer, holder)
-        if state == (end, AT_CLIENT):
-            break
-        if cost > best.get(state, float("inf")):
-            continue
-        if holder == AT_CLIENT:
-            for position in covering.get(layer, ()):
-                reach((layer + 1, position), cost + trip[position] + entry[position] + per_layer[position], state)
-            continue
-        if layer == end or not forwarding:  # forwarded, the hidden states go back to the client only at the end
-            reach((layer, AT_CLIENT), cost + back[holder], state)
-        if layer == end:
-            continue
-        if layer < usable[holder].end:
-            reach((layer + 1, holder), cost + per_layer[holder], state)
-        if forwarding:
-            measured = usable[holder].latencies_ms
-            for position in covering[layer]:
-                if position == holder:
-                    continue
-                milliseconds = measured.get(usable[position].peer_id)
-                junction = back[holder] + trip[position] if milliseconds is None else milliseconds / 2000
-                reach((layer + 1, position), cost + junction + entry[position] + per_layer[position], state)
-    if (end, AT_CLIENT) not in came_from:
-        return None
-    return _links_along(came_from, (end, AT_CLIENT), usable)
+AT_CLIENT = -1
+"""The holder of the hidden states before the first hop (`plan_route`)."""
+
+
+def _arrive(arrived: dict[int, tuple[float, int]], position: int, cost: float, holder: int) -> None:
+    """Keep the cheaper way to have the states on `position` (ties: the first way found)."""
+    if cost < arrived.get(position, (math.inf, 0))[0]:
+        arrived[position] = (cost, holder)
 
 
 def _links_along(
-    came_from: Mapping[tuple[int, int], tuple[int, int]], goal: tuple[int, int], usable: Sequence[PeerInfo]
+    came_from: Mapping[tuple[int, int], int], start: int, end: int, last: int, usable: Sequence[PeerInfo]
 ) -> list[Link]:
-    """The chain of a path of (boundary, holder) states: each state on a peer after a different holder starts a
-    hop (from the client, or forwarded), and the same holder one boundary on extends it."""
-    states = [goal]
-    while states[-1] in came_from:
-        states.append(came_from[states[-1]])
-    states.reverse()
+    """The chain whose last hop ends at `end` on `last`: a holder one boundary after itself extends its hop, any
+    other starts a new one."""
+    holders = [last]
+    for boundary in range(end, start, -1):
+        holders.append(came_from[(boundary, holders[-1])])
+    holders.reverse()  # holders[i]: who holds the states at boundary start + i (the client at start)
     chain: list[Link] = []
-    for previous, (layer, holder) in itertools.pairwise(states):
-        if holder < 0:
-            continue
-        if previous[1] == holder and previous[0] == layer - 1:
-            chain[-1] = Link(usable[holder], chain[-1].start, layer)
+    for offset, (before, holder) in enumerate(itertools.pairwise(holders)):
+        boundary = start + offset + 1
+        if before == holder:
+            chain[-1] = Link(usable[holder], chain[-1].start, boundary)
         else:
-            chain.append(Link(usable[holder], layer - 1, layer))
+            chain.append(Link(usable[holder], boundary - 1, boundary))
     return chain
 
 

@@ -408,4 +408,5 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteCacheGenerationMixin):
         """Stop the client's network thread; sessions still open are dropped by their peers."""
         if self.runner.loop.is_running():
             self.runner.run(self.channels.close(), timeout=10)
+            self.runner.run(self.planner.close(), timeout=10)
         self.runner.close()

@@ -20,7 +20,7 @@ from swarm.errors import (
 )
 from swarm.identity import CheckpointDigests
 from swarm.protocol import Codec, PeerInfo
-from swarm.registry.client import RouteNeeds, fetch_peers, report_peer
+from swarm.registry.client import RegistryPool, RouteNeeds, fetch_peers, report_peer
 from swarm.routing import Link, missing_ranges, plan_route
 from swarm.transport import Credentials
 
@@ -70,9 +70,18 @@ class ChainPlanner:
     _fetching: tuple[RouteNeeds, asyncio.Task[list[PeerInfo]]] | None = None
     _view: tuple[RouteNeeds | None, float, list[PeerInfo]] = (None, -math.inf, [])  # the last answer, when it came
     addresses: AddressPolicy = field(init=False)
+    registry_pool: RegistryPool | None = None
+    """Connections to the registries kept between queries (shared with other planners when given)."""
 
     def __post_init__(self) -> None:
         self.addresses = AddressPolicy.for_registries(self.registries)
+        if self.registry_pool is None:
+            self.registry_pool = RegistryPool(self.credentials)
+
+    async def close(self) -> None:
+        """Close the connections to the registries (on the event loop the queries ran on)."""
+        if self.registry_pool is not None:
+            await self.registry_pool.close()
 
     def observe_round_trip(self, peer_id: str, seconds: float) -> None:
         """A round trip to `peer_id` just measured: kept as a moving average (a quarter of each new one)."""
@@ -248,7 +257,7 @@ class ChainPlanner:
         if fetching is None or fetching[0] != needs or fetching[1].get_loop() is not asyncio.get_running_loop():
             model_id = self.digests.model_id if self.digests is not None else None
             task = asyncio.ensure_future(
-                fetch_peers(self.registries, self.model_name, self.credentials, model_id, needs)
+                fetch_peers(self.registries, self.model_name, self.credentials, model_id, needs, self.registry_pool)
             )
             fetching = self._fetching = (needs, task)
             task.add_done_callback(partial(self._fetched, needs))

@@ -3,19 +3,76 @@ caught lying."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+from websockets.asyncio.client import ClientConnection
+
 from swarm.errors import PeerUnreachableError, ProtocolError, RegistryUnavailableError, RemoteError
 from swarm.protocol import MAX_EXCLUDED, Ack, PeerInfo, Query, Report, SwarmView
-from swarm.transport import Credentials, open_connection, request
+from swarm.transport import Credentials, ReplyT, open_connection, request
 
 log = logging.getLogger("swarm.client")
 
 REGISTRY_TIMEOUT = 5.0
+MAX_IDLE_PER_REGISTRY = 4
+"""Idle connections a pool keeps to one registry (as many as a client's concurrent queries usually are)."""
 ROUTE_CANDIDATES = 4
 """Peers per layer a route query asks for: the best, and spares for a client whose first choices fail or are busy,
 without asking again."""
+
+
+class RegistryPool:
+    """Connections to registries kept open between requests. A client asks a registry each time it plans a chain,
+    and opening a connection (TCP, the websocket upgrade, `hello`) costs more than the query itself; a registry
+    holds an idle connection for a few KiB. Each request takes an idle connection of its own, or opens one, so
+    concurrent requests never share one; a pooled connection that fails (the registry restarted while it was
+    idle) is dropped and the request asked once more, on a new one."""
+
+    def __init__(self, credentials: Credentials, agent: str = "swarm-client", max_idle: int = MAX_IDLE_PER_REGISTRY):
+        self.credentials = credentials
+        self.agent = agent
+        self.max_idle = max_idle
+        self._idle: dict[str, list[ClientConnection]] = {}
+
+    async def request(self, url: str, message: BaseModel, expect: type[ReplyT]) -> ReplyT:
+        """`message` to the registry at `url` and its reply; `PeerUnreachableError` when it cannot be had."""
+        while True:
+            idle = self._idle.get(url)
+            pooled = bool(idle)
+            connection = idle.pop() if idle else await self._open(url)
+            try:
+                reply = await request(connection, message, expect, timeout=REGISTRY_TIMEOUT, peer=url)
+            except PeerUnreachableError:
+                connection.transport.abort()
+                if pooled:
+                    continue  # it died while idle: a new connection decides
+                raise
+            except RemoteError:
+                self._keep(url, connection)  # an error frame answers this request; the connection is sound
+                raise
+            except BaseException:  # cancelled or a reply out of protocol: the connection's next frame is unknown
+                connection.transport.abort()
+                raise
+            self._keep(url, connection)
+            return reply
+
+    async def _open(self, url: str) -> ClientConnection:
+        connection, _ = await open_connection(url, self.credentials, agent=self.agent, timeout=REGISTRY_TIMEOUT)
+        return connection
+
+    def _keep(self, url: str, connection: ClientConnection) -> None:
+        idle = self._idle.setdefault(url, [])
+        if len(idle) < self.max_idle:
+            idle.append(connection)
+        else:
+            connection.transport.close()
+
+    async def close(self) -> None:
+        idle, self._idle = [c for connections in self._idle.values() for c in connections], {}
+        await asyncio.gather(*(connection.close() for connection in idle), return_exceptions=True)
 
 
 async def fetch_peers(
@@ -24,24 +81,30 @@ async def fetch_peers(
     credentials: Credentials,
     model_id: str | None = None,
     route: RouteNeeds | None = None,
+    pool: RegistryPool | None = None,
 ) -> list[PeerInfo]:
     """Live peers (of `model`, or all; with `model_id`, only those serving that checkpoint), or with `route` only
     the candidates a chain needs (`Query.per_layer`), from the first registry that answers. A registry that says
-    it is `warming` (just restarted) is asked only when no other answers."""
+    it is `warming` (just restarted) is asked only when no other answers. `pool`: connections to reuse (and keep
+    for next time); without one, the query's connections are closed when it is answered."""
+    own_pool = pool is None
+    pool = RegistryPool(credentials) if pool is None else pool
     failures = []
     warming: list[PeerInfo] | None = None
     query = Query.trusted(type="query", model=model, model_id=model_id, **(route.query_fields() if route else {}))
-    for url in registries:
-        try:
-            connection, _ = await open_connection(url, credentials, agent="swarm-client", timeout=REGISTRY_TIMEOUT)
-            async with connection:
-                view = await request(connection, query, SwarmView, timeout=REGISTRY_TIMEOUT, peer=url)
-        except PeerUnreachableError as exc:
-            failures.append(str(exc))
-            continue
-        if not view.warming:
-            return view.peers
-        warming = view.peers if warming is None else warming
+    try:
+        for url in registries:
+            try:
+                view = await pool.request(url, query, SwarmView)
+            except PeerUnreachableError as exc:
+                failures.append(str(exc))
+                continue
+            if not view.warming:
+                return view.peers
+            warming = view.peers if warming is None else warming
+    finally:
+        if own_pool:
+            await pool.close()
     if warming is not None:
         return warming
     raise RegistryUnavailableError(

@@ -18,7 +18,7 @@ def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monk
     queries: list[str | None] = []
 
     async def fetch(
-        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds, *_: object
     ) -> list[PeerInfo]:
         queries.append(model)
         await asyncio.sleep(0.05)
@@ -39,7 +39,7 @@ def test_concurrent_plans_share_one_registry_query_and_later_ones_ask_again(monk
 
 def test_a_failed_query_fails_every_plan_waiting_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
     async def fetch(
-        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds, *_: object
     ) -> list[PeerInfo]:
         await asyncio.sleep(0.01)
         raise RegistryUnavailableError("no registry answered")
@@ -88,7 +88,7 @@ def fake_registry(monkeypatch: pytest.MonkeyPatch, swarm: list[PeerInfo]) -> lis
     asked: list[RouteNeeds] = []
 
     async def fetch(
-        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds, *_: object
     ) -> list[PeerInfo]:
         asked.append(route)
         return [info for info in swarm if info.peer_id not in route.exclude]
@@ -126,7 +126,7 @@ def test_peers_the_client_refuses_do_not_hide_the_usable_ones_behind_them(monkey
     asked: list[RouteNeeds] = []
 
     async def fetch(
-        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds
+        registries: list[str], model: str | None, credentials: object, model_id: object, route: RouteNeeds, *_: object
     ) -> list[PeerInfo]:
         asked.append(route)
         return [info for info in [*crowd, peer("good", 0, 8)] if info.peer_id not in route.exclude][:2]

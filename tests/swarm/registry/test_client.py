@@ -1,0 +1,50 @@
+"""`RegistryPool`: a client's queries reuse connections to a registry, never share one at once, and survive the
+registry restarting between them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from swarm.protocol import Query, SwarmView
+from swarm.registry.client import RegistryPool, fetch_peers
+from swarm.registry.server import Registry, listen
+from swarm.transport import Credentials
+from tests.swarm.test_routing import peer
+
+
+def test_sequential_queries_reuse_one_connection_and_concurrent_ones_take_their_own() -> None:
+    async def scenario() -> tuple[int, int, list[int]]:
+        registry = Registry()
+        registry.state.announce(peer("a", 0, 8), ttl=30.0, now=asyncio.get_running_loop().time())
+        async with listen(registry, "127.0.0.1", 0) as server:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            pool = RegistryPool(Credentials())
+            for _ in range(5):
+                await fetch_peers([url], "m", Credentials(), pool=pool)
+            sequential = len(registry.connections)
+            views = await asyncio.gather(*(pool.request(url, Query(), SwarmView) for _ in range(3)))
+            concurrent = len(registry.connections)
+            await pool.close()
+            await asyncio.sleep(0.05)
+            return sequential, concurrent, [len(view.peers) for view in views] + [len(registry.connections)]
+
+    assert asyncio.run(scenario()) == (1, 3, [1, 1, 1, 0])
+
+
+def test_a_query_after_the_registry_restarted_goes_out_on_a_new_connection() -> None:
+    async def scenario() -> list[str]:
+        pool = RegistryPool(Credentials())
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(listen(Registry(), "127.0.0.1", 0))
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}"
+            await pool.request(url, Query(), SwarmView)  # pooled now
+        restarted = Registry()
+        restarted.state.announce(peer("b", 0, 8), ttl=30.0, now=asyncio.get_running_loop().time())
+        async with listen(restarted, "127.0.0.1", port):
+            view = await pool.request(url, Query(), SwarmView)
+            await pool.close()
+        return [p.peer_id for p in view.peers]
+
+    assert asyncio.run(scenario()) == ["b"]
