@@ -30,13 +30,14 @@ if TYPE_CHECKING:  # tensors are converted in `swarm.tensors`: a process that ne
 PROTOCOL_VERSION = 6
 """The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
 understand a frame. Version 6 adds `PeerInfo.latencies_ms`, the round trips a node measured to the peers that may
-follow it in a chain. Version 5 added training: `backward`, low-rank adapters for a session or a pass
-(`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`; `Step.lengths`, which rolls a session back
-(speculative decoding); node-to-node forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`,
-`StepResult.relay_error`); and bounded route queries (`Query.per_layer`, `cache_tokens`, `exclude`) with
-`SwarmView.warming`. Version 4 added what a span is (`PeerInfo.model_id`, `weights`, `quantization`), route
-queries by model identity, and `report` of a peer caught lying. Version 3 has one step message for one or many
-sessions, matched to its reply by `step_id`; versions 1 and 2 had `step`, `step_many` and `step_group`."""
+follow it in a chain, and full listings by page (`Query.after`, `Query.limit`, `SwarmView.more`). Version 5
+added training: `backward`, low-rank adapters for a session or a pass (`OpenSession.adapter`, `Forward.adapter`)
+and `PeerInfo.training`; `Step.lengths`, which rolls a session back (speculative decoding); node-to-node
+forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`, `StepResult.relay_error`); and bounded route
+queries (`Query.per_layer`, `cache_tokens`, `exclude`) with `SwarmView.warming`. Version 4 added what a span is
+(`PeerInfo.model_id`, `weights`, `quantization`), route queries by model identity, and `report` of a peer caught
+lying. Version 3 has one step message for one or many sessions, matched to its reply by `step_id`; versions 1
+and 2 had `step`, `step_many` and `step_group`."""
 
 SUPPORTED_VERSIONS = (6,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
@@ -231,6 +232,8 @@ class Ack(_Strict):
 MAX_PER_LAYER = 16
 """Peers per layer a bounded route query may ask for."""
 MAX_EXCLUDED = 1024
+MAX_PAGE_PEERS = 1000
+"""Most peers one page of a full listing holds (`Query.limit`): about 260 KB, whatever the swarm's size."""
 """Peer ids a route query may leave out."""
 
 
@@ -241,7 +244,11 @@ class Query(_Strict):
     A route query sets `per_layer`: then only online peers come back, for each layer the `per_layer` best by the
     planner's cost per layer of their whole span (`swarm.routing.span_rank`), those with `cache_tokens` free
     first, leaving out `exclude` (peers the client will not use: banned, other weights). The reply's size does not
-    grow with the swarm's."""
+    grow with the swarm's.
+
+    Without `per_layer` the live peers come back a page at a time, by `peer_id`: at most `limit` (at most
+    `MAX_PAGE_PEERS`, the default) of those whose id sorts after `after`; `SwarmView.more` says whether others
+    follow (ask again with `after` set to the page's last id)."""
 
     type: Literal["query"] = "query"
     model: Name | None = None
@@ -249,8 +256,10 @@ class Query(_Strict):
     per_layer: Annotated[int, Field(ge=1, le=MAX_PER_LAYER)] | None = None
     cache_tokens: Count = 0
     exclude: Annotated[list[Name], Field(max_length=MAX_EXCLUDED)] = []
+    after: Name | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE_PEERS)] = MAX_PAGE_PEERS
 
-    omitted_when_default = frozenset({"model_id", "per_layer", "cache_tokens", "exclude"})
+    omitted_when_default = frozenset({"model_id", "per_layer", "cache_tokens", "exclude", "after", "limit"})
 
 
 class Report(_Strict):
@@ -264,13 +273,15 @@ class Report(_Strict):
 
 class SwarmView(_Strict):
     """The answer to `query`. `warming`: the registry started less than a heartbeat period ago, so it may not have
-    heard from every peer yet; a client that knows other registries asks them first."""
+    heard from every peer yet; a client that knows other registries asks them first. `more`: a full listing has
+    more pages (`Query.after`)."""
 
     type: Literal["swarm_view"] = "swarm_view"
     peers: list[PeerInfo]
     warming: bool = False
+    more: bool = False
 
-    omitted_when_default = frozenset({"warming"})
+    omitted_when_default = frozenset({"warming", "more"})
 
 
 AdapterTarget = Literal["qkv", "out"]

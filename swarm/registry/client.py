@@ -85,7 +85,8 @@ async def fetch_peers(
 ) -> list[PeerInfo]:
     """Live peers (of `model`, or all; with `model_id`, only those serving that checkpoint), or with `route` only
     the candidates a chain needs (`Query.per_layer`), from the first registry that answers. A registry that says
-    it is `warming` (just restarted) is asked only when no other answers. `pool`: connections to reuse (and keep
+    it is `warming` (just restarted) is asked only when no other answers. A full listing comes a page at a time
+    (`Query.after`), from one registry. `pool`: connections to reuse (and keep
     for next time); without one, the query's connections are closed when it is answered."""
     own_pool = pool is None
     pool = RegistryPool(credentials) if pool is None else pool
@@ -96,12 +97,16 @@ async def fetch_peers(
         for url in registries:
             try:
                 view = await pool.request(url, query, SwarmView)
+                peers = list(view.peers)
+                while view.more and route is None and peers:  # a full listing, page after page
+                    view = await pool.request(url, query.model_copy(update={"after": peers[-1].peer_id}), SwarmView)
+                    peers += view.peers
             except PeerUnreachableError as exc:
                 failures.append(str(exc))
                 continue
             if not view.warming:
-                return view.peers
-            warming = view.peers if warming is None else warming
+                return peers
+            warming = peers if warming is None else warming
     finally:
         if own_pool:
             await pool.close()

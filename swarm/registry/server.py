@@ -65,13 +65,14 @@ class Registry:
                 log.info("peer %r left", message.peer_id)
             return Ack()
         if isinstance(message, Query):
+            more = False
             if message.per_layer is None:
-                peers = self.state.live_peers(now, message.model, message.model_id)
+                peers, more = self.state.live_page(now, message.model, message.model_id, message.after, message.limit)
             else:
                 peers = self.state.route_candidates(
                     now, message.model, message.model_id, message.per_layer, message.cache_tokens, message.exclude
                 )
-            return SwarmView.trusted(peers=peers, warming=now < self.warm_at)
+            return SwarmView.trusted(peers=peers, warming=now < self.warm_at, more=more)
         if isinstance(message, Report):
             if self.state.report(message.peer_id, reporter):
                 log.warning("peer %r is left out of queries: reported by clients (%r)", message.peer_id, message.reason)

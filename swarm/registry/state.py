@@ -203,6 +203,17 @@ class RegistryState:
             and not self.excluded(peer_id)
         ]
 
+    def live_page(
+        self, now: float, model: str | None, model_id: str | None, after: str | None, limit: int
+    ) -> tuple[list[PeerInfo], bool]:
+        """One page of `live_peers` by `peer_id`: at most `limit` whose id sorts after `after`, and whether more
+        follow. (Listings are rare, `swarm-client status` and `--layers auto`; sorting costs a few ms at 10,000.)"""
+        listed = sorted(
+            (info for info in self.live_peers(now, model, model_id) if after is None or info.peer_id > after),
+            key=lambda info: info.peer_id,
+        )
+        return listed[:limit], len(listed) > limit
+
     def route_candidates(
         self,
         now: float,

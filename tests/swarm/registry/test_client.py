@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from swarm.protocol import Query, SwarmView
 from swarm.registry.client import RegistryPool, fetch_peers
@@ -48,3 +49,28 @@ def test_a_query_after_the_registry_restarted_goes_out_on_a_new_connection() -> 
         return [p.peer_id for p in view.peers]
 
     assert asyncio.run(scenario()) == ["b"]
+
+
+def test_a_full_listing_comes_by_pages_whatever_the_swarms_size() -> None:
+    """10,000 peers in one reply would be 2.3 MB and more msgpack values than any reader accepts: a listing comes
+    1,000 peers a page, and `fetch_peers` follows the pages."""
+    from swarm.protocol import MAX_PAGE_PEERS
+
+    registry = Registry()
+    now = time.monotonic()
+    total = 2 * MAX_PAGE_PEERS + 17
+    for index in range(total):
+        registry.state.announce(peer(f"p{index:05d}", 0, 8), ttl=60.0, now=now, owner=index)
+
+    async def scenario() -> tuple[list[str], int, bool]:
+        async with listen(registry, "127.0.0.1", 0) as server:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            listed = await fetch_peers([url], "m", Credentials())
+            pool = RegistryPool(Credentials())
+            first = await pool.request(url, Query(model="m", limit=10), SwarmView)
+            await pool.close()
+        return [p.peer_id for p in listed], len(first.peers), first.more
+
+    listed, first_page, more = asyncio.run(scenario())
+    assert listed == [f"p{index:05d}" for index in range(total)]
+    assert (first_page, more) == (10, True)
