@@ -8,6 +8,8 @@ then make the client's own route query, `ChainPlanner.plan` (the registry query 
 times a second in all, open loop, spread over the registries. Measured after every peer has announced and one
 heartbeat period has passed:
 
+- ping floor p50 / p99: a websocket ping from the same client processes to registry 0, sent with each query:
+  what any round trip between these processes costs on this machine now, the baseline of the route figures;
 - route query p50 / p99: `ChainPlanner.plan` end to end on loopback (query, decode, plan; each client process
   keeps its connections to the registries open between queries, as a client's planner does, and opens one
   more when its queries overlap);
@@ -43,6 +45,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+import websockets
 from rich.console import Console
 from rich.table import Table
 
@@ -80,6 +83,7 @@ class Samples:
     """What one worker measured: (when, milliseconds) pairs, so the parent keeps only the measured window."""
 
     latencies: list[tuple[float, float]] = field(default_factory=list)
+    pings: list[tuple[float, float]] = field(default_factory=list)
     failures: list[float] = field(default_factory=list)
     reply_bytes: list[int] = field(default_factory=list)
     agreements: list[bool] = field(default_factory=list)
@@ -207,7 +211,17 @@ def client_worker(run_: Run, rank: int, results: multiprocessing.Queue, stop: mu
         ]
         samples.agreements.append(all(key is not None and key == keys[0] for key in keys))
 
+    async def ping(connection: websockets.asyncio.client.ClientConnection) -> None:
+        """The floor beside each query: a websocket ping to the registry, answered by its transport alone."""
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(await connection.ping(), timeout=5)
+            samples.pings.append((began, (time.monotonic() - began) * 1000))
+        except (TimeoutError, websockets.ConnectionClosed):
+            pass
+
     async def main() -> Samples:
+        floor, _ = await open_connection(run_.registries[0], agent="swarm-bench-floor")
         results.put(("ready", 0))
         rate = run_.qps / run_.clients
         rng = random.Random(rank)
@@ -222,9 +236,12 @@ def client_worker(run_: Run, rank: int, results: multiprocessing.Queue, stop: mu
             if len(in_flight) >= MAX_IN_FLIGHT:
                 samples.skipped += 1
                 continue
-            task = asyncio.create_task(one(turn % len(run_.registries), models[turn % len(models)]))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            for task in (
+                asyncio.create_task(one(turn % len(run_.registries), models[turn % len(models)])),
+                asyncio.create_task(ping(floor)),
+            ):
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
             if len(run_.registries) > 1 and time.monotonic() >= next_check:
                 next_check += 1.0
                 check = asyncio.create_task(agree())
@@ -311,6 +328,7 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
         return [ms for s in samples for when, ms in getattr(s, attribute) if window_start <= when < window_end]
 
     heartbeats, routes = in_window(peer_samples, "latencies"), in_window(client_samples, "latencies")
+    pings = in_window(client_samples, "pings")
     agreements = [agree for s in client_samples for agree in s.agreements]
     return {
         "peers": run_.peers,
@@ -321,6 +339,8 @@ def measure(run_: Run, swarm: LocalSwarm, registries: list[Process]) -> dict[str
         "num_layers": run_.num_layers,
         "seconds": window_end - window_start,
         "join_s": joined_s,
+        "ping_floor_p50_ms": percentile(pings, 50),
+        "ping_floor_p99_ms": percentile(pings, 99),
         "route_queries": len(routes),
         "route_p50_ms": percentile(routes, 50),
         "route_p99_ms": percentile(routes, 99),
@@ -422,7 +442,8 @@ def print_table(rows: list[dict[str, object]], args: argparse.Namespace) -> None
         f"{args.models} model(s) of {args.layers} layers, {args.registries} registry(ies)"
     )
     table = Table(title=title)
-    columns = ["peers", "route query p50 / p99 (ms)", "heartbeat ack p99 (ms)", "reply (KiB)", "registry RSS (MiB)"]
+    columns = ["peers", "ping floor p50 / p99 (ms)", "route query p50 / p99 (ms)", "route p99 / floor p99"]
+    columns += ["heartbeat ack p99 (ms)", "reply (KiB)", "registry RSS (MiB)"]
     columns += ["registry CPU", "wrong expiries", "failed / skipped"]
     if args.registries > 1:
         columns.append("chains agree")
@@ -433,7 +454,9 @@ def print_table(rows: list[dict[str, object]], args: argparse.Namespace) -> None
     for row in rows:
         cells = [
             f"{row['peers']:,}",
+            f"{row['ping_floor_p50_ms']:.1f} / {row['ping_floor_p99_ms']:.1f}",
             f"{row['route_p50_ms']:.1f} / {row['route_p99_ms']:.1f}",
+            f"{row['route_p99_ms'] / row['ping_floor_p99_ms']:.1f}",
             f"{row['heartbeat_p99_ms']:.1f}",
             f"{row['reply_bytes_median'] / 1024:.1f}",
             f"{row['registry_rss_mib']:.0f} (peak {row['registry_peak_rss_mib']:.0f})",
