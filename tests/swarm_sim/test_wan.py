@@ -28,11 +28,12 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def home_swarm(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    """tiny-llama as 0-3 plus two nodes for 4-7, each behind a `home` link of its own, as is the registry."""
+    """tiny-llama as 0-3 plus three nodes for 4-7 (one to kill in each way of stepping, one to go on), each behind a
+    `home` link of its own, as is the registry."""
     with LocalSwarm(tmp_path_factory.mktemp("wan"), wan="home") as swarm:
         swarm.start_registry()
         swarm.start_node(tiny_llama, "0-3")
-        spares = [swarm.start_node(tiny_llama, "4-7") for _ in range(2)]
+        spares = [swarm.start_node(tiny_llama, "4-7") for _ in range(3)]
         swarm.wait_ready("tiny-llama")
         for spare in spares:
             swarm.wait_online(spare)
@@ -70,11 +71,14 @@ def test_greedy_generation_across_home_links_equals_local_transformers(
             assert home_swarm.proxies[name].bytes_up > sent_before[name]  # the traffic crossed the WAN
 
 
+@pytest.mark.parametrize("forwarding", [True, False], ids=["forwarded", "client-in-the-middle"])
 def test_kill_9_of_a_redundant_node_mid_generation_under_home_links_changes_nothing(
-    tiny_llama: Path, home_swarm: LocalSwarm, expected: list[list[int]]
+    tiny_llama: Path, home_swarm: LocalSwarm, expected: list[list[int]], forwarding: bool
 ) -> None:
-    model = DistributedModelForCausalLM.from_pretrained(tiny_llama, registry=home_swarm.registry_url)
-    spares = [process for process in home_swarm.processes if process.name.startswith("node-4-7")]
+    model = DistributedModelForCausalLM.from_pretrained(
+        tiny_llama, registry=home_swarm.registry_url, forwarding=forwarding
+    )
+    spares = [p for p in home_swarm.processes if p.name.startswith("node-4-7") and p.alive()]
     killed: list[Process] = []
 
     def kill_the_one_in_use() -> None:
