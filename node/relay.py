@@ -2,12 +2,11 @@
 chain, so a token waits about one one-way trip per hop instead of a round trip through the client per hop.
 
 The next node is reached over a connection of this node's own (with the swarm's token and TLS trust, like any
-client), kept open and shared by every relayed step. A node only forwards to an address the registries list for
-its own model (a view refreshed at most every `VIEW_SECONDS`, and again when an address is not in it): a client
-cannot make a node send traffic to arbitrary hosts. What the next node answers goes to the client directly (to
-the connection that owns the session there), not back here; frames this node gets on its relay connections are
-only refusals of frames that could not be read at all, and are logged.
-"""
+client), kept open and shared by every relayed step. A node only forwards to an address the registries list for its
+own model (a registry asked about that address, at most every `VIEW_SECONDS` once listed and once a second while
+not): a client cannot make a node send traffic to arbitrary hosts. What the next node answers goes to the client
+directly (to the connection that owns the session there), not back here; frames this node gets on its relay
+connections are only refusals of frames that could not be read at all, and are logged."""
 
 from __future__ import annotations
 
@@ -27,6 +26,8 @@ from swarm.transport import Credentials, open_connection
 log = logging.getLogger("swarm.node")
 
 VIEW_SECONDS = 5.0
+MAX_REMEMBERED = 4096
+"""Addresses a node remembers being refused (forgotten all at once beyond it: the check is only asked again)."""
 CONNECT_TIMEOUT = 3.0
 
 
@@ -40,8 +41,8 @@ class RelayLinks:
         self.registries = registries
         self.credentials = credentials
         self.model = model
-        self._listed: set[str] = set()
-        self._listed_at = -float("inf")
+        self._listed: dict[str, float] = {}  # address -> when a registry last listed it
+        self._refused: dict[str, float] = {}  # address -> when a registry last did not
         self._connections: dict[str, ClientConnection] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._readers: set[asyncio.Task[None]] = set()
@@ -72,20 +73,25 @@ class RelayLinks:
         return time.monotonic() - began
 
     async def _check_listed(self, address: str) -> None:
-        if address in self._listed and time.monotonic() - self._listed_at < VIEW_SECONDS:
+        listed_at = self._listed.get(address)
+        if listed_at is not None and time.monotonic() - listed_at < VIEW_SECONDS:
             return
-        if time.monotonic() - self._listed_at >= 1.0:  # a miss refreshes the view, at most once a second
-            name, model_id = self.model()
+        checked_at = self._refused.get(address)
+        if checked_at is None or time.monotonic() - checked_at >= 1.0:  # a refused address is asked again at most
+            name, model_id = self.model()  # once a second
             try:
-                peers = await fetch_peers(self.registries, name, self.credentials, model_id)
+                peers = await fetch_peers(self.registries, name, self.credentials, model_id, address=address)
             except RegistryUnavailableError as exc:
                 raise PeerUnreachableError(f"cannot check {address} with a registry: {exc}") from exc
-            self._listed = {peer.address for peer in peers}
-            self._listed_at = time.monotonic()
-        if address not in self._listed:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"{address} is not a peer the registries list for {self.model()[0]}"
-            )
+            if peers:
+                self._listed[address] = time.monotonic()
+                self._refused.pop(address, None)
+                return
+            self._listed.pop(address, None)
+            if len(self._refused) >= MAX_REMEMBERED:
+                self._refused.clear()
+            self._refused[address] = time.monotonic()
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{address} is not a peer the registries list for {self.model()[0]}")
 
     async def _connection(self, address: str) -> ClientConnection:
         lock = self._opening.setdefault(address, asyncio.Lock())

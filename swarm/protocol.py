@@ -28,16 +28,16 @@ if TYPE_CHECKING:  # tensors are converted in `swarm.tensors`: a process that ne
     import torch
 
 PROTOCOL_VERSION = 6
-"""The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not
-understand a frame. Version 6 adds `PeerInfo.latencies_ms`, the round trips a node measured to the peers that may
-follow it in a chain, and full listings by page (`Query.after`, `Query.limit`, `SwarmView.more`). Version 5
-added training: `backward`, low-rank adapters for a session or a pass (`OpenSession.adapter`, `Forward.adapter`)
-and `PeerInfo.training`; `Step.lengths`, which rolls a session back (speculative decoding); node-to-node
-forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`, `StepResult.relay_error`); and bounded route
-queries (`Query.per_layer`, `cache_tokens`, `exclude`) with `SwarmView.warming`. Version 4 added what a span is
-(`PeerInfo.model_id`, `weights`, `quantization`), route queries by model identity, and `report` of a peer caught
-lying. Version 3 has one step message for one or many sessions, matched to its reply by `step_id`; versions 1
-and 2 had `step`, `step_many` and `step_group`."""
+"""The version this code speaks, sent in `hello`; bumped whenever a peer of the previous one would not understand a
+frame. Version 6 adds `PeerInfo.latencies_ms`, the round trips a node measured to the peers that may follow it in a
+chain, full listings by page (`Query.after`, `Query.limit`, `SwarmView.more`) and queries by address
+(`Query.address`). Version 5 added training: `backward`, low-rank adapters for a session or a pass
+(`OpenSession.adapter`, `Forward.adapter`) and `PeerInfo.training`; `Step.lengths`, which rolls a session back
+(speculative decoding); node-to-node forwarding (`Step.relay`, `Step.relay_key`, `OpenSession.relay_key`,
+`StepResult.relay_error`); and bounded route queries (`Query.per_layer`, `cache_tokens`, `exclude`) with
+`SwarmView.warming`. Version 4 added what a span is (`PeerInfo.model_id`, `weights`, `quantization`), route queries
+by model identity, and `report` of a peer caught lying. Version 3 has one step message for one or many sessions,
+matched to its reply by `step_id`; versions 1 and 2 had `step`, `step_many` and `step_group`."""
 
 SUPPORTED_VERSIONS = (6,)
 """Versions a server accepts in `hello` (its `welcome` answers with the same one); other versions are refused
@@ -248,7 +248,10 @@ class Query(_Strict):
 
     Without `per_layer` the live peers come back a page at a time, by `peer_id`: at most `limit` (at most
     `MAX_PAGE_PEERS`, the default) of those whose id sorts after `after`; `SwarmView.more` says whether others
-    follow (ask again with `after` set to the page's last id)."""
+    follow (ask again with `after` set to the page's last id).
+
+    With `address`, only the live peers that announce that address come back (a node checking where it may
+    forward a step)."""
 
     type: Literal["query"] = "query"
     model: Name | None = None
@@ -258,8 +261,9 @@ class Query(_Strict):
     exclude: Annotated[list[Name], Field(max_length=MAX_EXCLUDED)] = []
     after: Name | None = None
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE_PEERS)] = MAX_PAGE_PEERS
+    address: Annotated[str, Field(min_length=1, max_length=512, pattern=PRINTABLE)] | None = None
 
-    omitted_when_default = frozenset({"model_id", "per_layer", "cache_tokens", "exclude", "after", "limit"})
+    omitted_when_default = frozenset({"model_id", "per_layer", "cache_tokens", "exclude", "after", "limit", "address"})
 
 
 class Report(_Strict):

@@ -82,17 +82,20 @@ async def fetch_peers(
     model_id: str | None = None,
     route: RouteNeeds | None = None,
     pool: RegistryPool | None = None,
+    address: str | None = None,
 ) -> list[PeerInfo]:
     """Live peers (of `model`, or all; with `model_id`, only those serving that checkpoint), or with `route` only
     the candidates a chain needs (`Query.per_layer`), from the first registry that answers. A registry that says
     it is `warming` (just restarted) is asked only when no other answers. A full listing comes a page at a time
     (`Query.after`), from one registry. `pool`: connections to reuse (and keep
-    for next time); without one, the query's connections are closed when it is answered."""
+    for next time); without one, the query's connections are closed when it is answered. `address`: only the
+    peers announcing that address (`Query.address`)."""
     own_pool = pool is None
     pool = RegistryPool(credentials) if pool is None else pool
     failures = []
     warming: list[PeerInfo] | None = None
-    query = Query.trusted(type="query", model=model, model_id=model_id, **(route.query_fields() if route else {}))
+    fields = route.query_fields() if route else {}
+    query = Query.trusted(type="query", model=model, model_id=model_id, address=address, **fields)
     try:
         for url in registries:
             try:

@@ -66,7 +66,9 @@ class Registry:
             return Ack()
         if isinstance(message, Query):
             more = False
-            if message.per_layer is None:
+            if message.address is not None:
+                peers = self.state.live_at(now, message.address, message.model, message.model_id)
+            elif message.per_layer is None:
                 peers, more = self.state.live_page(now, message.model, message.model_id, message.after, message.limit)
             else:
                 peers = self.state.route_candidates(

@@ -87,6 +87,7 @@ class RegistryState:
         self._live_models: Counter[ModelKey] = Counter()
         self._live_states: Counter[str] = Counter()
         self._line_ups: dict[LineUpKey, LineUp] = {}
+        self._at_address: dict[str, set[str]] = {}  # address -> ids of the live peers announcing it
         self._expiry: list[tuple[float, str]] = []  # (due, peer id) of live peers, and stale entries
         self._forgetting: list[tuple[float, str]] = []  # (gone at, peer id) of gone peers, and stale entries
         self.reports_to_exclude = reports_to_exclude
@@ -203,6 +204,20 @@ class RegistryState:
             and not self.excluded(peer_id)
         ]
 
+    def live_at(self, now: float, address: str, model: str | None, model_id: str | None) -> list[PeerInfo]:
+        """The live peers (of `model`; serving `model_id`) that announce `address`, without those reported as lying:
+        what a node asks before it forwards a step there (`swarm.node.relay`), at a cost that does not grow with
+        the swarm."""
+        self.expire(now)
+        infos = (self._peers[peer_id].info for peer_id in sorted(self._at_address.get(address, ())))
+        return [
+            info
+            for info in infos
+            if (model is None or info.model == model)
+            and (model_id is None or info.model_id == model_id)
+            and not self.excluded(info.peer_id)
+        ]
+
     def live_page(
         self, now: float, model: str | None, model_id: str | None, after: str | None, limit: int
     ) -> tuple[list[PeerInfo], bool]:
@@ -276,7 +291,9 @@ class RegistryState:
         return "reported" if self.excluded(peer_id) else record.info.state
 
     def _list(self, info: PeerInfo) -> None:
-        """A live peer counts for its model and state; an online one enters its checkpoint's index."""
+        """A live peer counts for its model and state, is found by its address; an online one enters its
+        checkpoint's index."""
+        self._at_address.setdefault(info.address, set()).add(info.peer_id)
         self._live_models[(info.model, info.num_layers)] += 1
         self._live_states[info.state] += 1
         if info.state == "online":
@@ -287,6 +304,10 @@ class RegistryState:
             line_up.add(info)
 
     def _unlist(self, info: PeerInfo) -> None:
+        at_address = self._at_address[info.address]
+        at_address.discard(info.peer_id)
+        if not at_address:
+            del self._at_address[info.address]
         _decrement(self._live_models, (info.model, info.num_layers))
         _decrement(self._live_states, info.state)
         if info.state == "online":

@@ -74,3 +74,20 @@ def test_a_full_listing_comes_by_pages_whatever_the_swarms_size() -> None:
     listed, first_page, more = asyncio.run(scenario())
     assert listed == [f"p{index:05d}" for index in range(total)]
     assert (first_page, more) == (10, True)
+
+
+def test_a_query_by_address_answers_only_the_peers_there() -> None:
+    """What a node asks before it forwards a step: one small answer, whatever the swarm's size."""
+    registry = Registry()
+    now = time.monotonic()
+    for index in range(500):
+        registry.state.announce(peer(f"p{index:03d}", 0, 8), ttl=60.0, now=now, owner=index)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with listen(registry, "127.0.0.1", 0) as server:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            there = await fetch_peers([url], "m", Credentials(), address=peer("p123", 0, 8).address)
+            nowhere = await fetch_peers([url], "m", Credentials(), address="ws://nowhere:1")
+        return [p.peer_id for p in there], [p.peer_id for p in nowhere]
+
+    assert asyncio.run(scenario()) == (["p123"], [])

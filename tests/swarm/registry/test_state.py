@@ -118,3 +118,19 @@ def test_a_peer_reported_by_enough_independent_clients_is_left_out_of_queries() 
     assert [p.peer_id for p in state.live_peers(now=1.0)] == ["honest"]
     assert {p["peer_id"]: p["state"] for p in state.snapshot(now=1.0)["peers"]}["liar"] == "reported"
     assert not state.report("nobody-knows", "10.0.0.3")  # reports of unknown peers are not kept
+
+
+def test_peers_are_found_by_the_address_they_announce_while_they_live() -> None:
+    state = RegistryState()
+    a, b = peer("a", 0, 4), peer("b", 4, 8).model_copy(update={"address": peer("a", 0, 4).address})
+    state.announce(a, ttl=3.0, now=0.0)
+    state.announce(b, ttl=1.0, now=0.0)
+    state.announce(peer("c", 0, 8), ttl=3.0, now=0.0)
+    assert [p.peer_id for p in state.live_at(0.5, a.address, None, None)] == ["a", "b"]
+    assert [p.peer_id for p in state.live_at(0.5, a.address, "other", None)] == []
+    assert [p.peer_id for p in state.live_at(1.5, a.address, None, None)] == ["a"]  # b expired
+    state.announce(a.model_copy(update={"address": "ws://elsewhere:1"}), ttl=3.0, now=2.0)  # a moved
+    assert state.live_at(2.0, a.address, None, None) == []
+    assert [p.peer_id for p in state.live_at(2.0, "ws://elsewhere:1", "m", None)] == ["a"]
+    state.leave("a", now=2.5)
+    assert state.live_at(2.5, "ws://elsewhere:1", None, None) == []
