@@ -126,7 +126,8 @@ def plan_route(
     for position, peer in enumerate(usable):
         for layer in range(max(peer.start, start), min(peer.end, end)):
             covering[layer].append(position)
-    measured_from: list[list[tuple[int, float]]] = [[] for _ in usable]  # holder -> (next peer, one-way seconds)
+    # holder -> (next peer, one-way seconds) it measured; the client measures no junction
+    measured_from: dict[int, list[tuple[int, float]]] = {holder: [] for holder in range(AT_CLIENT, len(usable))}
     measured_into: list[set[int]] = [set() for _ in usable]  # peer -> holders that measured their trip to it
     if forwarding:
         index = {peer.peer_id: position for position, peer in enumerate(usable)}
@@ -150,7 +151,7 @@ def plan_route(
                     _arrive(arrived, position, cost + trip[position] + entry[position] + per_layer[position], holder)
                     break
         for holder, cost in at_boundary.items():
-            for position, one_way in measured_from[holder] if holder != AT_CLIENT else ():
+            for position, one_way in measured_from[holder]:
                 if usable[position].start <= layer < usable[position].end:
                     _arrive(arrived, position, cost + one_way + entry[position] + per_layer[position], holder)
         for position, (_, holder) in arrived.items():

@@ -5,7 +5,6 @@ Nothing to rebuild on failure, so a failed peer is banned and the whole pass is 
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -18,11 +17,9 @@ from swarm.client.core.tuning import LowRankAdapter
 from swarm.errors import SwarmError
 from swarm.protocol import Codec, Forward, ForwardResult, WireAdapter, WireTensor
 from swarm.routing import Link
-from swarm.transport import Credentials, open_connection, request
+from swarm.transport import Credentials, ReplyT, open_connection, request
 
 log = logging.getLogger("swarm.client")
-
-ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 
 async def forward_through(

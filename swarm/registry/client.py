@@ -87,9 +87,9 @@ async def fetch_peers(
     """Live peers (of `model`, or all; with `model_id`, only those serving that checkpoint), or with `route` only
     the candidates a chain needs (`Query.per_layer`), from the first registry that answers. A registry that says
     it is `warming` (just restarted) is asked only when no other answers. A full listing comes a page at a time
-    (`Query.after`), from one registry. `pool`: connections to reuse (and keep
-    for next time); without one, the query's connections are closed when it is answered. `address`: only the
-    peers announcing that address (`Query.address`)."""
+    (`Query.after`), from one registry. `pool`: connections to reuse (and keep for next time); without one, the
+    query's connections are closed when it is answered. `address`: only the peers announcing that address
+    (`Query.address`)."""
     own_pool = pool is None
     pool = RegistryPool(credentials) if pool is None else pool
     failures = []
@@ -101,8 +101,9 @@ async def fetch_peers(
             try:
                 view = await pool.request(url, query, SwarmView)
                 peers = list(view.peers)
-                while view.more and route is None and peers:  # a full listing, page after page
-                    view = await pool.request(url, query.model_copy(update={"after": peers[-1].peer_id}), SwarmView)
+                while view.more and view.peers:  # a full listing, page after page
+                    following = query.model_copy(update={"after": view.peers[-1].peer_id})
+                    view = await pool.request(url, following, SwarmView)
                     peers += view.peers
             except PeerUnreachableError as exc:
                 failures.append(str(exc))

@@ -197,11 +197,8 @@ class RegistryState:
         self.expire(now)
         return [
             record.info
-            for peer_id, record in self._peers.items()
-            if record.gone_at is None
-            and (model is None or record.info.model == model)
-            and (model_id is None or record.info.model_id == model_id)
-            and not self.excluded(peer_id)
+            for record in self._peers.values()
+            if record.gone_at is None and self._answers(record.info, model, model_id)
         ]
 
     def live_at(self, now: float, address: str, model: str | None, model_id: str | None) -> list[PeerInfo]:
@@ -210,13 +207,15 @@ class RegistryState:
         the swarm."""
         self.expire(now)
         infos = (self._peers[peer_id].info for peer_id in sorted(self._at_address.get(address, ())))
-        return [
-            info
-            for info in infos
-            if (model is None or info.model == model)
+        return [info for info in infos if self._answers(info, model, model_id)]
+
+    def _answers(self, info: PeerInfo, model: str | None, model_id: str | None) -> bool:
+        """Whether a listing of `model` (and `model_id`) shows the live peer `info`: not when reported as lying."""
+        return (
+            (model is None or info.model == model)
             and (model_id is None or info.model_id == model_id)
             and not self.excluded(info.peer_id)
-        ]
+        )
 
     def live_page(
         self, now: float, model: str | None, model_id: str | None, after: str | None, limit: int
