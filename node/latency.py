@@ -19,7 +19,6 @@ from swarm.node.relay import RelayLinks
 from swarm.protocol import MAX_LATENCIES, PeerInfo
 from swarm.registry.client import RouteNeeds, fetch_peers
 from swarm.routing import span_rank
-from swarm.transport import Credentials
 
 log = logging.getLogger("swarm.node")
 
@@ -53,18 +52,10 @@ def neighbours(own: PeerInfo, peers: list[PeerInfo], limit: int = MAX_NEIGHBOURS
 
 
 class NeighbourLatencies:
-    """Measures and remembers round trips to this node's neighbours; `announced()` is what goes in `PeerInfo`."""
+    """Measures and remembers round trips to this node's neighbours; `announced()` is what goes in `PeerInfo`. It
+    lists and pings them over `relays`' connections: those to the registries, and those relayed steps use."""
 
-    def __init__(
-        self,
-        registries: list[str],
-        credentials: Credentials,
-        relays: RelayLinks,
-        own: Callable[[], PeerInfo],
-        interval: float,
-    ) -> None:
-        self.registries = registries
-        self.credentials = credentials
+    def __init__(self, relays: RelayLinks, own: Callable[[], PeerInfo], interval: float) -> None:
         self.relays = relays
         self.own = own
         self.interval = interval
@@ -91,7 +82,10 @@ class NeighbourLatencies:
         own = self.own()
         if own.state != "online":
             return
-        listed = await fetch_peers(self.registries, own.model, self.credentials, own.model_id, RouteNeeds())
+        relays = self.relays
+        listed = await fetch_peers(
+            relays.registries, own.model, relays.credentials, own.model_id, RouteNeeds(), relays.registry_pool
+        )
         chosen = neighbours(own, listed)
         kept = {peer.peer_id for peer in chosen}
         self._measured = {peer_id: measured for peer_id, measured in self._measured.items() if peer_id in kept}

@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection
 
 from swarm.errors import ErrorCode, PeerUnreachableError, ProtocolError, RegistryUnavailableError, SwarmError
 from swarm.protocol import Step, decode_message, encode_message
-from swarm.registry.client import fetch_peers
+from swarm.registry.client import RegistryPool, fetch_peers
 from swarm.transport import Credentials, open_connection
 
 log = logging.getLogger("swarm.node")
@@ -41,6 +41,8 @@ class RelayLinks:
         self.registries = registries
         self.credentials = credentials
         self.model = model
+        self.registry_pool = RegistryPool(credentials, agent="swarm-node")
+        """Connections to the registries, kept for this node's checks and its neighbours' listings."""
         self._listed: dict[str, float] = {}  # address -> when a registry last listed it
         self._refused: dict[str, float] = {}  # address -> when a registry last did not
         self._connections: dict[str, ClientConnection] = {}
@@ -80,7 +82,9 @@ class RelayLinks:
         if checked_at is None or time.monotonic() - checked_at >= 1.0:  # a refused address is asked again at most
             name, model_id = self.model()  # once a second
             try:
-                peers = await fetch_peers(self.registries, name, self.credentials, model_id, address=address)
+                peers = await fetch_peers(
+                    self.registries, name, self.credentials, model_id, pool=self.registry_pool, address=address
+                )
             except RegistryUnavailableError as exc:
                 raise PeerUnreachableError(f"cannot check {address} with a registry: {exc}") from exc
             if peers:
@@ -128,3 +132,4 @@ class RelayLinks:
             await connection.close()
         for reader in list(self._readers):
             reader.cancel()
+        await self.registry_pool.close()

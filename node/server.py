@@ -103,13 +103,7 @@ class NodeServer:
             Credentials(settings.token, settings.tls_ca),
             lambda: (identity.model_name, identity.model_id),
         )
-        self.latencies = NeighbourLatencies(
-            settings.registry,
-            Credentials(settings.token, settings.tls_ca),
-            self.relays,
-            self.peer_info,
-            settings.probe_interval,
-        )
+        self.latencies = NeighbourLatencies(self.relays, self.peer_info, settings.probe_interval)
         self._connections: dict[int, ServerConnection] = {}
         """Open client connections by owner id: where a relayed step's answer goes."""
         self.steps = StepService(

@@ -54,6 +54,10 @@ def test_neighbours_serving_the_layer_after_our_span_come_first_and_their_number
 class FakeRelays:
     """Answers pings from a table of round trips; unknown addresses are unreachable."""
 
+    registries: list[str] = []
+    credentials = None
+    registry_pool = None
+
     def __init__(self, trips: dict[str, list[float]]) -> None:
         self.trips = trips
         self.pinged: list[str] = []
@@ -76,7 +80,7 @@ def test_probing_announces_medians_forgets_unlisted_peers_and_remeasures_only_st
 
     monkeypatch.setattr(latency, "fetch_peers", fetch_peers)
     relays = FakeRelays({"ws://near:1": [0.002, 0.050, 0.003], "ws://far:1": [0.080, 0.081, 0.079]})
-    probe = NeighbourLatencies([], None, relays, lambda: own, interval=30.0)  # type: ignore[arg-type]
+    probe = NeighbourLatencies(relays, lambda: own, interval=30.0)  # type: ignore[arg-type]
     asyncio.run(probe.probe())
     assert probe.announced() == {"near": 3.0, "far": 80.0}  # a late pong does not make a near peer far
     assert relays.pinged.count("ws://gone:1") == 1  # unreachable: tried once, not announced
@@ -98,6 +102,6 @@ def test_a_node_that_is_not_online_measures_nothing(monkeypatch: pytest.MonkeyPa
         raise AssertionError("a joining node lists nobody")
 
     monkeypatch.setattr(latency, "fetch_peers", fetch_peers)
-    probe = NeighbourLatencies([], None, FakeRelays({}), lambda: peer("own", 0, 4, state="joining"), 30.0)  # type: ignore[arg-type]
+    probe = NeighbourLatencies(FakeRelays({}), lambda: peer("own", 0, 4, state="joining"), 30.0)  # type: ignore[arg-type]
     asyncio.run(probe.probe())
     assert probe.announced() == {}
