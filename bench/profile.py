@@ -16,6 +16,7 @@ fewer cores than processes; the CPU times do not have that bias.
 
     python bench/profile.py --preset tiny
     python bench/profile.py --preset h512 --nodes 2 --threads 1
+    python bench/profile.py --preset tiny --top 15        # and each process's 15 hottest functions (self time)
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from swarm.client import DistributedModelForCausalLM
 from swarm.client.local_swarm import LocalSwarm
 
 CLIENT_BUCKETS = (  # innermost first wins: checked from the leaf of each stack towards its root
-    ("wire", ("swarm/protocol.py", "websockets/", "client/channel.py", "swarm/transport.py", "msgpack")),
+    ("wire", ("swarm/protocol.py", "websockets/", "client/core/channel.py", "swarm/transport.py", "msgpack")),
     ("embed + head", ("swarm/models/", "torch/nn/modules/")),
-    ("chain", ("client/session.py", "client/group.py", "client/remote_cache.py")),
-    ("event loop", ("asyncio/", "client/loop.py", "concurrent/futures", "threading.py")),
+    ("chain", ("client/core/",)),
+    ("event loop", ("asyncio/", "concurrent/futures", "threading.py")),
     ("generate loop", ("transformers/",)),
 )
 NODE_BUCKETS = (
@@ -64,13 +65,25 @@ def bucket_of(frames: list[str], buckets: tuple[tuple[str, tuple[str, ...]], ...
     return "other"
 
 
-def read_samples(path: Path, buckets: tuple[tuple[str, tuple[str, ...]], ...]) -> collections.Counter[str]:
+def read_samples(
+    path: Path, buckets: tuple[tuple[str, tuple[str, ...]], ...]
+) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Samples per bucket, and per innermost function (its self time)."""
     counts: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack:
-            counts[bucket_of(stack.split(";"), buckets)] += int(count)
-    return counts
+            frames = stack.split(";")
+            counts[bucket_of(frames, buckets)] += int(count)
+            leaves[short_frame(frames[-1])] += int(count)
+    return counts, leaves
+
+
+def short_frame(frame: str) -> str:
+    """`function (path/to/file.py:line)` as `function (file.py)`: lines of one function add up."""
+    function, _, where = frame.partition(" (")
+    return f"{function} ({Path(where.rstrip(')').rpartition(':')[0]).name})"
 
 
 def main() -> int:
@@ -79,6 +92,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--threads", default="default", help=THREADS_HELP)
+    parser.add_argument("--top", type=int, default=0, help="also list each process's N hottest functions")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     threads = use_threads(args.threads)
@@ -135,12 +149,16 @@ def main() -> int:
         print(f"{args.preset}, {args.nodes} node(s), threads {args.threads}: {1000 * elapsed / tokens:.2f} ms/token")
         for name in pids:
             buckets = CLIENT_BUCKETS if name == "client" else NODE_BUCKETS
-            counts = read_samples(samples[name], buckets) if samples[name].exists() else collections.Counter()
+            empty: collections.Counter[str] = collections.Counter()
+            counts, leaves = read_samples(samples[name], buckets) if samples[name].exists() else (empty, empty)
             total = sum(counts.values()) or 1
             shares = {bucket: counts[bucket] / total for bucket, _ in (*buckets, ("other", ()))}
-            report[name] = {"cpu_ms_per_token": cpu[name], "sample_shares": shares}
+            hottest = {function: count / total for function, count in leaves.most_common(args.top)}
+            report[name] = {"cpu_ms_per_token": cpu[name], "sample_shares": shares, "hottest": hottest}
             split = ", ".join(f"{bucket} {100 * share:.0f}%" for bucket, share in shares.items() if share >= 0.005)
             print(f"  {name:12s} {cpu[name]:6.2f} ms CPU/token: {split}")
+            for function, share in hottest.items():
+                print(f"      {100 * share:5.1f}%  {function}")
     out = args.json or Path(__file__).parent / "results" / f"profile-{args.preset}-{args.nodes}.json"
     write_json(out, {"benchmark": "profile", "preset": args.preset, "nodes": args.nodes, "processes": report})
     print(f"wrote {out}")

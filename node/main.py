@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--session-idle-timeout", type=float, help="seconds before an idle session is freed (default 300)")
     add("--max-session-seconds", type=float, help="longest a session may stay open (default 86400)")
     add("--drain-timeout", type=float, help="on SIGTERM, seconds to let clients move away (default 15)")
-    add("--torch-threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    add(
+        "--torch-threads",
+        type=int,
+        help="CPU threads for torch (default: torch's own choice); small rounds run on one where it measured faster",
+    )
     add("--quantize", choices=["int8"], help="store linear weights as int8 (torchao, weight-only; CPU or GPU)")
     add(
         "--compile",
@@ -163,7 +167,8 @@ def prepare_threads(torch_threads: int | None) -> None:
     shares its machine with other swarm processes (the client, other nodes) that need the core right after
     its step, so nodes let idle threads sleep (`OMP_WAIT_POLICY=PASSIVE`) unless the environment says
     otherwise; on a machine whose cores are the node's alone, `OMP_WAIT_POLICY=ACTIVE` keeps them spinning.
-    `--torch-threads` sets how many threads torch uses (default: torch's own choice, the physical cores)."""
+    `--torch-threads` sets how many threads torch uses (default: torch's own choice, the physical cores); rounds
+    too small to gain from them run on one (`swarm.node.threads`)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 

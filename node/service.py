@@ -100,17 +100,19 @@ async def serve(settings: NodeSettings) -> None:
     node.take_span(span)
     if settings.compile:
         node.span.stack.compile()  # compiled by the first steps, here: measuring throughput runs a few
+    threads = await loop.run_in_executor(None, node.span.plan_threads)
     node.throughput = await loop.run_in_executor(None, node.span.measure_throughput)
     node.state = "online"
     announcer.announce_now()
     log.info(
-        "node %s online at %s: layers %s of %s (%s, %.0f layer-steps/s), registries %s",
+        "node %s online at %s: layers %s of %s (%s, %.0f layer-steps/s, %s), registries %s",
         identity.peer_id,
         identity.address,
         format_layer_range(start, end),
         identity.model_name,
         identity.dtype,
         node.throughput,
+        threads.describe(),
         ",".join(settings.registry),
     )
     expiry = asyncio.create_task(_expire_sessions(node))

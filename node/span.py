@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from swarm.models.adapters import LayerAdapters, LowRank, RowAdapter
 from swarm.models.attention import StatelessAttention
 from swarm.models.stack import LayerStack, layer_tensor_names
 from swarm.node.kv_cache import KVCache, RoundAttention, RoundEntry
+from swarm.node.threads import ThreadPlan, measure
 
 
 @dataclass
@@ -30,6 +31,8 @@ class LoadedSpan:
     device: torch.device
     dtype: torch.dtype
     bytes_loaded: int = 0
+    threads: ThreadPlan = field(default_factory=lambda: ThreadPlan(torch.get_num_threads()))
+    """How many threads each round runs on (`plan_threads` measures it)."""
 
     @property
     def start(self) -> int:
@@ -95,6 +98,17 @@ class LoadedSpan:
         """Layers [start, end) over the new tokens of one or more sessions (their rows stacked in `hidden`, in
         the order of `entries`, each row range with its session's adapter if it has one), reading and extending
         their caches; returns the span's dtype."""
+        with self.threads.applied(hidden.shape[0] * hidden.shape[1]):
+            return self._round(hidden, entries, start, end, adapters)
+
+    def _round(
+        self,
+        hidden: torch.Tensor,
+        entries: list[RoundEntry],
+        start: int,
+        end: int,
+        adapters: list[RowAdapter] | None = None,
+    ) -> torch.Tensor:
         positions = torch.cat([entry.positions for entry in entries]) if len(entries) > 1 else entries[0].positions
         attention = RoundAttention(self.cache, entries)
         hidden = hidden.to(self.device, self.dtype)
@@ -114,7 +128,8 @@ class LoadedSpan:
         hidden = hidden.to(self.device, self.dtype)
         attention = StatelessAttention(self.architecture.spec, padding.to(self.device), positions, hidden.dtype)
         rows = [RowAdapter(0, hidden.shape[0], adapter)] if adapter is not None else None
-        return self.stack(hidden, positions.to(self.device), attention, start, end, rows)
+        with self.threads.applied(hidden.shape[0] * hidden.shape[1]):
+            return self.stack(hidden, positions.to(self.device), attention, start, end, rows)
 
     def backward(
         self,
@@ -150,6 +165,26 @@ class LoadedSpan:
             output = self.stack(inputs, positions.to(self.device), attention, start, end, rows, recompute=True)
             grads = torch.autograd.grad(output, [inputs, *leaves], grad_output.to(self.device, output.dtype))
         return grads[0], list(grads[1:])
+
+    def plan_threads(self) -> ThreadPlan:
+        """Measure which rounds run faster on one thread than on all of them (`swarm.node.threads`), and keep
+        that plan. On a GPU the threads only launch kernels: every round keeps them all."""
+        threads = torch.get_num_threads()
+        self.threads = ThreadPlan(threads) if self.device.type != "cpu" else measure(self._time_round, threads)
+        return self.threads
+
+    def _time_round(self, tokens: int) -> float:
+        """Seconds of one round of `tokens` new tokens of one row, through every layer, on a scratch session."""
+        rows = self.cache.allocate(1, tokens)
+        try:
+            entry = RoundEntry(rows, 0, torch.arange(tokens)[None], None)
+            hidden = torch.zeros(1, tokens, self.hidden_size)
+            began = time.perf_counter()
+            with torch.inference_mode():
+                self._round(hidden, [entry], self.start, self.end)  # on the caller's thread count
+            return time.perf_counter() - began
+        finally:
+            self.cache.release(rows)
 
     def measure_throughput(self, repeats: int = 5) -> float:
         """Decode steps per second through one layer, from a few single-token steps of a scratch session."""
