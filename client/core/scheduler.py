@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -107,15 +110,23 @@ class DecodeJob:
 class DecodeScheduler:
     """Runs concurrent `generate` calls (from any threads) as continuously batched decoding loops.
 
-    Jobs are spread over `lanes` loops that tick independently, each on its own thread: while one lane's
+    Jobs are spread over lanes, loops that tick independently, each on its own thread: while one lane's
     steps are on one peer, another lane's can be on the next, so the peers of a chain (and the client)
-    work at the same time instead of in turn."""
+    work at the same time instead of in turn. That needs cores for them to work on: when the client and
+    every peer it talks to share this machine's cores and there are fewer cores than processes
+    (`shares_cores`), a second lane only makes them take turns on the cores more often, and new jobs go to
+    the first lane. Measured on 2 cores with a 2-node loopback swarm, 16 tiny sessions made 525 tok/s on
+    two lanes and 730 on one; 8 sessions of a hidden-512 model 118 and 126.
 
-    def __init__(self, model: DistributedModelForCausalLM, lanes: int = 2) -> None:
-        if lanes < 1:
+    `lanes`: a fixed number of lanes, all of them used; by default two, the second only where the cores
+    allow."""
+
+    def __init__(self, model: DistributedModelForCausalLM, lanes: int | None = None) -> None:
+        if lanes is not None and lanes < 1:
             raise ValueError("a scheduler needs at least one lane")
         self.model = model
-        self._lanes = [_Lane(self._tick, self._fail_all, f"swarm-decode-{index}") for index in range(lanes)]
+        self._lanes = [_Lane(self._tick, self._fail_all, f"swarm-decode-{index}") for index in range(lanes or 2)]
+        self._fixed_lanes = lanes is not None
         self._assign_lock = threading.Lock()
 
     @property
@@ -162,9 +173,17 @@ class DecodeScheduler:
         if max_new_tokens <= 0:
             return job.input_ids
         with self._assign_lock:
-            lane = min(self._lanes, key=lambda lane: lane.rows)
+            lane = min(self._lanes[: self.open_lanes], key=lambda lane: lane.rows)
             lane.submit(job)
         return job.result.result()
+
+    @property
+    def open_lanes(self) -> int:
+        """How many lanes a new job may go to (the first ones)."""
+        if self._fixed_lanes:
+            return len(self._lanes)
+        addresses = [channel.address for channel in self.model.channels.channels]
+        return 1 if shares_cores(addresses, os.cpu_count()) else len(self._lanes)
 
     def close(self) -> None:
         """Stop the loops once the jobs they hold have finished."""
@@ -278,6 +297,25 @@ class DecodeScheduler:
         for outcome in await asyncio.gather(*closing, return_exceptions=True):
             if isinstance(outcome, BaseException):  # peers drop a session when its connection closes anyway
                 log.debug("closing a finished job's session: %s", outcome)
+
+
+def shares_cores(addresses: list[str], cores: int | None) -> bool:
+    """Whether the client and the peers at `addresses` take turns on this machine's `cores`: every peer is on
+    this machine (a loopback address) and there are fewer cores than processes (the client and each peer).
+    No peers yet: unknown, so no."""
+    hosts = {urlsplit(address).hostname for address in addresses}
+    if not hosts or not all(_loopback(host) for host in hosts):
+        return False
+    return (cores or 1) < 1 + len(set(addresses))
+
+
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 class _Lane:

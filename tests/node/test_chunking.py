@@ -20,7 +20,9 @@ from tests.checkpoints import build_tiny
 from tests.node.session_helpers import open_session, real_tokens, rows_of, stored
 
 PROMPT_TOKENS = 11
-TOLERANCE = dict(atol=1e-5, rtol=1.3e-6)  # float32; chunks change matmul shapes, so bits may differ
+# float32: chunks change matmul shapes, and with them the order a CPU's kernels add in; on an AMD EPYC a
+# Mistral-family chunk differed by 1.3e-5 at a value of 0.38. A misplaced mask or position is off by 0.1 or more.
+TOLERANCE = dict(atol=5e-5, rtol=1.3e-6)
 
 
 def batcher(span: LoadedSpan, chunk_tokens: int) -> StepScheduler:
