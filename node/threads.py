@@ -12,6 +12,7 @@ line falls depends on the model and the machine, so a node measures it on its ow
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ import torch
 SIZES = (1, 8, 64)
 """Round sizes measured, in tokens (rows x new tokens): a decode step, a small batch, a prompt chunk."""
 
-MAX_SECONDS = 0.25
-"""A round that takes longer than this is not measured again at a larger size: larger rounds keep every
-thread, and a big model on a slow machine starts without seconds of measuring."""
+MAX_SECONDS = 0.5
+"""A size whose rounds would take longer than this (judged from the last size, in proportion) is not measured:
+it and larger ones keep every thread, and a big model on a slow machine starts without seconds of measuring."""
+
+SECONDS_PER_SIZE = 0.3
+"""Pairs of rounds of one size are taken until this much time has gone (at least one pair)."""
 
 
 @dataclass(frozen=True)
@@ -59,25 +63,49 @@ class ThreadPlan:
 
 def measure(time_round: Callable[[int], float], threads: int, sizes: tuple[int, ...] = SIZES) -> ThreadPlan:
     """The plan for rounds timed by `time_round(tokens)` (seconds of one round of that many tokens, on the calling
-    thread): one thread up to the largest size where it was no slower than `threads`, from the smallest up."""
+    thread): one thread from the smallest size up to the last where `threads` did not save a tenth of the time.
+
+    The two thread counts take turns, round by round, and each pair is compared on its own: nodes that start
+    together measure while the others load and measure, and a pair taken side by side sees the same machine.
+    Threads must save a tenth to win, since every thread they wake is a core the client or another node may
+    need."""
     if threads <= 1:
         return ThreadPlan(threads)
-    up_to = 0
+    up_to, seconds_per_token = 0, 0.0
     for size in sizes:
-        alone, together = _median_seconds(time_round, size, 1), _median_seconds(time_round, size, threads)
-        if alone > together:
+        if size * seconds_per_token > MAX_SECONDS:
+            break
+        alone, together = _paired_seconds(time_round, size, threads)
+        if statistics.median(t / a for a, t in zip(alone, together, strict=True)) < GAIN_NEEDED:
             break
         up_to = size
-        if max(alone, together) > MAX_SECONDS:
-            break
+        seconds_per_token = statistics.median(alone) / size
     return ThreadPlan(threads, up_to)
 
 
-def _median_seconds(time_round: Callable[[int], float], tokens: int, threads: int, repeats: int = 3) -> float:
+GAIN_NEEDED = 0.9
+"""All threads win a size when a round on them takes less than this share of a round on one."""
+
+
+def _paired_seconds(
+    time_round: Callable[[int], float], tokens: int, threads: int, pairs: int = 5
+) -> tuple[list[float], list[float]]:
+    """Seconds of `pairs` rounds on one thread and as many on `threads`, taken in turn."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    alone: list[float] = []
+    together: list[float] = []
+    began = time.perf_counter()
     try:
-        time_round(tokens)  # warm-up: the first round on a thread count starts its threads
-        return statistics.median(time_round(tokens) for _ in range(repeats))
+        for pair in range(pairs + 1):  # the first pair warms up: a thread count's first round starts its threads
+            torch.set_num_threads(1)
+            one = time_round(tokens)
+            torch.set_num_threads(threads)
+            several = time_round(tokens)
+            if pair:
+                alone.append(one)
+                together.append(several)
+                if time.perf_counter() - began > SECONDS_PER_SIZE:
+                    break
     finally:
         torch.set_num_threads(previous)
+    return alone, together

@@ -36,16 +36,29 @@ def test_one_thread_takes_the_sizes_where_it_is_no_slower_up_to_the_first_where_
     assert {threads for _, threads in asked} == {1, 4}  # each size timed on one thread and on all of them
 
 
+def test_threads_that_save_less_than_a_tenth_lose_to_one_thread() -> None:
+    _, time_round = timings({(1, 1): 0.0010, (1, 2): 0.00095, (8, 1): 0.004, (8, 2): 0.0035})
+    assert measure(time_round, threads=2) == ThreadPlan(2, one_thread_up_to=1)  # type: ignore[arg-type]
+
+
+def test_the_two_thread_counts_take_turns_so_each_pair_sees_the_same_machine() -> None:
+    asked, time_round = timings({(1, 1): 0.001, (1, 2): 0.0001})
+    measure(time_round, threads=2)  # type: ignore[arg-type]
+    assert [threads for _, threads in asked] == [1, 2] * (len(asked) // 2)
+    assert len(asked) >= 6  # a warm-up pair, then several measured ones
+
+
 def test_a_machine_where_threads_always_win_keeps_them_for_every_round() -> None:
     _, time_round = timings({(1, 1): 0.002, (1, 2): 0.001})
     assert measure(time_round, threads=2) == ThreadPlan(2, one_thread_up_to=0)  # type: ignore[arg-type]
 
 
-def test_rounds_too_slow_to_time_again_stop_the_measuring() -> None:
-    slow = 2 * MAX_SECONDS
-    asked, time_round = timings({(1, 1): 0.001, (1, 2): 0.002, (8, 1): slow, (8, 2): slow})
+def test_a_size_whose_rounds_would_be_too_slow_is_not_measured() -> None:
+    per_token = MAX_SECONDS / 30  # 8 tokens take under MAX_SECONDS, 64 would take twice it
+    seconds = {(tokens, threads): tokens * per_token for tokens in (1, 8) for threads in (1, 2)}
+    asked, time_round = timings(seconds)
     assert measure(time_round, threads=2) == ThreadPlan(2, one_thread_up_to=8)  # type: ignore[arg-type]
-    assert all(tokens <= 8 for tokens, _ in asked)  # 64 never measured
+    assert all(tokens <= 8 for tokens, _ in asked)  # 64 never run
 
 
 def test_a_single_threaded_node_measures_nothing() -> None:
