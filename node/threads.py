@@ -29,6 +29,9 @@ it and larger ones keep every thread, and a big model on a slow machine starts w
 SECONDS_PER_SIZE = 0.3
 """Pairs of rounds of one size are taken until this much time has gone (at least one pair)."""
 
+GAIN_NEEDED = 0.9
+"""All threads win a size when a round on them takes less than this share of a round on one."""
+
 
 @dataclass(frozen=True)
 class ThreadPlan:
@@ -81,10 +84,6 @@ def measure(time_round: Callable[[int], float], threads: int, sizes: tuple[int, 
         up_to = size
         seconds_per_token = statistics.median(alone) / size
     return ThreadPlan(threads, up_to)
-
-
-GAIN_NEEDED = 0.9
-"""All threads win a size when a round on them takes less than this share of a round on one."""
 
 
 def _paired_seconds(
