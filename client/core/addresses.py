@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 
-def _kind(address: str) -> str:
+def address_kind(address: str) -> str:
     """`loopback`, `private`, `public`, `name` (a host name) or `invalid` for a ws:// or wss:// URL."""
     try:
         parts = urlsplit(address)
@@ -43,7 +43,7 @@ def _kind(address: str) -> str:
 
 def _registry_kind(url: str) -> str:
     """A registry's kind, its host name resolved: `loopback` or `private` if any address it has is."""
-    kind = _kind(url)
+    kind = address_kind(url)
     if kind != "name":
         return kind
     host, port = urlsplit(url).hostname, urlsplit(url).port or 0
@@ -51,7 +51,7 @@ def _registry_kind(url: str) -> str:
         resolved = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except OSError:
         return "public"
-    kinds = {_kind(f"ws://[{ip}]" if ":" in ip else f"ws://{ip}") for ip in resolved}
+    kinds = {address_kind(f"ws://[{ip}]" if ":" in ip else f"ws://{ip}") for ip in resolved}
     return "loopback" if "loopback" in kinds else "private" if "private" in kinds else "public"
 
 
@@ -70,4 +70,4 @@ class AddressPolicy:
         return cls(frozenset(allowed))
 
     def allows(self, address: str) -> bool:
-        return _kind(address) in self.allowed
+        return address_kind(address) in self.allowed

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import os
 import queue
@@ -26,11 +25,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from swarm.client.core.addresses import address_kind
 from swarm.client.core.grouped_steps import step_together
 from swarm.client.core.model import DistributedModelForCausalLM, position_ids_from_mask
 from swarm.client.core.sessions import ChainSession
@@ -303,19 +302,9 @@ def shares_cores(addresses: list[str], cores: int | None) -> bool:
     """Whether the client and the peers at `addresses` take turns on this machine's `cores`: every peer is on
     this machine (a loopback address) and there are fewer cores than processes (the client and each peer).
     No peers yet: unknown, so no."""
-    hosts = {urlsplit(address).hostname for address in addresses}
-    if not hosts or not all(_loopback(host) for host in hosts):
+    if not addresses or not all(address_kind(address) == "loopback" for address in addresses):
         return False
     return (cores or 1) < 1 + len(set(addresses))
-
-
-def _loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
 
 
 class _Lane:
