@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from swarm.models import ModelArchitecture
 from swarm.models.adapters import LayerAdapters, LowRank, RowAdapter
 from swarm.models.attention import StatelessAttention
 from swarm.models.stack import LayerStack, layer_tensor_names
-from swarm.node.kv_cache import KVCache, RoundAttention, RoundEntry
+from swarm.node.kv_cache import CacheRows, KVCache, RoundAttention, RoundEntry
 from swarm.node.threads import ThreadPlan, measure
 
 
@@ -166,6 +168,15 @@ class LoadedSpan:
             grads = torch.autograd.grad(output, [inputs, *leaves], grad_output.to(self.device, output.dtype))
         return grads[0], list(grads[1:])
 
+    @contextmanager
+    def _scratch_rows(self, max_length: int) -> Iterator[CacheRows]:
+        """One row of cache to measure with, given back afterwards."""
+        rows = self.cache.allocate(1, max_length)
+        try:
+            yield rows
+        finally:
+            self.cache.release(rows)
+
     def plan_threads(self) -> ThreadPlan:
         """Measure which rounds run faster on one thread than on all of them (`swarm.node.threads`), and keep
         that plan. On a GPU the threads only launch kernels: every round keeps them all."""
@@ -175,30 +186,23 @@ class LoadedSpan:
 
     def _time_round(self, tokens: int) -> float:
         """Seconds of one round of `tokens` new tokens of one row, through every layer, on a scratch session."""
-        rows = self.cache.allocate(1, tokens)
-        try:
+        with self._scratch_rows(tokens) as rows, torch.inference_mode():
             entry = RoundEntry(rows, 0, torch.arange(tokens)[None], None)
             hidden = torch.zeros(1, tokens, self.hidden_size)
             began = time.perf_counter()
-            with torch.inference_mode():
-                self._round(hidden, [entry], self.start, self.end)  # on the caller's thread count
+            self._round(hidden, [entry], self.start, self.end)  # on the caller's thread count
             return time.perf_counter() - began
-        finally:
-            self.cache.release(rows)
 
     def measure_throughput(self, repeats: int = 5) -> float:
         """Decode steps per second through one layer, from a few single-token steps of a scratch session."""
-        rows = self.cache.allocate(1, repeats + 1)
         hidden = torch.zeros(1, 1, self.hidden_size)
         timings = []
-        try:
+        with self._scratch_rows(repeats + 1) as rows:
             for step in range(repeats + 1):
                 entry = RoundEntry(rows, step, torch.tensor([[step]]), torch.ones(1, 1, dtype=torch.bool))
                 began = time.perf_counter()
                 self.run_round(hidden, [entry], self.start, self.end)
                 timings.append(time.perf_counter() - began)
-        finally:
-            self.cache.release(rows)
         per_layer = statistics.median(timings[1:]) / (self.end - self.start)
         return 1.0 / max(per_layer, 1e-9)
 
