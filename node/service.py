@@ -95,11 +95,9 @@ async def serve(settings: NodeSettings) -> None:
     log.info("node %s: loading layers %s of %s", identity.peer_id, format_layer_range(start, end), identity.model_name)
     loop = asyncio.get_running_loop()
     span = await loop.run_in_executor(
-        None, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize
+        None, LoadedSpan.load, model, start, end, device, dtype, settings.progress, settings.quantize, settings.compile
     )
     node.take_span(span)
-    if settings.compile:
-        node.span.stack.compile()  # compiled by the first steps, here: measuring throughput runs a few
     threads = await loop.run_in_executor(None, node.span.plan_threads)
     node.throughput = await loop.run_in_executor(None, node.span.measure_throughput)
     node.state = "online"

@@ -18,6 +18,7 @@ from swarm.checkpoint import CheckpointIndex, tensor_nbytes
 from swarm.models import ModelArchitecture
 from swarm.models.adapters import LayerAdapters, LowRank, RowAdapter
 from swarm.models.attention import StatelessAttention
+from swarm.models.packed import pack_linears
 from swarm.models.stack import LayerStack, layer_tensor_names
 from swarm.node.kv_cache import CacheRows, KVCache, RoundAttention, RoundEntry
 from swarm.node.threads import ThreadPlan, measure
@@ -58,10 +59,13 @@ class LoadedSpan:
         dtype: torch.dtype,
         show_progress: bool = True,
         quantize: str | None = None,
+        compile: bool = False,
     ) -> LoadedSpan:
         """Read layers [start, end) from the checkpoint with a progress bar.
 
-        `quantize="int8"` stores the layers' linear weights as int8 (torchao, weight-only)."""
+        `quantize="int8"` stores the layers' linear weights as int8 (torchao, weight-only). `compile` has
+        `torch.compile` fuse each layer; otherwise large float32 weights on a CPU are laid out for oneDNN
+        (`swarm.models.packed`), which `torch.compile` cannot trace."""
         architecture = ModelArchitecture.of(model)
         if not 0 <= start < end <= architecture.num_layers:
             raise ValueError(f"layers {start}-{end - 1} are outside the model's 0-{architecture.num_layers - 1}")
@@ -79,6 +83,10 @@ class LoadedSpan:
             stack = LayerStack.load(index, architecture, start, end, device, dtype, on_tensor=advance)
         if quantize is not None:
             quantize_linear_layers(stack.layers, quantize, device)
+        if compile:
+            stack.compile()
+        else:
+            pack_linears(stack.layers)
         cache = KVCache(architecture.spec, start, end, device, dtype)
         return cls(architecture, stack, cache, device, dtype, loaded)
 

@@ -11,6 +11,7 @@ from torch import nn
 from swarm.checkpoint import CheckpointIndex
 from swarm.models import ModelArchitecture
 from swarm.models.block import make_linear, make_norm
+from swarm.models.packed import pack_linears
 from swarm.models.weights import load_weights
 
 
@@ -30,6 +31,8 @@ class LocalModules(nn.Module):
         self.project_out = make_linear(weights, "project_out") if spec.local.projection else None
         self.final_norm = make_norm(spec, weights, "final_norm") if spec.local.final_norm else None
         self.head = make_linear(weights, "head")
+        if not spec.local.tied_head:  # a tied head is the embedding's tensor: packing it would hold it twice
+            pack_linears(self)
 
     @classmethod
     def load(cls, model: str | Path, architecture: ModelArchitecture, dtype: torch.dtype) -> LocalModules:

@@ -15,6 +15,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from swarm.client.core.model import position_ids_from_mask
 from swarm.errors import UnsupportedModelError
 from swarm.models import ModelArchitecture
+from swarm.models.packed import pack_linears, packing_available
 from swarm.models.spec import ConfigReader
 from swarm.node.sessions import Session
 from swarm.node.steps import PendingStep, run_alone, run_batched
@@ -86,6 +87,23 @@ def test_left_padded_batch_equals_local_generate_and_each_prompt_alone(
     for row, prompt in enumerate((SHORT, LONG)):
         alone = pipeline.greedy(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), NEW_TOKENS)
         assert together.tokens[row, ids.shape[1] :].tolist() == alone.tokens[0, len(prompt) :].tolist()
+
+
+@pytest.mark.skipif(not packing_available(), reason="oneDNN is not available in this torch build")
+def test_packed_linears_keep_greedy_output_and_logits_equal_to_local_generate(
+    checkpoint: Path, local: PreTrainedModel
+) -> None:
+    """Large float32 weights on a CPU run through oneDNN (`swarm.models.packed`); these are small, so every
+    linear layer is packed here, on the nodes and the client."""
+    pipeline = Pipeline.load(checkpoint, split=2)
+    modules = [*(span.stack for span in pipeline.spans), pipeline.local]
+    assert sum(pack_linears(module, min_elements=0) for module in modules) > 0
+    for ids, mask in ((PROMPT, torch.ones_like(PROMPT)), left_padded(SHORT, LONG)):
+        remote = pipeline.greedy(ids, mask, NEW_TOKENS)
+        expected = local_generate(local, ids, mask)
+        assert remote.tokens.tolist() == expected.sequences.tolist()
+        for remote_logits, local_logits in zip(remote.logits, expected.logits, strict=True):
+            torch.testing.assert_close(remote_logits, local_logits, atol=1e-4, rtol=0)
 
 
 BF16_STEPS = 3
