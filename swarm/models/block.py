@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarm.models.adapters import RowAdapter, adapted
+from swarm.models.linear import make_linear
 from swarm.models.mlp import DenseMLP, MixtureOfExperts
 from swarm.models.rotary import apply_rotary
 from swarm.models.spec import ModelSpec
@@ -74,17 +75,6 @@ def make_norm(spec: ModelSpec, weights: dict[str, torch.Tensor], name: str) -> n
     return LayerNorm(weights[f"{name}.weight"], weights.get(f"{name}.bias"), spec.norm_eps)
 
 
-def make_linear(weights: dict[str, torch.Tensor], name: str) -> nn.Linear:
-    """An `nn.Linear` around loaded tensors (a module, so weight-only quantization can replace its weight)."""
-    weight = weights[f"{name}.weight"]
-    bias = weights.get(f"{name}.bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    return linear
-
-
 class DecoderLayer(nn.Module):
     """Layer `index` of a model: attention and MLP (or experts) around the residual stream, as `spec` says."""
 
@@ -98,9 +88,7 @@ class DecoderLayer(nn.Module):
         self.out = make_linear(weights, "out")
         self.q_norm = RMSNorm(weights["q_norm.weight"], spec.norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(weights["k_norm.weight"], spec.norm_eps) if spec.qk_norm else None
-        self.mlp: nn.Module = (
-            MixtureOfExperts(spec, weights) if spec.layer_has_moe(index) else DenseMLP(spec, weights, make_linear)
-        )
+        self.mlp: nn.Module = MixtureOfExperts(spec, weights) if spec.layer_has_moe(index) else DenseMLP(spec, weights)
         self.scale = spec.scale / (index + 1) if spec.scale_by_layer else spec.scale
         self.qk_heads = spec.num_heads + spec.num_kv_heads
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from swarm.checkpoint import CheckpointIndex
 from swarm.models import ModelArchitecture
-from swarm.models.block import make_linear, make_norm
+from swarm.models.block import make_norm
+from swarm.models.linear import make_linear
 from swarm.models.packed import pack_linears
 from swarm.models.weights import load_weights
 

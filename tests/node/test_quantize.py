@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from swarm.default_model import default_model_path
 from swarm.node.span import LoadedSpan
+from tests.checkpoints import build_tiny
 
 IDS = torch.tensor([[1, 384, 385, 260, 353, 11, 400, 402, 15, 300]])
 
@@ -47,3 +50,21 @@ def test_unknown_quantization_schemes_are_refused() -> None:
         LoadedSpan.load(
             default_model_path(), 0, 1, torch.device("cpu"), torch.float32, show_progress=False, quantize="int4"
         )
+
+
+def test_int8_reaches_the_experts_of_a_mixture_of_experts(tmp_path: Path) -> None:
+    """Experts hold most of a mixture-of-experts model's weights: each is a pair of linear layers, quantized
+    like a dense MLP's."""
+    checkpoint = build_tiny("mixtral", tmp_path / "mixtral")
+    cpu = torch.device("cpu")
+    exact = LoadedSpan.load(checkpoint, 0, 2, cpu, torch.float32, show_progress=False)
+    int8 = LoadedSpan.load(checkpoint, 0, 2, cpu, torch.float32, show_progress=False, quantize="int8")
+    experts = [module for layer in int8.stack.layers for module in (*layer.mlp.gate_up, *layer.mlp.down)]
+    assert len(experts) == 2 * 2 * 4  # two layers of four experts, each a gate-and-up and a down projection
+    assert all(module.weight.__class__.__name__ == "Int8Tensor" for module in experts)
+    hidden = torch.randn(1, 6, exact.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(6)[None]
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    reference = exact.forward_stateless(hidden, positions, mask, 0, 2)
+    approx = int8.forward_stateless(hidden, positions, mask, 0, 2)
+    assert 0 < (approx - reference).abs().max().item() < 0.05 * reference.abs().max().item()
