@@ -99,3 +99,19 @@ def test_the_clients_head_is_packed_unless_it_is_the_embedding(
     checkpoint = build_tiny(family, tmp_path / family)
     local = LocalModules.load(checkpoint, ModelArchitecture.of(checkpoint), torch.float32)
     assert isinstance(local.head, PackedLinear) is packed
+
+
+def test_a_packed_spans_backward_equals_a_plain_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training passes through a node's packed layers: gradients go through the weights read back plain."""
+    checkpoint = build_tiny("llama", tmp_path / "llama")
+    plain = LoadedSpan.load(checkpoint, 0, 2, CPU, torch.float32, show_progress=False)
+    assert not any(isinstance(module, PackedLinear) for module in plain.stack.modules())
+    monkeypatch.setattr("swarm.models.packed.PACK_MIN_ELEMENTS", 0)
+    packed = LoadedSpan.load(checkpoint, 0, 2, CPU, torch.float32, show_progress=False)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, plain.hidden_size, generator=generator)
+    grad_output = torch.randn(2, 5, plain.hidden_size, generator=generator)
+    positions = torch.arange(5).expand(2, 5)
+    expected, _ = plain.backward(hidden, positions, None, grad_output, 0, 2)
+    got, _ = packed.backward(hidden, positions, None, grad_output, 0, 2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
