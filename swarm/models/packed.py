@@ -3,12 +3,12 @@
 A float32 `F.linear` on CPU goes to MKL's sgemm, which copies (packs) the whole weight into its own panel
 layout on every call: with a handful of rows, that copy costs more than the arithmetic (perf on a node serving
 16 sessions of the 250m preset: 52% of its CPU in `sgemm_scopy`, 27% in the multiply kernel). oneDNN's inner
-product reads a weight reordered once into its blocked layout instead, so rounds of several tokens run 2-7x
-faster and single tokens on large weights about 2x (`tests/swarm/models/test_packed.py` checks the equality;
+product reads a weight reordered once into its blocked layout instead, so rounds of several tokens run 2-8x
+faster and single tokens 1.2-2.7x on one thread (`tests/swarm/models/test_packed.py` checks the equality;
 `bench/linear.py` measures the speed).
 
 bfloat16 (and float16) `F.linear` already runs on oneDNN, but reorders the weight on every call; packed once,
-it computes the same bits 1.5-4x faster with a few rows.
+it computes the same bits 1.2-4x faster with up to 64 rows.
 
 The packed tensor replaces the plain weight, so memory stays the same. Small weights stay plain: oneDNN's
 fixed cost per call (~12 µs) outweighs its gain below about a million elements. A gradient pass (the node's
@@ -26,7 +26,7 @@ PACK_MIN_ELEMENTS = 1 << 20
 """Weights with fewer elements (output x input) than this stay plain `nn.Linear`s (see the module docstring)."""
 
 ROWS_HINT = 16
-"""The row count oneDNN lays the weight out for; any count works, and 16 came out fastest at 1, 4, 16 and 64."""
+"""The row count oneDNN lays the weight out for; any count works, and 16 beat 1 at every count from 1 to 64."""
 
 
 def packing_available() -> bool:
