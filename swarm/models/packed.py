@@ -84,6 +84,7 @@ def pack_linears(module: nn.Module, min_elements: int | None = None) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and _packable(child.weight, dtypes, least):
                 setattr(parent, name, PackedLinear(child))
+                child.weight = None  # `modules()` still holds the old module: free its plain weight now, not at the end
                 replaced += 1
     return replaced
 
