@@ -32,15 +32,17 @@ class LocalModules(nn.Module):
         self.project_out = make_linear(weights, "project_out") if spec.local.projection else None
         self.final_norm = make_norm(spec, weights, "final_norm") if spec.local.final_norm else None
         self.head = make_linear(weights, "head")
-        if not spec.local.tied_head:  # a tied head is the embedding's tensor: packing it would hold it twice
-            pack_linears(self)
 
     @classmethod
     def load(cls, model: str | Path, architecture: ModelArchitecture, dtype: torch.dtype) -> LocalModules:
-        """Read only the local modules' tensors (a tied head reuses the embedding tensor)."""
+        """Read only the local modules' tensors (a tied head reuses the embedding tensor). On a CPU the large
+        linear layers are then packed (`swarm.models.packed`), once the loaded tensors' map is gone, so that each
+        plain weight goes as its packed copy arrives; a tied head stays plain: it is the embedding's tensor."""
         sources = architecture.family.local_sources(architecture.spec)
-        weights = load_weights(CheckpointIndex.open(model), sources, torch.device("cpu"), dtype)
-        return cls(architecture, weights).eval()
+        local = cls(architecture, load_weights(CheckpointIndex.open(model), sources, torch.device("cpu"), dtype))
+        if not architecture.spec.local.tied_head:
+            pack_linears(local)
+        return local.eval()
 
     def first_hidden(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """What enters the first layer, from token embeddings and their positions."""
