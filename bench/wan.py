@@ -3,7 +3,7 @@ with speculative decoding, on the same swarm of 4 nodes.
 
 Every registry and node sits behind a delaying proxy (`swarm.client.wan`: `lan` 1 ms, `metro` 20 ms at 1 Gbit/s,
 `home` 60 ms at 50 Mbit/s with 0.5 % loss). The model is the embedded demo model (a story model: names repeat,
-so prompt-lookup drafts hit), greedy, from a story opening. The three modes alternate, repeated `--repeats`
+so prompt-lookup drafts hit), greedy, from a story opening. The modes alternate, repeated `--repeats`
 times, and every figure is a median; each mode's output must be the client-in-the-middle output, token for token.
 Time per token is decoding's (from the first new token to the last, per token), beside the whole call's seconds
 (which adds opening the sessions, the prompt and closing).
@@ -31,7 +31,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     StoppingCriteria,
@@ -40,6 +39,7 @@ from transformers import (
 
 from bench.common import THREADS_HELP, median, use_threads, write_json
 from swarm.client import DistributedModelForCausalLM
+from swarm.client.core.drafts import DEFAULT_DRAFT, load_draft_model, speculation_kwargs
 from swarm.client.local_swarm import LocalSwarm
 from swarm.default_model import default_model_path
 
@@ -50,12 +50,14 @@ PROMPT = (
 MODES = {
     "client in the middle": dict(forwarding=False, speculate=0),
     "forwarding": dict(forwarding=True, speculate=0),
-    "forwarding + speculation": dict(forwarding=True, speculate=8),
-    "forwarding + perfect drafts": dict(forwarding=True, speculate=0, drafter=True),
+    "forwarding + prompt lookup": dict(forwarding=True, speculate=8),
+    "forwarding + draft model": dict(forwarding=True, speculate=8, drafter="draft"),
+    "forwarding + perfect drafts": dict(forwarding=True, speculate=8, drafter="perfect"),
 }
-"""`perfect drafts`: a local copy of the model itself drafts (`assistant_model`), so every draft is right: the most
-speculation can give, where the text is as predictable as a draft model makes it. Prompt lookup, the mode before
-it, drafts from the text so far and gains only where the model repeats it."""
+"""Where speculation's drafts come from: prompt lookup drafts from the text so far and gains only where the model
+repeats it; `draft model` is `swarm-client generate --draft-model default`, the ~0.3M-parameter model distilled
+from the demo model and shipped beside it; `perfect drafts` drafts with a local copy of the model itself, so
+every draft is right: the most speculation can give."""
 
 
 class DecodeClock(StoppingCriteria):
@@ -84,9 +86,6 @@ def run_mode(
 ):
     """Decode seconds per token, the whole call's seconds, and the new tokens."""
     model.planner.forwarding = forwarding
-    extra: dict[str, object] = {"prompt_lookup_num_tokens": speculate} if speculate else {}
-    if drafter is not None:
-        extra = {"assistant_model": drafter, "num_assistant_tokens": 8, "num_assistant_tokens_schedule": "constant"}
     clock = DecodeClock()
     began = time.perf_counter()
     output = model.generate(  # (transformers warns that min_new_tokens meets the drafter's generation config)
@@ -95,7 +94,7 @@ def run_mode(
         min_new_tokens=tokens,
         do_sample=False,
         stopping_criteria=StoppingCriteriaList([clock]),
-        **extra,
+        **speculation_kwargs(speculate, drafter),
     )
     return clock.seconds_per_token(), time.perf_counter() - began, output[0, ids.shape[1] :].tolist()
 
@@ -104,7 +103,10 @@ def measure(profile: str, tokens: int, repeats: int, threads: int | None) -> dic
     checkpoint = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    drafter = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    drafters = {
+        "draft": load_draft_model(DEFAULT_DRAFT, tokenizer, 8),
+        "perfect": load_draft_model(checkpoint, tokenizer, 8),
+    }
     with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir), threads=threads, wan=profile) as swarm:
         swarm.start_registry()
         nodes = [swarm.start_node(checkpoint, layers) for layers in ("0-1", "2-3", "4-5", "6-7")]
@@ -119,7 +121,7 @@ def measure(profile: str, tokens: int, repeats: int, threads: int | None) -> dic
             for _ in range(repeats):
                 for mode, options in MODES.items():
                     before = [(swarm.proxies[n.name].bytes_up, swarm.proxies[n.name].bytes_down) for n in nodes]
-                    options = {**options, "drafter": drafter if options.get("drafter") else None}
+                    options = {**options, "drafter": drafters.get(str(options.get("drafter")))}
                     per_token, elapsed, new = run_mode(model, ids, tokens, **options)  # type: ignore[arg-type]
                     after = [(swarm.proxies[n.name].bytes_up, swarm.proxies[n.name].bytes_down) for n in nodes]
                     seconds[mode].append(per_token)

@@ -8,6 +8,7 @@ import torch
 from transformers import TextStreamer
 
 from swarm.client.cli.resolve import open_model
+from swarm.client.core.drafts import load_draft_model, speculation_kwargs
 from swarm.client.core.settings import ClientSettings
 
 
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> int:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        speculation = {"prompt_lookup_num_tokens": args.speculate} if args.speculate else {}
+        draft = load_draft_model(args.draft_model, tokenizer, args.speculate) if args.draft_model else None
+        speculation = speculation_kwargs(args.speculate, draft)
         model.generate(
             **inputs,
             max_new_tokens=args.max_new_tokens,

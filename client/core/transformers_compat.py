@@ -4,13 +4,15 @@ Nodes and the client's local modules run swarm's own model code (`swarm.models`)
 tokenizers, chat templates and `generate()` on the client, whose coupling lives here: the cache argument's
 name (`cache` from 5.24, `past_key_values` before: `generation_cache_name`), the `Cache` attributes
 `generate()` reads (`RemoteCache`), the private hook `_prepare_cache_for_generation`
-(`RemoteCacheGenerationMixin`), and the output field that carries the cache (`causal_lm_output`). Each is found
+(`RemoteCacheGenerationMixin`), the output field that carries the cache (`causal_lm_output`), and how assisted
+generation calls a draft model (`merge_draft_generate_arguments`). Each is found
 by looking at the installed release (signatures), not by comparing version numbers, so the next rename is a
 change to this file alone.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import threading
@@ -108,8 +110,9 @@ class GenerateCall:
 
     expected: Cache | None = None
     owned: list[Cache] = field(default_factory=list)
-    assisted: bool = False
-    """It drafts with an assistant model (`assistant_model=`), whose drafts the session must have room for."""
+    assistant_tokens: int = 0
+    """Tokens a step its assistant model (`assistant_model=`) drafts, which the session must have room for: the
+    assistant's own generation config holds the count."""
 
 
 class RemoteCacheGenerationMixin(GenerationMixin):
@@ -143,7 +146,8 @@ class RemoteCacheGenerationMixin(GenerationMixin):
         if cache is not None:
             kwargs[generation_cache_name()] = cache
         stack = self._call_stack()
-        stack.append(GenerateCall(assisted=kwargs.get("assistant_model") is not None))
+        assistant_config = getattr(kwargs.get("assistant_model"), "generation_config", None)
+        stack.append(GenerateCall(assistant_tokens=int(getattr(assistant_config, "num_assistant_tokens", None) or 0)))
         try:
             return super().generate(*args, **kwargs)
         finally:
@@ -184,12 +188,29 @@ class RemoteCacheGenerationMixin(GenerationMixin):
             )
 
 
+def merge_draft_generate_arguments(draft: Any) -> None:
+    """transformers' assisted generation calls the draft model's `generate()` with a generation config and
+    generation arguments both, which that `generate()` then logs as deprecated on every process's first draft: a
+    complaint about transformers' own call. The draft's `generate` here folds the arguments into a copy of the
+    config first, the same call without the warning."""
+    generate = draft.generate
+
+    @functools.wraps(generate)
+    def merged(*args: Any, generation_config: Any = None, **kwargs: Any) -> Any:
+        if generation_config is not None and kwargs:
+            generation_config = copy.deepcopy(generation_config)
+            kwargs = generation_config.update(**kwargs)
+        return generate(*args, generation_config=generation_config, **kwargs)
+
+    draft.generate = merged
+
+
 def speculative_room(generation_config: Any, call: GenerateCall | None) -> int:
     """Tokens beyond `max_length` a session may briefly hold: speculative decoding sends its drafts before it
     knows how many it keeps, and near the end they may run past `max_length` before being rolled back."""
     drafts = [getattr(generation_config, "prompt_lookup_num_tokens", None)]
-    if call is not None and call.assisted:
-        drafts.append(getattr(generation_config, "num_assistant_tokens", None))
+    if call is not None and call.assistant_tokens:
+        drafts += [call.assistant_tokens, getattr(generation_config, "num_assistant_tokens", None)]
     return max([0, *(int(d) + 1 for d in drafts if d)])
 
 

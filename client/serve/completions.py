@@ -25,6 +25,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from swarm.client.core.drafts import DEFAULT_DRAFT_TOKENS, speculation_kwargs
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
 from swarm.client.core.tuning import Tuning
@@ -109,10 +110,14 @@ class CompletionEngine:
         name: str,
         max_rows: int = DEFAULT_MAX_ROWS,
         speculate: int = 0,
+        draft: PreTrainedModel | None = None,
     ) -> None:
         self.model = model
-        self.speculate = speculate
-        """Drafts a step for greedy single-sequence requests without logprobs (prompt lookup); 0: none."""
+        self.draft = draft
+        """Drafts for speculative decoding come from this small local model (`load_draft_model`), else from
+        prompt lookup."""
+        self.speculate = speculate or (DEFAULT_DRAFT_TOKENS if draft is not None else 0)
+        """Drafts a step for greedy single-sequence requests without logprobs; 0: none."""
         self.tokenizer = tokenizer
         self.name = name
         self.max_rows = max_rows
@@ -330,20 +335,23 @@ class CompletionEngine:
         on_step: Callable[[], None],
         cancel: threading.Event | None,
     ) -> None:
-        """One sequence through `generate()` with prompt-lookup drafts checked by the swarm in one step each."""
+        """One sequence through `generate()` with drafts checked by the swarm in one step each. A tuned request
+        drafts by prompt lookup: the draft model knows nothing of its soft prompt or adapter."""
         tracker = ChoiceTracker(assemblers, None, 0, on_step, cancel, prompt_length=input_ids.shape[1])
+        speculation = speculation_kwargs(self.speculate, self.draft if job.tuning is None else None)
         config = GenerationConfig(
             max_new_tokens=job.max_new_tokens,
             do_sample=False,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
-            prompt_lookup_num_tokens=self.speculate,
+            prompt_lookup_num_tokens=speculation.pop("prompt_lookup_num_tokens", None),
         )
         self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             generation_config=config,
             stopping_criteria=StoppingCriteriaList([tracker]),
+            **speculation,
             **({"tuning": job.tuning} if job.tuning is not None else {}),
         )
 

@@ -298,11 +298,18 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> int:
     import uvicorn
 
     from swarm.client.cli.resolve import open_model
+    from swarm.client.core.drafts import load_draft_model
 
     gateway = GatewaySettings.from_flags(args)
     model, tokenizer = open_model(settings)
+    draft = load_draft_model(gateway.draft_model, tokenizer, gateway.speculate) if gateway.draft_model else None
     engine = CompletionEngine(
-        model, tokenizer, model.planner.model_name, max_rows=gateway.max_batch_rows, speculate=gateway.speculate
+        model,
+        tokenizer,
+        model.planner.model_name,
+        max_rows=gateway.max_batch_rows,
+        speculate=gateway.speculate,
+        draft=draft,
     )
     for label, path in gateway.tunings().items():
         name = engine.add_tuning(label, model.read_tuning(path))
