@@ -90,10 +90,12 @@ def plan_route(
     cache_tokens_needed: int = 0,
     proven: frozenset[str] | None = None,
     forwarding: bool = False,
+    measured_layer_seconds: Mapping[str, float] | None = None,
 ) -> list[Link] | None:
     """The chain over layers [start, end) with the least estimated time per token, or None if there is none.
 
-    Each hop costs its peer's compute time for the layers it runs (plus a penalty when its free cache is short,
+    Each hop costs its peer's compute time for the layers it runs (what the client measured per layer and token,
+    `measured_layer_seconds`, where it has; else what the peer announces), plus a penalty when its free cache is short,
     and, when `proven` is given, when the peer is not in it); a hop may use any contiguous part of a peer's span,
     so overlapping peers combine freely. Between hops the hidden states travel: through the client, a round trip
     to each peer (`rtt`, measured by the client). With `forwarding` the client's one-way trips to the first peer
@@ -121,7 +123,8 @@ def plan_route(
             entry[position] += SHORT_CACHE_PENALTY_SECONDS
         if proven is not None and peer.peer_id not in proven:
             entry[position] += UNPROVEN_PENALTY_SECONDS
-    per_layer = [layer_seconds(peer) for peer in usable]
+    measured = measured_layer_seconds or {}
+    per_layer = [measured.get(peer.peer_id, layer_seconds(peer)) for peer in usable]
     covering: dict[int, list[int]] = {layer: [] for layer in range(start, end)}
     for position, peer in enumerate(usable):
         for layer in range(max(peer.start, start), min(peer.end, end)):

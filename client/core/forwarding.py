@@ -16,6 +16,7 @@ to what the client recorded (`LinkSession.keep`), so nothing they computed unask
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,8 +32,12 @@ async def forwarded_step(session: ChainSession, inputs: LinkInputs) -> torch.Ten
     links = session.links
     ids = [link.channel.next_step_id() for link in links]
     waiting = [link.channel.expect(step_id) for link, step_id in zip(links, ids, strict=True)]
+    arrived: dict[int, float] = {}
+    for index, reply in enumerate(waiting):
+        reply.add_done_callback(lambda _, index=index: arrived.setdefault(index, time.monotonic()))
     relay = [link.relay_hop(step_id) for link, step_id in zip(links[1:], ids[1:], strict=True)]
     message = links[0].step_message(inputs, ids[0], relay)
+    sent = time.monotonic()
     try:
         await links[0].channel.send(message)
     except LINK_FAILURES as failure:
@@ -45,12 +50,35 @@ async def forwarded_step(session: ChainSession, inputs: LinkInputs) -> torch.Ten
         except LINK_FAILURES as failure:
             _give_up(session, ids, index + 1)
             return await session.step_from(index, inputs, failure)
+        _observe_compute(session, index, inputs, sent, arrived)
         checked = await session.verified(index, output)
         inputs = inputs.following(checked)
         if reply.relay_error is not None or checked is not output:
             _give_up(session, ids, index + 1)
             return await session.step_from(index + 1, inputs)
     return inputs.hidden
+
+
+def _observe_compute(
+    session: ChainSession, index: int, inputs: LinkInputs, sent: float, arrived: dict[int, float]
+) -> None:
+    """Link `index`'s compute from when its answer and the one before it arrived. The first link's answer came a
+    round trip plus its compute after the step left; a later link's came after the previous one's by its compute,
+    the trip from the previous node (which that node measured and announced) and the difference of the two
+    nodes' trips back to the client (half their measured round trips). A junction nobody measured is not
+    guessed: that link is not observed."""
+    if index not in arrived or (index > 0 and index - 1 not in arrived):
+        return
+    if index == 0:
+        session.observe_compute(0, inputs, arrived[0] - sent)
+        return
+    previous, peer = session.links[index - 1].link.peer, session.links[index].link.peer
+    junction_ms = previous.latencies_ms.get(peer.peer_id)
+    round_trips = session.planner.round_trips
+    if junction_ms is None or peer.peer_id not in round_trips or previous.peer_id not in round_trips:
+        return
+    back = (round_trips[peer.peer_id] - round_trips[previous.peer_id]) / 2
+    session.observe_compute(index, inputs, arrived[index] - arrived[index - 1], trips=junction_ms / 2000 + back)
 
 
 def _give_up(session: ChainSession, ids: list[int], first: int) -> None:

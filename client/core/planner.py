@@ -56,6 +56,10 @@ class ChainPlanner:
     round_trips: dict[str, float] = field(default_factory=dict)
     """Measured round trip to each peer, in seconds (`observe_round_trip`): a hop's cost in route planning, so
     chains prefer near peers."""
+    layer_seconds: dict[str, float] = field(default_factory=dict)
+    """Compute seconds per layer of a one-token step on each peer, as this client measured them
+    (`observe_compute`): a hop's compute cost in route planning in place of the peer's announced throughput, which
+    is only a claim."""
     forwarding: bool = True
     """Steps of a session go node to node along its chain (`swarm.client.core.forwarding`); off: through the
     client between every two links."""
@@ -87,6 +91,13 @@ class ChainPlanner:
         """A round trip to `peer_id` just measured: kept as a moving average (a quarter of each new one)."""
         previous = self.round_trips.get(peer_id)
         self.round_trips[peer_id] = seconds if previous is None else 0.75 * previous + 0.25 * seconds
+
+    def observe_compute(self, peer_id: str, layers: int, seconds: float) -> None:
+        """A one-token step over `layers` layers of `peer_id` took `seconds` beyond the trips to and from it: kept
+        per layer as a moving average (a quarter of each new one)."""
+        per_layer = max(seconds, 0.0) / max(layers, 1)
+        previous = self.layer_seconds.get(peer_id)
+        self.layer_seconds[peer_id] = per_layer if previous is None else 0.75 * previous + 0.25 * per_layer
 
     def codec_for(self, peer: PeerInfo) -> Codec:
         return self.compression if self.compression in peer.codecs else "raw"
@@ -155,6 +166,7 @@ class ChainPlanner:
                 cache_tokens_needed=cache_tokens_needed,
                 proven=frozenset(self.proven),
                 forwarding=forwarded,
+                measured_layer_seconds=self.layer_seconds,
             )
 
         chain = route(banned, peers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
@@ -90,16 +91,30 @@ class ChainSession:
                 if not worth_failing_over(failure):
                     raise failure
                 await self.spans.replace(self.links, index, failure)
+            began = time.monotonic()
             try:
                 output = await self.links[index].step(inputs)
             except LINK_FAILURES as exc:
                 failure = exc
                 continue
+            self.observe_compute(index, inputs, time.monotonic() - began)
             return await self.verified(index, output)
         raise SwarmError(
             f"gave up on layers [{self.links[index].link.start}, {self.links[index].link.end}) "
             f"after {MAX_FAILOVERS_PER_STEP} failovers in one step"
         )
+
+    def observe_compute(self, index: int, inputs: LinkInputs, waited: float, trips: float | None = None) -> None:
+        """Link `index` answered a step `waited` seconds after it could start (sent to it, or the previous link's
+        answer for a forwarded step); what the trips (`trips`, by default the round trip the client measured to it)
+        do not explain is compute, which route planning then believes over the peer's announced throughput. Only
+        one-token steps count: they are the ones a chain's cost per token is made of."""
+        if inputs.hidden.shape[1] != 1:
+            return
+        link = self.links[index].link
+        if trips is None:
+            trips = self.planner.round_trips.get(link.peer.peer_id, 0.0)
+        self.planner.observe_compute(link.peer.peer_id, link.end - link.start, waited - trips)
 
     def checks(self, index: int) -> bool:
         """Whether link `index`'s latest step is to be checked on other peers; a peer that answered without a check

@@ -61,6 +61,18 @@ def test_slow_peers_are_avoided() -> None:
     assert spans(chain) == [("a", 0, 4), ("b", 4, 8)]
 
 
+def test_a_compute_time_the_client_measured_wins_over_the_announced_one() -> None:
+    """A peer announcing the fastest span is only believed until the client has timed it."""
+    boastful, honest = peer("boastful", 0, 8, throughput=100_000.0), peer("honest", 0, 8, throughput=1000.0)
+    assert [link.peer.peer_id for link in plan_route([boastful, honest], 8)] == ["boastful"]
+    measured = {"boastful": 0.05}  # 50 ms a layer, as timed
+    assert [link.peer.peer_id for link in plan_route([boastful, honest], 8, measured_layer_seconds=measured)] == [
+        "honest"
+    ]
+    timed_fast = {"boastful": 0.05, "honest": 0.0001}
+    assert plan_route([boastful, honest], 8, measured_layer_seconds=timed_fast)[0].peer.peer_id == "honest"
+
+
 def test_peers_short_of_cache_are_a_last_resort() -> None:
     chain = plan_route([peer("full", 0, 8, free=10), peer("a", 0, 4), peer("b", 4, 8)], 8, cache_tokens_needed=100)
     assert [link.peer.peer_id for link in chain] == ["a", "b"]

@@ -2,8 +2,8 @@
 
 Run as `python tests/swarm_sim/lying_node.py <swarm-node flags>` with `LIE` in the environment:
 `noise` adds 10% Gaussian noise to every answer, `constant` answers a constant vector, `nan` answers NaN, and
-`every:N` adds the noise to every N-th answer only, `narrow` answers half the hidden size, and `none` answers
-honestly. It also claims an absurd
+`every:N` adds the noise to every N-th answer only, `narrow` answers half the hidden size, `slow:SECONDS` answers
+honestly after sleeping that long, and `none` answers honestly. It also claims an absurd
 throughput, so that planners try it first. Nothing else differs from an honest node: same flags, same protocol,
 same identity.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -26,6 +27,9 @@ def lie(output: torch.Tensor) -> torch.Tensor:
     global _answers
     _answers += 1
     if MODE == "none":
+        return output
+    if MODE.startswith("slow:"):
+        time.sleep(float(MODE.split(":", 1)[1]))
         return output
     if MODE.startswith("every:") and _answers % int(MODE.split(":", 1)[1]):
         return output

@@ -26,6 +26,7 @@ from swarm.protocol import (
     decode_message,
     encode_message,
 )
+from swarm.registry.client import fetch_peers
 from swarm.transport import Credentials, open_connection, request
 from tests.swarm_sim.test_gateway import API_KEY, local_text, start_gateway
 from tests.swarm_sim.test_training import node_counter
@@ -70,6 +71,20 @@ def test_forwarded_steps_equal_local_generate_and_go_node_to_node(
     sent = [relays(node, "sent") - was for node, was in zip(chain, before, strict=True)]
     assert sent[0] >= 12 and sent[1] >= 12 and sent[2] == 0  # the last link answers the client only
     assert all(relays(node, "failed") == 0 for node in chain)
+
+
+def test_a_forwarded_step_times_the_compute_of_its_first_link_at_least(
+    model: DistributedModelForCausalLM, swarm: LocalSwarm
+) -> None:
+    """The first link's answer comes a round trip plus its compute after the step left; later links are timed
+    from the answer before theirs once their junction was measured. Route planning believes these times over
+    announced throughput."""
+    chain: list[Process] = swarm.chain  # type: ignore[attr-defined]
+    model.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    ids = {peer.address: peer.peer_id for peer in asyncio.run(fetch_peers([swarm.registry_url], None, Credentials()))}
+    assert ids[chain[0].address] in model.planner.layer_seconds
+    assert set(model.planner.layer_seconds) <= {ids[node.address] for node in chain}
+    assert all(0.0 <= seconds < 0.5 for seconds in model.planner.layer_seconds.values())
 
 
 def test_with_forwarding_off_every_step_goes_through_the_client(

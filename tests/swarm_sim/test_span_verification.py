@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.core.scheduler import DecodeScheduler
@@ -24,6 +24,7 @@ from swarm.protocol import PeerInfo
 from swarm.registry.client import fetch_peers
 from swarm.transport import Credentials
 from tests.checkpoints import copy_tokenizer, save_checkpoint, tiny_llama_config
+from tests.processors import AtStep
 
 PROMPT = torch.tensor([[1, 45, 67, 89, 120, 33, 250, 7]])
 NEW_TOKENS = 12
@@ -167,3 +168,29 @@ def test_steps_sent_together_by_the_scheduler_are_checked_and_a_liar_among_them_
         scheduler.close()
         model.close()
         liar.kill()
+
+
+def test_a_peer_that_claims_speed_but_answers_slowly_is_left_once_timed(
+    tiny_llama: Path, swarm: LocalSwarm, expected: list[list[int]]
+) -> None:
+    """Its announced throughput wins the first chain; the client times its steps (compute beyond the measured
+    round trip) and plans the next chain by that instead."""
+    slow = lying(swarm, tiny_llama, "slow:0.2")
+    model = client(tiny_llama, swarm, verify_rate=0.0)
+    try:
+        chains: list[list[str]] = []
+        for _ in range(2):
+            output = model.generate(
+                PROMPT,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([AtStep(2, lambda: chains.append(model.current_chain()))]),
+            )
+            assert output.tolist() == expected
+        [slow_peer] = [peer for peer in listed(swarm) if peer.address == slow.address]
+        assert model.planner.layer_seconds[slow_peer.peer_id] > 0.1 / 8  # about 0.2 s over its 8 layers
+    finally:
+        model.close()
+        slow.kill()
+    assert chains[0] == [slow.address]
+    assert slow.address not in chains[1]
