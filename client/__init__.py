@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from swarm.client.core.drafts import load_draft_model
     from swarm.client.core.model import DistributedModelForCausalLM
 
-__all__ = ["DistributedModelForCausalLM"]
+__all__ = ["DistributedModelForCausalLM", "load_draft_model"]
 
 
 def __getattr__(name: str) -> object:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> object:
         from swarm.client.core.model import DistributedModelForCausalLM
 
         return DistributedModelForCausalLM
+    if name == "load_draft_model":
+        from swarm.client.core.drafts import load_draft_model
+
+        return load_draft_model
     raise AttributeError(f"module 'swarm.client' has no attribute {name!r}")

@@ -32,6 +32,12 @@ def test_the_shipped_draft_loads_for_the_embedded_model_drafting_the_count_asked
     )
 
 
+def test_the_loader_is_part_of_the_client_api() -> None:
+    from swarm.client import load_draft_model as exported
+
+    assert exported is load_draft_model
+
+
 def test_drafts_come_from_the_draft_model_else_from_prompt_lookup(tokenizer: PreTrainedTokenizerBase) -> None:
     draft = load_draft_model(DEFAULT_DRAFT, tokenizer)
     assert speculation_kwargs(8, None) == {"prompt_lookup_num_tokens": 8}
