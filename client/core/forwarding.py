@@ -50,7 +50,7 @@ async def forwarded_step(session: ChainSession, inputs: LinkInputs) -> torch.Ten
         except LINK_FAILURES as failure:
             _give_up(session, ids, index + 1)
             return await session.step_from(index, inputs, failure)
-        _observe_compute(session, index, inputs, sent, arrived)
+        observe_link_compute(session, index, inputs, sent, arrived)
         checked = await session.verified(index, output)
         inputs = inputs.following(checked)
         if reply.relay_error is not None or checked is not output:
@@ -59,7 +59,7 @@ async def forwarded_step(session: ChainSession, inputs: LinkInputs) -> torch.Ten
     return inputs.hidden
 
 
-def _observe_compute(
+def observe_link_compute(
     session: ChainSession, index: int, inputs: LinkInputs, sent: float, arrived: dict[int, float]
 ) -> None:
     """Link `index`'s compute from when its answer and the one before it arrived. The first link's answer came a
