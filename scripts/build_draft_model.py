@@ -9,7 +9,11 @@ seed and tokenizer, so the vocabularies are identical) it learns to match the de
 distribution (KL divergence at temperature 1), which is what makes its greedy picks the target's. Agreement is
 measured on held-out stories as the share of positions where both models' top token is the same.
 
+Any other checkpoint gets a draft the same way from text like what it will be asked to continue (`--corpus`):
+the draft is a small Llama with the target's tokenizer files, whatever the target's own architecture.
+
     python scripts/build_draft_model.py --out swarm/default_model/tiny-stories-draft --minutes 8
+    python scripts/build_draft_model.py --target ./models/my-model --corpus my-texts.txt --out ./models/my-model-draft
 """
 
 from __future__ import annotations
@@ -37,6 +41,25 @@ def load_builder() -> object:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+"""Whichever of these the target has are copied: the draft must tokenize exactly as the target does."""
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Documents of a text file, separated by blank lines."""
+    text = path.read_text(encoding="utf-8")
+    return [document.strip() for document in text.split("\n\n") if document.strip()]
 
 
 def make_draft(target: LlamaForCausalLM, hidden: int, layers: int, intermediate: int) -> LlamaForCausalLM:
@@ -89,20 +112,20 @@ def agreement(draft: LlamaForCausalLM, target: LlamaForCausalLM, blocks: torch.T
     return same / total
 
 
-README = """# tiny-stories-draft
+README = """# {name}
 
-The draft model for speculative decoding with swarm's default checkpoint
-(`tiny-stories`): the client drafts several tokens with it, the swarm checks
-them in one step. Output is unchanged (greedy: identical tokens; sampling: the
-target's distribution); only the number of steps through the swarm falls.
+The draft model for speculative decoding with `{target}`: the client drafts
+several tokens with it, the swarm checks them in one step. Output is unchanged
+(greedy: identical tokens; sampling: the target's distribution); only the
+number of steps through the swarm falls.
 
 - Architecture: `LlamaForCausalLM`, {params:,} parameters, float32, hidden size
   {hidden}, {layers} layers, intermediate size {intermediate}, tied embeddings;
-  the tokenizer is `tiny-stories`' own.
-- Training: distilled from `tiny-stories` (KL divergence to its next-token
-  distribution) on its own synthetic corpus: {steps} AdamW steps of
+  its tokenizer files are copied from `{target}`.
+- Training: distilled from `{target}` (KL divergence to its next-token
+  distribution) on {corpus}: {steps} AdamW steps of
   {batch} x {seq_len} tokens ({minutes:.1f} min on this machine's CPU).
-- Agreement with `tiny-stories` on held-out stories: its top token is the
+- Agreement with `{target}` on held-out text: its top token is the
   target's at **{agree:.1%}** of positions.
 
 Rebuild it:
@@ -111,7 +134,7 @@ Rebuild it:
 
 Use it:
 
-    swarm-client generate "Once upon a time" --greedy --speculate 6 --draft-model default
+    {usage}
 """
 
 
@@ -126,7 +149,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--corpus-mb", type=float, default=6.0)
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        help="text to distill on, documents separated by blank lines (default: the demo model's own synthetic "
+        "stories; needed for any other target)",
+    )
+    parser.add_argument("--corpus-mb", type=float, default=6.0, help="size of the synthetic stories")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -139,8 +168,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target).eval()
-    stories = builder.make_corpus(int(args.corpus_mb * 1e6), args.seed)
-    blocks = builder.pack_tokens(tokenizer, stories, args.seq_len)
+    stories = read_corpus(args.corpus) if args.corpus else builder.make_corpus(int(args.corpus_mb * 1e6), args.seed)
+    seq_len = min(args.seq_len, target.config.max_position_embeddings)
+    tokens = sum(len(ids) + 1 for ids in tokenizer(stories)["input_ids"])  # each document and its end
+    blocks = builder.pack_tokens(tokenizer, stories, seq_len) if tokens >= seq_len else torch.empty(0, seq_len)
+    if len(blocks) < 3:
+        parser.error(
+            f"the corpus makes {len(blocks)} blocks of {args.seq_len} tokens; give more text or a shorter --seq-len"
+        )
     n_val = max(1, len(blocks) // 100)
     val, data = blocks[:n_val], blocks[n_val + 1 :]
     draft = make_draft(target, args.hidden, args.layers, args.intermediate)
@@ -175,15 +210,25 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(args.out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the target's own files, byte for byte
-        shutil.copyfile(args.target / name, args.out / name)
+    for name in TOKENIZER_FILES:  # the target's own files, byte for byte
+        if (args.target / name).is_file():
+            shutil.copyfile(args.target / name, args.out / name)
+    corpus = f"--corpus {args.corpus} " if args.corpus else ""
     command = (
-        f"python scripts/build_draft_model.py --target {args.target} --out {args.out} --steps {step} "
+        f"python scripts/build_draft_model.py --target {args.target} --out {args.out} {corpus}--steps {step} "
         f"--seed {args.seed} --hidden {args.hidden} --layers {args.layers} --intermediate {args.intermediate} "
         f"--threads {args.threads}"
     )
     (args.out / "README.md").write_text(
         README.format(
+            name=args.out.name,
+            target=args.target.name,
+            corpus=f"`{args.corpus.name}`" if args.corpus else "its own synthetic corpus",
+            usage=(
+                f"swarm-client generate TEXT --model {args.target} --greedy --draft-model {args.out}"
+                if args.corpus
+                else 'swarm-client generate "Once upon a time" --greedy --speculate 6 --draft-model default'
+            ),
             params=params,
             hidden=args.hidden,
             layers=args.layers,
