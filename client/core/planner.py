@@ -94,8 +94,11 @@ class ChainPlanner:
 
     def observe_compute(self, peer_id: str, layers: int, seconds: float) -> None:
         """A one-token step over `layers` layers of `peer_id` took `seconds` beyond the trips to and from it: kept
-        per layer as a moving average (a quarter of each new one)."""
-        per_layer = max(seconds, 0.0) / max(layers, 1)
+        per layer as a moving average (a quarter of each new one). A negative figure says the trips were estimated
+        long (a slow handshake, a jittery link), not that compute was free: it is not kept."""
+        if seconds < 0:
+            return
+        per_layer = seconds / max(layers, 1)
         previous = self.layer_seconds.get(peer_id)
         self.layer_seconds[peer_id] = per_layer if previous is None else 0.75 * previous + 0.25 * per_layer
 

@@ -45,3 +45,10 @@ def test_a_link_after_an_unmeasured_junction_is_not_timed_nor_is_a_prefill() -> 
     observe_link_compute(session, 1, step_of(1), 1.0, {0: 1.018, 1: 1.038})
     observe_link_compute(session, 0, step_of(5), 1.0, {0: 1.5})
     assert session.planner.layer_seconds == {}
+
+
+def test_a_wait_shorter_than_the_trips_is_not_taken_for_free_compute() -> None:
+    session = session_over(peer("a", 0, 8))
+    session.planner.round_trips["a"] = 0.060  # a slow handshake
+    observe_link_compute(session, 0, step_of(1), 1.0, {0: 1.030})
+    assert "a" not in session.planner.layer_seconds
