@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import cpu_seconds, median, write_json
-from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
+from swarm.client.local_swarm import LocalSwarm, Process, wait_for_port
 from swarm.errors import SwarmError
 from swarm.protocol import Ack, Announce, PeerInfo
 from swarm.runtime import run
@@ -408,7 +408,7 @@ def main() -> int:
     rows = []
     for peers in (int(count) for count in args.peers.split(",")):
         with tempfile.TemporaryDirectory() as workdir, LocalSwarm(Path(workdir), threads=None) as swarm:
-            ports = [swarm.registry_port] + [free_port() for _ in range(args.registries - 1)]
+            ports = [swarm.registry_port] + [swarm.new_port() for _ in range(args.registries - 1)]
             registries = [
                 swarm.start_registry("--max-peers", str(2 * peers + 100), "--log-level", "WARNING", port=port)
                 for port in ports

@@ -110,9 +110,19 @@ class LocalSwarm:
     proxies: dict[str, WanProxy] = field(default_factory=dict)
     """The proxy in front of each process, by process name; its `bytes_up`/`bytes_down` count the traffic."""
     _registry_public_port: int = field(default=0, init=False, repr=False)
+    _ports: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._registry_public_port = free_port() if self.wan is not None else self.registry_port
+        self._ports.add(self.registry_port)
+        self._registry_public_port = self.new_port() if self.wan is not None else self.registry_port
+
+    def new_port(self) -> int:
+        """A free port this swarm has not handed out before: children start together and bind only once they have
+        loaded, so a port picked for one still looks free when the next is picked (`address already in use`)."""
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
 
     @property
     def registry_url(self) -> str:
@@ -162,7 +172,7 @@ class LocalSwarm:
         """A node on a free port (so its address is known before it announces). `program` replaces
         `python -m swarm.node.main` (a test double that takes the same flags); `env` adds to its environment;
         `wan` overrides the swarm's WAN profile for this node (behind a proxy, it announces the proxy's address)."""
-        port = free_port()
+        port = self.new_port()
         name = name or f"node-{layers}-{len(self.processes)}"
         proxy = self._proxy(name, port, wan)
         address = proxy.address(self.scheme) if proxy else f"{self.scheme}://127.0.0.1:{port}"

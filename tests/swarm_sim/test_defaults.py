@@ -36,7 +36,7 @@ def test_bare_node_and_client_commands_serve_the_embedded_model(tmp_path: Path) 
         swarm.start_registry()
         env = child_env(SWARM_REGISTRY=swarm.registry_url)
         for layers in ("0-3", "4-7"):
-            port = str(free_port())
+            port = str(swarm.new_port())
             swarm.spawn(
                 f"bare-{layers}",
                 [sys.executable, "-m", "swarm.node.main", "--layers", layers, "--port", port, "--torch-threads", "1"],

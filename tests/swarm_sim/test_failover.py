@@ -13,7 +13,7 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from swarm.client import DistributedModelForCausalLM
-from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
+from swarm.client.local_swarm import LocalSwarm, Process, wait_for_port
 from swarm.errors import SwarmFullError
 from tests.processors import AtStep
 
@@ -202,7 +202,7 @@ def test_nodes_announce_to_every_registry_and_clients_use_any_live_one(
 ) -> None:
     with LocalSwarm(tmp_path) as local:
         first = local.start_registry()
-        second = local.start_registry(port=free_port())
+        second = local.start_registry(port=local.new_port())
         both = f"{first.address},{second.address}"
         for layers in ("0-3", "4-7"):
             local.start_node(tiny_llama, layers, "--registry", both)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from swarm.client.local_swarm import LocalSwarm, Process, free_port, wait_for_port
+from swarm.client.local_swarm import LocalSwarm, Process, wait_for_port
 from swarm.client.serve.chat_template import chat_prompt_ids, render_chat
 
 API_KEY = "sim-secret"
@@ -28,7 +28,7 @@ PROMPTS = ["Once upon a time", "The little dragon looked at the sky and"]
 
 def start_gateway(swarm: LocalSwarm, checkpoint: Path, *extra: str) -> Process:
     """`swarm-client serve` on a free port; `process.address` is its base URL."""
-    port = free_port()
+    port = swarm.new_port()
     args = [
         sys.executable,
         "-m",
