@@ -89,8 +89,7 @@ class ChainPlanner:
 
     def observe_round_trip(self, peer_id: str, seconds: float) -> None:
         """A round trip to `peer_id` just measured: kept as a moving average (a quarter of each new one)."""
-        previous = self.round_trips.get(peer_id)
-        self.round_trips[peer_id] = seconds if previous is None else 0.75 * previous + 0.25 * seconds
+        _average_in(self.round_trips, peer_id, seconds)
 
     def observe_compute(self, peer_id: str, layers: int, seconds: float) -> None:
         """A one-token step over `layers` layers of `peer_id` took `seconds` beyond the trips to and from it: kept
@@ -98,9 +97,7 @@ class ChainPlanner:
         long (a slow handshake, a jittery link), not that compute was free: it is not kept."""
         if seconds < 0:
             return
-        per_layer = seconds / max(layers, 1)
-        previous = self.layer_seconds.get(peer_id)
-        self.layer_seconds[peer_id] = per_layer if previous is None else 0.75 * previous + 0.25 * per_layer
+        _average_in(self.layer_seconds, peer_id, seconds / max(layers, 1))
 
     def codec_for(self, peer: PeerInfo) -> Codec:
         return self.compression if self.compression in peer.codecs else "raw"
@@ -300,6 +297,12 @@ class ChainPlanner:
                     log.info("waiting up to %.0f s for peers: %s", self.failover_wait, exc)
                     announced = True
                 await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+
+
+def _average_in(averages: dict[str, float], peer_id: str, value: float) -> None:
+    """A new measurement of `peer_id`, kept as a moving average that takes a quarter of each new one."""
+    previous = averages.get(peer_id)
+    averages[peer_id] = value if previous is None else 0.75 * previous + 0.25 * value
 
 
 def describe_chain(chain: list[Link]) -> str:
