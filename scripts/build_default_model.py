@@ -465,7 +465,8 @@ def pack_tokens(tokenizer: PreTrainedTokenizerFast, stories: list[str], seq_len:
 
     Every block begins at a story's ``<s>`` (and runs on into the next story),
     so each story fragment the model trains on includes its opening lines: the
-    names it must repeat are in context to be copied rather than guessed.
+    names it must repeat are in context to be copied rather than guessed. Too
+    little text for one block gives none (an empty ``[0, seq_len]`` tensor).
     """
     ids: list[int] = []
     starts: list[int] = []
@@ -473,7 +474,8 @@ def pack_tokens(tokenizer: PreTrainedTokenizerFast, stories: list[str], seq_len:
         starts.append(len(ids))
         ids.extend([*enc, tokenizer.eos_token_id])
     flat = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([flat[s : s + seq_len] for s in starts if s + seq_len <= len(ids)])
+    blocks = [flat[s : s + seq_len] for s in starts if s + seq_len <= len(ids)]
+    return torch.stack(blocks) if blocks else torch.empty(0, seq_len, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------

@@ -170,8 +170,7 @@ def main() -> None:
     target = AutoModelForCausalLM.from_pretrained(args.target).eval()
     stories = read_corpus(args.corpus) if args.corpus else builder.make_corpus(int(args.corpus_mb * 1e6), args.seed)
     seq_len = min(args.seq_len, target.config.max_position_embeddings)
-    tokens = sum(len(ids) + 1 for ids in tokenizer(stories)["input_ids"])  # each document and its end
-    blocks = builder.pack_tokens(tokenizer, stories, seq_len) if tokens >= seq_len else torch.empty(0, seq_len)
+    blocks = builder.pack_tokens(tokenizer, stories, seq_len)
     if len(blocks) < 3:
         parser.error(
             f"the corpus makes {len(blocks)} blocks of {args.seq_len} tokens; give more text or a shorter --seq-len"
