@@ -91,6 +91,17 @@ class ChainPlanner:
         """A round trip to `peer_id` just measured: kept as a moving average (a quarter of each new one)."""
         _average_in(self.round_trips, peer_id, seconds)
 
+    def observe_answer(self, peer_id: str, layers: int, waited: float) -> None:
+        """A one-token step sent to `peer_id` was answered `waited` seconds later: its round trip plus its compute
+        over `layers` layers. A wait shorter than the measured round trip proves that round trip shorter (the
+        handshake that measured it was slow), so the estimate comes down to the wait and this step times nothing;
+        otherwise what the round trip does not explain is compute (`observe_compute`)."""
+        trip = self.round_trips.get(peer_id)
+        if trip is not None and waited < trip:
+            self.round_trips[peer_id] = waited
+            return
+        self.observe_compute(peer_id, layers, waited - (trip or 0.0))
+
     def observe_compute(self, peer_id: str, layers: int, seconds: float) -> None:
         """A one-token step over `layers` layers of `peer_id` took `seconds` beyond the trips to and from it: kept
         per layer as a moving average (a quarter of each new one). A negative figure says the trips were estimated

@@ -113,8 +113,9 @@ class ChainSession:
             return
         link = self.links[index].link
         if trips is None:
-            trips = self.planner.round_trips.get(link.peer.peer_id, 0.0)
-        self.planner.observe_compute(link.peer.peer_id, link.end - link.start, waited - trips)
+            self.planner.observe_answer(link.peer.peer_id, link.end - link.start, waited)
+        else:
+            self.planner.observe_compute(link.peer.peer_id, link.end - link.start, waited - trips)
 
     def checks(self, index: int) -> bool:
         """Whether link `index`'s latest step is to be checked on other peers; a peer that answered without a check

@@ -80,7 +80,7 @@ def test_a_forwarded_step_times_the_compute_of_its_first_link_at_least(
     from the answer before theirs once their junction was measured. Route planning believes these times over
     announced throughput."""
     chain: list[Process] = swarm.chain  # type: ignore[attr-defined]
-    model.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    model.generate(PROMPT, max_new_tokens=12, do_sample=False)  # 11 one-token steps: some outlast the fastest
     ids = {peer.address: peer.peer_id for peer in asyncio.run(fetch_peers([swarm.registry_url], None, Credentials()))}
     assert ids[chain[0].address] in model.planner.layer_seconds
     assert set(model.planner.layer_seconds) <= {ids[node.address] for node in chain}

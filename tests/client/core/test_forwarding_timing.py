@@ -47,8 +47,20 @@ def test_a_link_after_an_unmeasured_junction_is_not_timed_nor_is_a_prefill() -> 
     assert session.planner.layer_seconds == {}
 
 
-def test_a_wait_shorter_than_the_trips_is_not_taken_for_free_compute() -> None:
+def test_a_wait_shorter_than_the_round_trip_is_not_free_compute_but_brings_the_round_trip_down() -> None:
     session = session_over(peer("a", 0, 8))
     session.planner.round_trips["a"] = 0.060  # a slow handshake
     observe_link_compute(session, 0, step_of(1), 1.0, {0: 1.030})
     assert "a" not in session.planner.layer_seconds
+    assert session.planner.round_trips["a"] == pytest.approx(0.030)  # the wait bounds the round trip
+    observe_link_compute(session, 0, step_of(1), 2.0, {0: 2.034})  # the next step is timed against it
+    assert session.planner.layer_seconds["a"] == pytest.approx(0.004 / 8)
+
+
+def test_a_later_link_shorter_than_its_trips_is_not_timed_and_leaves_the_round_trips_alone() -> None:
+    first, second = peer("a", 0, 4, latencies_ms={"b": 6.0}), peer("b", 4, 8)
+    session = session_over(first, second)
+    session.planner.round_trips.update({"a": 0.010, "b": 0.030})
+    observe_link_compute(session, 1, step_of(1), 1.0, {0: 1.018, 1: 1.020})  # 2 ms after a: under the 13 ms trips
+    assert "b" not in session.planner.layer_seconds
+    assert session.planner.round_trips == {"a": 0.010, "b": 0.030}
