@@ -4,8 +4,9 @@ Nodes and the client's local modules run swarm's own model code (`swarm.models`)
 tokenizers, chat templates and `generate()` on the client, whose coupling lives here: the cache argument's
 name (`cache` from 5.24, `past_key_values` before: `generation_cache_name`), the `Cache` attributes
 `generate()` reads (`RemoteCache`), the private hook `_prepare_cache_for_generation`
-(`RemoteCacheGenerationMixin`), the output field that carries the cache (`causal_lm_output`), and how assisted
-generation calls a draft model (`merge_draft_generate_arguments`). Each is found
+(`RemoteCacheGenerationMixin`), the output field that carries the cache (`causal_lm_output`), how assisted
+generation starts from a session that already holds tokens (`prepare_inputs_for_generation`) and how it calls a
+draft model (`merge_draft_generate_arguments`). Each is found
 by looking at the installed release (signatures), not by comparing version numbers, so the next rename is a
 change to this file alone.
 """
@@ -170,6 +171,43 @@ class RemoteCacheGenerationMixin(GenerationMixin):
         if call is not None:
             call.expected = cache if use_cache else None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Assisted generation's first step hands over the whole sequence untrimmed, even when the session already
+        holds its start (a conversation's earlier turns): plain decoding's prefill trims it, assisted decoding
+        does not (5.20-5.24). Trim it here the same way, so a multi-turn session can draft; the swarm would
+        refuse positions it has already seen. The cache comes under either name (`CACHE_NAMES`), as transformers
+        checks `generate()`'s arguments against this signature."""
+        session = cache if cache is not None else past_key_values
+        if (
+            next_sequence_length is None
+            and is_first_iteration
+            and isinstance(session, RemoteCache)
+            and 0 < session.get_seq_length() < input_ids.shape[1]
+            and inputs_embeds is None
+            and (attention_mask is None or attention_mask.shape[1] == input_ids.shape[1])
+        ):
+            next_sequence_length = input_ids.shape[1] - session.get_seq_length()
+        if session is not None:
+            kwargs[generation_cache_name()] = session
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
 
     def check_forward_cache(self, cache: Any, leftovers: dict[str, Any]) -> None:
         """Fail loudly where a release would make `forward` run without its swarm session: a cache under a name
