@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -17,6 +18,7 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from swarm.client.cli.resolve import open_model
+from swarm.client.core.drafts import load_draft_model, speculation_kwargs
 from swarm.client.core.model import DistributedModelForCausalLM
 from swarm.client.core.remote_cache import RemoteSessionCache
 from swarm.client.core.settings import ClientSettings
@@ -63,6 +65,9 @@ class ChatSettings:
     top_p: float
     top_k: int
     seed: int | None
+    speculation: Mapping[str, object] = field(default_factory=dict)
+    """`generate()` arguments that draft tokens for the swarm to check (`speculation_kwargs`): a drafted token is
+    kept only where it is what the reply's own sampling picked, so replies keep their distribution."""
 
 
 def reply(
@@ -98,12 +103,17 @@ def reply(
         logits_processor=LogitsProcessorList(
             sampling_processors(settings.temperature, settings.top_p, settings.top_k, settings.seed)
         ),
-        stopping_criteria=StoppingCriteriaList([ChoiceTracker([assembler], on_step=show)]),
+        stopping_criteria=StoppingCriteriaList(
+            [ChoiceTracker([assembler], on_step=show, prompt_length=input_ids.shape[1])]
+        ),
+        **settings.speculation,
     )
     assembler.finish()
     show()
     out.write("\n")
-    conversation.add_reply(assembler.text, output[0, input_ids.shape[1] :].tolist(), assembler.overflow)
+    kept = assembler.token_count  # a drafted step may run past the stop: those tokens are not the reply's
+    session.crop(input_ids.shape[1] + kept)  # a positive count keeps that many
+    conversation.add_reply(assembler.text, output[0, input_ids.shape[1] :][:kept].tolist(), assembler.overflow)
 
 
 def converse(
@@ -135,6 +145,7 @@ def converse(
 
 def run(args: argparse.Namespace, settings: ClientSettings) -> int:
     model, tokenizer = open_model(settings)
+    draft = load_draft_model(args.draft_model, tokenizer, args.speculate) if args.draft_model else None
     settings = ChatSettings(
         max_new_tokens=args.max_new_tokens,
         max_length=min(args.max_length, model.config.max_position_embeddings),
@@ -142,6 +153,7 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        speculation=speculation_kwargs(args.speculate, draft),
     )
     print(HELP)
     try:

@@ -44,6 +44,7 @@ CHAT_EXAMPLES = """examples:
   swarm-client chat
   swarm-client chat --model ./models/tiny-llama --registry ws://127.0.0.1:7000 --temperature 0.7 --max-new-tokens 60
   swarm-client chat --system "You are a terse assistant." --temperature 0
+  swarm-client chat --draft-model default       # a small local model drafts, the swarm checks: fewer round trips
 type /reset for a new conversation, /quit or Ctrl-D to leave
 """
 SCORE_EXAMPLES = """examples:
@@ -155,19 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     generate.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
     generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    generate.add_argument(
-        "--speculate",
-        type=int,
-        metavar="N",
-        help="draft up to N tokens a step from the text so far (prompt lookup) and let the swarm check them in one "
-        "step: fewer round trips on repetitive text, the same output (greedy) or distribution (sampling)",
-    )
-    generate.add_argument(
-        "--draft-model",
-        metavar="PATH",
-        help="draft with this small local model instead (same tokenizer as the model; `default`: the one shipped "
-        "for the embedded demo model), up to 8 tokens a step unless --speculate says otherwise",
-    )
+    _add_speculation(generate)
 
     _add_chat(command("chat", "talk with the model; the conversation stays in one swarm session", CHAT_EXAMPLES))
     _add_score(command("score", "log-likelihood of each line of a file (or of choices after it)", SCORE_EXAMPLES))
@@ -209,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_speculation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speculate",
+        type=int,
+        metavar="N",
+        help="draft up to N tokens a step from the text so far (prompt lookup) and let the swarm check them in one "
+        "step: fewer round trips on repetitive text, the same output (greedy) or distribution (sampling)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="draft with this small local model instead (same tokenizer as the model; `default`: the one shipped "
+        "for the embedded demo model), up to 8 tokens a step unless --speculate says otherwise",
+    )
+
+
 def _add_chat(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200, help="longest reply in tokens (default 200)")
     parser.add_argument(
@@ -219,6 +224,7 @@ def _add_chat(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--system", help="system message that opens every conversation")
+    _add_speculation(parser)
 
 
 def _add_score(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from transformers import (
     GenerationConfig,
+    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -117,7 +118,7 @@ class CompletionEngine:
         """Drafts for speculative decoding come from this small local model (`load_draft_model`), else from
         prompt lookup."""
         self.speculate = speculate or (DEFAULT_DRAFT_TOKENS if draft is not None else 0)
-        """Drafts a step for greedy single-sequence requests without logprobs; 0: none."""
+        """Drafts a step for single-sequence requests without logprobs; 0: none."""
         self.tokenizer = tokenizer
         self.name = name
         self.max_rows = max_rows
@@ -300,20 +301,20 @@ class CompletionEngine:
         cancel: threading.Event | None,
     ) -> None:
         input_ids, mask = left_pad(rows, self.pad_id)
-        recorder = StepLogprobs()
-        processors = [recorder]
+        processors: list[LogitsProcessor] = []
         if job.presence_penalty or job.frequency_penalty:
             processors.append(PresenceFrequencyPenalty(input_ids.shape[1], job.presence_penalty, job.frequency_penalty))
         processors += sampling_processors(job.temperature, job.top_p, seed=job.seed)
         if self._speculates(job, len(rows)):
-            self._speculative(job, input_ids, mask, assemblers, on_step, cancel)
+            self._speculative(job, input_ids, mask, processors, assemblers, on_step, cancel)
             return
+        recorder = StepLogprobs()
         tracker = ChoiceTracker(assemblers, recorder, job.logprobs or 0, on_step, cancel)
         self.decode(
             input_ids,
             mask,
             max_new_tokens=job.max_new_tokens,
-            logits_processor=LogitsProcessorList(processors),
+            logits_processor=LogitsProcessorList([recorder, *processors]),
             stopping_criteria=StoppingCriteriaList([tracker]),
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
@@ -321,22 +322,26 @@ class CompletionEngine:
         )
 
     def _speculates(self, job: GenerationJob, rows: int) -> bool:
-        """Speculative decoding serves what it keeps exact and cheap: one greedy sequence, no logprobs (drafted
-        tokens come several a step, without a distribution each), no penalties."""
-        greedy = job.temperature == 0 and not (job.presence_penalty or job.frequency_penalty)
-        return bool(self.speculate) and rows == 1 and greedy and job.logprobs is None and not job.echo
+        """Speculative decoding serves one sequence without logprobs (drafted tokens come several a step, without
+        a distribution each): greedy or sampled, with or without penalties (see `_speculative`)."""
+        return bool(self.speculate) and rows == 1 and job.logprobs is None and not job.echo
 
     def _speculative(
         self,
         job: GenerationJob,
         input_ids: torch.Tensor,
         mask: torch.Tensor,
+        processors: list[LogitsProcessor],
         assemblers: list[TextAssembler],
         on_step: Callable[[], None],
         cancel: threading.Event | None,
     ) -> None:
-        """One sequence through `generate()` with drafts checked by the swarm in one step each. A tuned request
-        drafts by prompt lookup: the draft model knows nothing of its soft prompt or adapter."""
+        """One sequence through `generate()` with drafts checked by the swarm in one step each. `generate()` runs
+        the request's `processors` (penalties, then the seeded sampler) on the swarm's logits at every drafted
+        position given the tokens before it, and keeps drafts while they are what it picked there: each kept token
+        is then the one the request's own sampling gave, so the output keeps its distribution (a seed draws other
+        tokens than without drafts, the same ones every time). A tuned request drafts by prompt lookup: the draft
+        model knows nothing of its soft prompt or adapter."""
         tracker = ChoiceTracker(assemblers, None, 0, on_step, cancel, prompt_length=input_ids.shape[1])
         speculation = speculation_kwargs(self.speculate, self.draft if job.tuning is None else None)
         config = GenerationConfig(
@@ -350,6 +355,7 @@ class CompletionEngine:
             input_ids=input_ids,
             attention_mask=mask,
             generation_config=config,
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([tracker]),
             **speculation,
             **({"tuning": job.tuning} if job.tuning is not None else {}),

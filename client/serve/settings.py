@@ -35,7 +35,7 @@ class GatewaySettings(SwarmSettings):
     key_max_concurrency: int | None = Field(None, ge=1, description="requests in flight per API key")
     key_requests_per_minute: int | None = Field(None, ge=1)
     key_tokens_per_minute: int | None = Field(None, ge=1, description="prompt + max_tokens, then what was used")
-    speculate: int = Field(0, ge=0, le=64, description="drafted tokens a step for greedy single requests")
+    speculate: int = Field(0, ge=0, le=64, description="drafted tokens a step for single requests")
     draft_model: str | None = Field(None, description="draft with this local model (`default`: the demo's)")
     tuned: CommaList = Field(default_factory=list, description="LABEL=FILE: serve a tuning file as model NAME:LABEL")
 
@@ -79,8 +79,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "--speculate",
         type=int,
         metavar="N",
-        help="draft up to N tokens a step from the text so far (prompt lookup) for greedy requests of one sequence "
-        "without logprobs, checked by the swarm in one step: the same text in fewer round trips (default 0: off)",
+        help="draft up to N tokens a step from the text so far (prompt lookup) for requests of one sequence without "
+        "logprobs, checked by the swarm in one step: fewer round trips, the same text (greedy) or distribution "
+        "(sampled; a seed draws other tokens than without drafts) (default 0: off)",
     )
     parser.add_argument(
         "--draft-model",
