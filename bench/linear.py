@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository first, not bench/ (see bench/__init__.py)
 
+from swarm.runtime import quiet_optional_backends
+
+quiet_optional_backends()  # before transformers imports torchao, which logs what this machine cannot load
+
 import argparse
 import statistics
 import time

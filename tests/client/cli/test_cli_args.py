@@ -65,6 +65,7 @@ def test_without_a_registry_the_embedded_model_is_the_default(monkeypatch: pytes
     [
         (["serve", "--port", "9000", "--api-key", "k"], {"port": 9000, "api_key": ["k"]}),
         (["chat", "--temperature", "0", "--system", "Be brief."], {"temperature": 0.0, "max_length": 2048}),
+        (["chat", "--draft-model", "default", "--speculate", "4"], {"draft_model": "default", "speculate": 4}),
         (["score", "f.txt", "--choices", "yes,no"], {"file": "f.txt", "choices": "yes,no", "separator": " "}),
         (["batch", "in.jsonl", "out.jsonl"], {"input": "in.jsonl", "output": "out.jsonl", "concurrency": 4}),
     ],
