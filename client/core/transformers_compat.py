@@ -195,7 +195,7 @@ class RemoteCacheGenerationMixin(GenerationMixin):
             and isinstance(session, RemoteCache)
             and 0 < session.get_seq_length() < input_ids.shape[1]
             and inputs_embeds is None
-            and (attention_mask is None or attention_mask.shape[1] == input_ids.shape[1])
+            and _whole_sequence(input_ids, attention_mask, kwargs.get("position_ids"))
         ):
             next_sequence_length = input_ids.shape[1] - session.get_seq_length()
         if session is not None:
@@ -241,6 +241,17 @@ def merge_draft_generate_arguments(draft: Any) -> None:
         return generate(*args, generation_config=generation_config, **kwargs)
 
     draft.generate = merged
+
+
+def _whole_sequence(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> bool:
+    """Whether `generate()` handed over the whole sequence rather than only what follows the session: a mask
+    then spans all of it; without one (transformers drops a mask of all ones, so there is no padding) the
+    positions then start at 0."""
+    if attention_mask is not None:
+        return attention_mask.shape[1] == input_ids.shape[1]
+    return position_ids is not None and position_ids.numel() > 0 and int(position_ids[0, 0]) == 0
 
 
 def speculative_room(generation_config: Any, call: GenerateCall | None) -> int:

@@ -100,3 +100,39 @@ def test_a_local_cache_is_refused(offline_model: DistributedModelForCausalLM) ->
 
 def test_a_session_cache_is_a_remote_cache() -> None:
     assert issubclass(RemoteSessionCache, RemoteCache)
+
+
+def session_holding(tokens: int) -> RemoteSessionCache:
+    session = RemoteSessionCache(max_length=64)
+    session.seen_tokens = tokens
+    return session
+
+
+def test_a_first_assisted_step_over_the_whole_sequence_is_trimmed_to_what_the_session_lacks(
+    offline_model: DistributedModelForCausalLM,
+) -> None:
+    """transformers' assisted decoding hands its first step the whole conversation (5.20-5.24); only the tokens
+    after those the session holds may go to the swarm, at their own positions."""
+    ids = torch.arange(10)[None]
+    cache = {generation_cache_name(): session_holding(6)}
+    inputs = offline_model.prepare_inputs_for_generation(
+        ids, is_first_iteration=True, position_ids=torch.arange(10)[None], **cache
+    )
+    assert inputs["input_ids"].tolist() == [[6, 7, 8, 9]] and inputs["position_ids"].tolist() == [[6, 7, 8, 9]]
+    masked = offline_model.prepare_inputs_for_generation(
+        ids, is_first_iteration=True, attention_mask=torch.ones(1, 10, dtype=torch.long), **cache
+    )
+    assert masked["input_ids"].tolist() == [[6, 7, 8, 9]]
+
+
+def test_only_new_tokens_or_a_later_step_are_not_trimmed(offline_model: DistributedModelForCausalLM) -> None:
+    new_only = torch.arange(6, 10)[None]  # positions say it follows the session: nothing to trim
+    cache = {generation_cache_name(): session_holding(3)}
+    inputs = offline_model.prepare_inputs_for_generation(
+        new_only, is_first_iteration=True, position_ids=torch.arange(6, 10)[None], **cache
+    )
+    assert inputs["input_ids"].tolist() == [[6, 7, 8, 9]]
+    later = offline_model.prepare_inputs_for_generation(
+        torch.arange(10)[None], next_sequence_length=2, is_first_iteration=False, **cache
+    )
+    assert later["input_ids"].tolist() == [[8, 9]]
