@@ -34,7 +34,7 @@ from swarm.client.serve.chat_template import chat_prompt_ids, chat_stop_strings,
 from swarm.client.serve.decoding import ChoiceTracker, StepLogprobs, TextAssembler, TokenEntry
 from swarm.client.serve.errors import ContextLengthExceededError, InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest, Prompt, SamplingRequest, Usage
-from swarm.client.serve.sampling import PresenceFrequencyPenalty, sampling_processors
+from swarm.client.serve.sampling import GREEDY_BELOW, PresenceFrequencyPenalty, sampling_processors
 from swarm.client.serve.scoring import left_pad, score_sequences, token_entries
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -323,8 +323,12 @@ class CompletionEngine:
 
     def _speculates(self, job: GenerationJob, rows: int) -> bool:
         """Speculative decoding serves one sequence without logprobs (drafted tokens come several a step, without
-        a distribution each): greedy or sampled, with or without penalties (see `_speculative`)."""
-        return bool(self.speculate) and rows == 1 and job.logprobs is None and not job.echo
+        a distribution each): greedy, or sampled when a draft model drafts (see `_speculative`). Prompt lookup
+        would not pay for sampled requests: transformers drops each looked-up candidate its processors mask, and
+        the seeded sampler masks all but its own draw, so the request would only leave the batched lane."""
+        if not self.speculate or rows != 1 or job.logprobs is not None or job.echo:
+            return False
+        return job.temperature < GREEDY_BELOW or (self.draft is not None and job.tuning is None)
 
     def _speculative(
         self,

@@ -79,15 +79,15 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "--speculate",
         type=int,
         metavar="N",
-        help="draft up to N tokens a step from the text so far (prompt lookup) for requests of one sequence without "
-        "logprobs, checked by the swarm in one step: fewer round trips, the same text (greedy) or distribution "
-        "(sampled; a seed draws other tokens than without drafts) (default 0: off)",
+        help="draft up to N tokens a step from the text so far (prompt lookup) for greedy requests of one sequence "
+        "without logprobs, checked by the swarm in one step: the same text in fewer round trips (default 0: off)",
     )
     parser.add_argument(
         "--draft-model",
         metavar="PATH",
         help="draft with this small local model instead of prompt lookup (same tokenizer as the model; `default`: "
-        "the one shipped for the embedded demo model), up to 8 tokens a step unless --speculate says otherwise",
+        "the one shipped for the embedded demo model), up to 8 tokens a step unless --speculate says otherwise; "
+        "sampled requests draft too (the same distribution, but a seed draws other tokens than without drafts)",
     )
     parser.add_argument(
         "--tuned",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swarm.client.serve.completions import Choice, ChoiceDelta, CompletionEngine
+from swarm.client.serve.completions import Choice, ChoiceDelta, CompletionEngine, GenerationJob
 from swarm.client.serve.errors import InvalidRequestError, UnknownModelError
 from swarm.client.serve.openai_format import ResponseMeta, completion_response
 from swarm.client.serve.openai_types import ChatCompletionRequest, CompletionRequest
@@ -111,3 +111,24 @@ def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it(
 def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(engine: CompletionEngine) -> None:
     job = engine.completion_job(CompletionRequest(prompt="Once upon", max_tokens=6, temperature=1e-80, top_p=0.5))
     assert engine.run(job).choices[0].assembler.text == greedy_text(engine, "Once upon", 6)
+
+
+def job_of(temperature: float, **fields: object) -> GenerationJob:
+    base = dict(prompts=[[1, 2]], prompt_texts=["x"], max_new_tokens=4, n=1, candidates=1, top_p=1.0, seed=None)
+    base |= dict(presence_penalty=0.0, frequency_penalty=0.0, stop=[], logprobs=None)
+    return GenerationJob(temperature=temperature, **(base | fields))  # type: ignore[arg-type]
+
+
+def test_greedy_requests_draft_and_sampled_ones_only_with_a_draft_model(tiny_llama: Path) -> None:
+    """Prompt lookup's candidates would be dropped by the seeded sampler (it masks all but its own draw): sampled
+    requests keep the batched lane unless a draft model drafts for them; tuned ones draft by prompt lookup."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    lookup = CompletionEngine(model, tokenizer, "tiny", speculate=8)  # type: ignore[arg-type]
+    drafted = CompletionEngine(model, tokenizer, "tiny", draft=model)  # type: ignore[arg-type]
+    assert lookup._speculates(job_of(0.0), rows=1) and not lookup._speculates(job_of(0.7), rows=1)
+    assert drafted._speculates(job_of(0.0), rows=1) and drafted._speculates(job_of(0.7, presence_penalty=0.5), rows=1)
+    assert not drafted._speculates(job_of(0.7, tuning=object()), rows=1)
+    assert not drafted._speculates(job_of(0.7), rows=2)
+    assert not drafted._speculates(job_of(0.0, logprobs=2), rows=1)
+    assert not CompletionEngine(model, tokenizer, "tiny")._speculates(job_of(0.0), rows=1)  # type: ignore[arg-type]
