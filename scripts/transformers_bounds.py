@@ -1,8 +1,9 @@
 """Print the ends of the transformers range pyproject.toml declares, as pip requirements.
 
 `python scripts/transformers_bounds.py lowest` prints `transformers==5.20.0`: the lowest release the range
-admits, which CI tests beside the newest. The range is read, never repeated, so raising a bound is a change to
-pyproject.toml alone.
+admits, which CI tests beside the newest. `range` prints the declared requirement itself, which CI installs with
+`--upgrade` so the suite runs on the newest release even where an older one in the range is installed. The
+range is read, never repeated, so raising a bound is a change to pyproject.toml alone.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def lowest_release(requirement: Requirement) -> Version:
 
 
 def main(argv: list[str]) -> int:
-    if argv != ["lowest"]:
+    if argv not in (["lowest"], ["range"]):
         print(__doc__.strip(), file=sys.stderr)
         return 2
     requirement = transformers_requirement(Path(__file__).resolve().parent.parent / "pyproject.toml")
-    print(f"transformers=={lowest_release(requirement)}")
+    print(f"transformers=={lowest_release(requirement)}" if argv == ["lowest"] else requirement)
     return 0
 
 
