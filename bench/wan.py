@@ -138,9 +138,9 @@ def measure(profile: str, tokens: int, repeats: int, threads: int | None, temper
                         model,
                         ids,
                         tokens,
-                        **options,
+                        **options,  # type: ignore[arg-type]
                         temperature=temperature,
-                        seed=repeat,  # type: ignore[arg-type]
+                        seed=repeat,
                     )
                     after = [(swarm.proxies[n.name].bytes_up, swarm.proxies[n.name].bytes_down) for n in nodes]
                     seconds[mode].append(per_token)

@@ -119,11 +119,10 @@ def job_of(temperature: float, **fields: object) -> GenerationJob:
     return GenerationJob(temperature=temperature, **(base | fields))  # type: ignore[arg-type]
 
 
-def test_greedy_requests_draft_and_sampled_ones_only_with_a_draft_model(tiny_llama: Path) -> None:
+def test_greedy_requests_draft_and_sampled_ones_only_with_a_draft_model(engine: CompletionEngine) -> None:
     """Prompt lookup's candidates would be dropped by the seeded sampler (it masks all but its own draw): sampled
     requests keep the batched lane unless a draft model drafts for them; tuned ones draft by prompt lookup."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model, tokenizer = engine.model, engine.tokenizer
     lookup = CompletionEngine(model, tokenizer, "tiny", speculate=8)  # type: ignore[arg-type]
     drafted = CompletionEngine(model, tokenizer, "tiny", draft=model)  # type: ignore[arg-type]
     assert lookup._speculates(job_of(0.0), rows=1) and not lookup._speculates(job_of(0.7), rows=1)
